@@ -1,0 +1,236 @@
+//! One client connection: read, frame, parse, dispatch to shards, write replies.
+//!
+//! Runs as a task on a shard thread (ops for that shard execute inline, no hop) or on an
+//! I/O thread (every op hops). All complete lines of one read are answered with one
+//! write, in order; ops for other shards go out as one message per shard per segment.
+
+use crate::dispatch::{Batch, NodeInfo, Results};
+use crate::ops::ShardOp;
+use crate::protocol::{next_line, parse, Frame, ProtocolError};
+use crate::server::{Shared, ShardRequest, ThreadMsg};
+use crate::shard::Shard;
+use bytes::{Buf, BytesMut};
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+/// Most commands planned and executed together; bounds the memory of one segment.
+pub const SEGMENT_COMMANDS_MAX: usize = 128;
+/// Replies are written once this many bytes are pending, even mid-read.
+const OUT_FLUSH_BYTES: usize = 256 * 1024;
+/// Read buffer growth step.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+
+/// The shard this thread owns, when it owns one.
+pub type LocalShard = Option<(usize, Rc<RefCell<Shard>>)>;
+
+/// Ops bound for one other shard in the current segment.
+#[derive(Default)]
+struct Outgoing {
+    ops: Vec<ShardOp>,
+    indices: Vec<u32>,
+}
+
+/// Decrements the connection count however the task ends.
+struct Registered(Arc<Shared>);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Relaxed);
+    }
+}
+
+pub async fn serve(stream: std::net::TcpStream, shared: Arc<Shared>, local: LocalShard) {
+    let _registered = Registered(shared.clone());
+    let peer = stream.peer_addr().ok();
+    let stream = match TcpStream::from_std(stream) {
+        Ok(s) => s,
+        Err(e) => return tracing::warn!(?peer, "cannot register connection: {e}"),
+    };
+    let mut conn = Connection {
+        batch: Batch::new(shared.shard_bits),
+        results: Results::default(),
+        outgoing: (0..1 << shared.shard_bits).map(|_| Outgoing::default()).collect(),
+        out: Vec::new(),
+        discarding: false,
+        shared,
+        local,
+    };
+    match conn.run(stream).await {
+        Ok(()) => tracing::debug!(?peer, "connection closed"),
+        Err(e) => tracing::debug!(?peer, "connection ended: {e}"),
+    }
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    local: LocalShard,
+    batch: Batch,
+    results: Results,
+    outgoing: Vec<Outgoing>,
+    out: Vec<u8>,
+    /// After an over-long line: drop input up to the next newline, then resume.
+    discarding: bool,
+}
+
+impl Connection {
+    async fn run(&mut self, mut stream: TcpStream) -> std::io::Result<()> {
+        let mut inbuf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+        let mut shutdown = self.shared.shutdown.subscribe();
+        let idle = self.shared.config.network.connection_timeout;
+        loop {
+            if inbuf.capacity() - inbuf.len() < READ_CHUNK_BYTES / 4 {
+                inbuf.reserve(READ_CHUNK_BYTES);
+            }
+            // Nothing read is unanswered here, so stopping now loses no reply.
+            let read = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|&stop| stop) => return Ok(()),
+                r = read_with_timeout(&mut stream, &mut inbuf, idle) => r,
+            };
+            let n = match read {
+                Some(r) => r?,
+                None => {
+                    tracing::debug!("closing idle connection after {idle} s");
+                    return Ok(());
+                }
+            };
+            let stop = self.process(&mut inbuf, &mut stream).await?;
+            if n == 0 || stop {
+                // Half-close or QUIT/SHUTDOWN: every reply is written; now close.
+                stream.shutdown().await?;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Answer every complete line in `inbuf`. Returns true when the client asked to stop.
+    async fn process(&mut self, inbuf: &mut BytesMut, stream: &mut TcpStream) -> std::io::Result<bool> {
+        let line_max = self.shared.config.network.max_line_bytes;
+        loop {
+            self.batch.clear();
+            let mut used = 0;
+            while self.batch.len() < SEGMENT_COMMANDS_MAX && !self.batch.stopped() {
+                let rest = &inbuf[used..];
+                if self.discarding {
+                    match memchr::memchr(b'\n', rest) {
+                        Some(i) => {
+                            used += i + 1;
+                            self.discarding = false;
+                            continue;
+                        }
+                        None => {
+                            used = inbuf.len();
+                            break;
+                        }
+                    }
+                }
+                match next_line(rest, line_max) {
+                    Frame::Line(line, n) => {
+                        if let Some(parsed) = parse(line).transpose() {
+                            self.batch.push(parsed, &inbuf[..]);
+                        }
+                        used += n;
+                    }
+                    Frame::Incomplete => break,
+                    Frame::TooLong => {
+                        self.batch.push(Err(ProtocolError::LineTooLong(line_max)), &inbuf[..]);
+                        self.discarding = true;
+                    }
+                }
+            }
+            if self.batch.is_empty() {
+                inbuf.advance(used);
+                break;
+            }
+            let chunk = inbuf.split_to(used).freeze();
+            self.execute(&chunk).await?;
+            let shared = &self.shared;
+            shared.protocol_errors.fetch_add(u64::from(self.batch.errors), Relaxed);
+            self.batch.assemble(&chunk, &self.results, &|| node_info(shared), &mut self.out);
+            if self.batch.shutdown {
+                tracing::info!("SHUTDOWN requested by a client");
+                let _ = self.shared.shutdown.send(true);
+            }
+            if self.out.len() >= OUT_FLUSH_BYTES {
+                stream.write_all(&self.out).await?;
+                self.out.clear();
+            }
+            if self.batch.stopped() {
+                break;
+            }
+        }
+        if !self.out.is_empty() {
+            stream.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(self.batch.stopped())
+    }
+
+    /// Run the batch's ops: this thread's own inline, the rest as one request per shard.
+    async fn execute(&mut self, data: &bytes::Bytes) -> std::io::Result<()> {
+        self.results.reset(self.batch.ops.len());
+        {
+            let mut local = self.local.as_ref().map(|(id, shard)| (*id, shard.borrow_mut()));
+            for (i, (s, op)) in self.batch.ops.iter().enumerate() {
+                match &mut local {
+                    Some((id, shard)) if id == s => self.results.run_inline(i, shard, op, data),
+                    _ => {
+                        let out = &mut self.outgoing[*s];
+                        out.ops.push(*op);
+                        out.indices.push(i as u32);
+                    }
+                }
+            }
+        }
+        let mut waiting = Vec::new();
+        for (s, out) in self.outgoing.iter_mut().enumerate() {
+            if out.ops.is_empty() {
+                continue;
+            }
+            let (reply, rx) = oneshot::channel();
+            let request = ShardRequest { data: data.clone(), ops: std::mem::take(&mut out.ops), reply };
+            self.shared.inboxes[s].send(ThreadMsg::Ops(request)).await.map_err(|_| stopping())?;
+            waiting.push((s, rx));
+        }
+        for (s, rx) in waiting {
+            let reply = rx.await.map_err(|_| stopping())?;
+            let out = &mut self.outgoing[s];
+            self.results.add_remote(&out.indices, reply);
+            out.indices.clear();
+        }
+        Ok(())
+    }
+}
+
+fn stopping() -> std::io::Error {
+    std::io::Error::other("node is shutting down")
+}
+
+/// Read more bytes; `None` when the connection stayed idle for `idle_s` seconds (0 = never).
+async fn read_with_timeout(stream: &mut TcpStream, buf: &mut BytesMut, idle_s: u64) -> Option<std::io::Result<usize>> {
+    if idle_s == 0 {
+        return Some(stream.read_buf(buf).await);
+    }
+    tokio::time::timeout(Duration::from_secs(idle_s), stream.read_buf(buf)).await.ok()
+}
+
+fn node_info(shared: &Shared) -> NodeInfo {
+    let net = &shared.config.network;
+    NodeInfo {
+        node_id: shared.config.node_id.clone(),
+        uptime_seconds: shared.started.elapsed().as_secs(),
+        bind: shared.local_addr.to_string(),
+        io_threads: net.io_threads,
+        connections_current: shared.connections.load(Relaxed) as u64,
+        connections_max: net.max_connections as u64,
+        connections_total: shared.connections_total.load(Relaxed),
+        connections_rejected: shared.connections_rejected.load(Relaxed),
+        protocol_errors: shared.protocol_errors.load(Relaxed),
+    }
+}

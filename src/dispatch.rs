@@ -1,0 +1,527 @@
+//! From parsed commands to per-shard ops, and from op results back to replies in order.
+//!
+//! A [`Batch`] holds the commands of one segment of a connection's input: one [`Reply`]
+//! per command (how to build its reply) and the [`ShardOp`]s it needs, each tagged with
+//! the shard that owns it. Whoever executes the ops (inline on the owner thread, over a
+//! channel to another shard thread, or [`execute_all`] in tests) fills [`Results`];
+//! [`Batch::assemble`] then writes every reply in command order. Per-shard op order is
+//! command order, so a connection's commands on one key take effect in the order sent.
+
+use crate::keyspace::{shard_buckets, shard_of_bucket, KeyHash};
+use crate::merkle::{combine_roots, to_hex, Digest};
+use crate::ops::{execute, OpKind, Outcome, ShardOp, Span, CRLF};
+use crate::protocol::{Command, ProtocolError};
+use crate::shard::{Shard, ShardStats};
+use std::fmt::Write as _;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How to build one command's reply from its ops' results.
+#[derive(Clone, Copy, Debug)]
+enum Reply {
+    /// The bytes of one op.
+    Op(u32),
+    Error(ProtocolError),
+    Static(&'static [u8]),
+    /// A span of the received data, then CRLF (ECHO, PING msg).
+    Echo(Span),
+    Version,
+    Mget { first: u32, n: u32 },
+    Mset { first: u32, n: u32 },
+    Exists { first: u32, n: u32 },
+    Scan(u32),
+    /// One op per shard, `first..first + shards`.
+    Fanout(Fanout, u32),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Fanout {
+    Dbsize,
+    Flush,
+    Hash,
+    HashShards,
+    Info,
+    Stats,
+}
+
+/// Node-wide facts for INFO and STATS, gathered only when one of them is asked.
+pub struct NodeInfo {
+    pub node_id: String,
+    pub uptime_seconds: u64,
+    pub bind: String,
+    pub io_threads: usize,
+    pub connections_current: u64,
+    pub connections_max: u64,
+    pub connections_total: u64,
+    pub connections_rejected: u64,
+    pub protocol_errors: u64,
+}
+
+pub struct Batch {
+    replies: Vec<Reply>,
+    /// Ops in command order, each with its owning shard.
+    pub ops: Vec<(usize, ShardOp)>,
+    shard_bits: u32,
+    /// QUIT was seen: answer what came before it, then close.
+    pub quit: bool,
+    /// SHUTDOWN was seen: answer, then stop the node.
+    pub shutdown: bool,
+    /// Protocol errors in this batch (for STATS).
+    pub errors: u32,
+}
+
+impl Batch {
+    pub fn new(shard_bits: u32) -> Batch {
+        Batch { replies: Vec::new(), ops: Vec::new(), shard_bits, quit: false, shutdown: false, errors: 0 }
+    }
+
+    pub fn clear(&mut self) {
+        self.replies.clear();
+        self.ops.clear();
+        self.errors = 0;
+    }
+
+    /// Commands in the batch.
+    pub fn len(&self) -> usize {
+        self.replies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.replies.is_empty()
+    }
+
+    /// True once QUIT or SHUTDOWN was pushed: later commands are not read.
+    pub fn stopped(&self) -> bool {
+        self.quit || self.shutdown
+    }
+
+    fn op(&mut self, kind: OpKind, key: &[u8], arg: &[u8], base: &[u8]) {
+        let hash = KeyHash::of(key);
+        let op = ShardOp { kind, hash, key: Span::of(base, key), arg: Span::of(base, arg) };
+        self.ops.push((hash.shard(self.shard_bits), op));
+    }
+
+    fn single(&mut self, kind: OpKind, key: &[u8], arg: &[u8], base: &[u8]) -> Reply {
+        self.op(kind, key, arg, base);
+        Reply::Op(self.ops.len() as u32 - 1)
+    }
+
+    fn fanout(&mut self, what: Fanout, kind: OpKind) -> Reply {
+        let first = self.ops.len() as u32;
+        for shard in 0..1 << self.shard_bits {
+            let op = ShardOp { kind, hash: KeyHash(0), key: Span::default(), arg: Span::default() };
+            self.ops.push((shard, op));
+        }
+        Reply::Fanout(what, first)
+    }
+
+    /// Add one parsed line. Its slices must borrow from `base`, the batch's data.
+    pub fn push(&mut self, parsed: Result<Command<'_>, ProtocolError>, base: &[u8]) {
+        let first = self.ops.len() as u32;
+        let reply = match parsed {
+            Err(e) => {
+                self.errors += 1;
+                Reply::Error(e)
+            }
+            Ok(cmd) => match cmd {
+                Command::Get(k) => self.single(OpKind::Get, k, b"", base),
+                Command::Set(k, v) => self.single(OpKind::Set, k, v, base),
+                Command::Del(k) => self.single(OpKind::Del, k, b"", base),
+                Command::Incr(k, d) => self.single(OpKind::Incr(d), k, b"", base),
+                Command::Append(k, v) => self.single(OpKind::Append, k, v, base),
+                Command::Prepend(k, v) => self.single(OpKind::Prepend, k, v, base),
+                Command::Exists(keys) => {
+                    keys.iter().for_each(|k| self.op(OpKind::Exists, k, b"", base));
+                    Reply::Exists { first, n: self.ops.len() as u32 - first }
+                }
+                Command::Mget(keys) => {
+                    keys.iter().for_each(|k| self.op(OpKind::Get, k, b"", base));
+                    Reply::Mget { first, n: self.ops.len() as u32 - first }
+                }
+                Command::Mset(args) => {
+                    let mut it = args.iter();
+                    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                        self.op(OpKind::SetQuiet, k, v, base);
+                    }
+                    Reply::Mset { first, n: self.ops.len() as u32 - first }
+                }
+                Command::Scan { prefix, cursor, count } => {
+                    let op = ShardOp {
+                        kind: OpKind::Scan { cursor, count },
+                        hash: KeyHash(0),
+                        key: Span::of(base, prefix),
+                        arg: Span::default(),
+                    };
+                    self.ops.push((shard_of_bucket(cursor as usize, self.shard_bits), op));
+                    Reply::Scan(first)
+                }
+                Command::Dbsize => self.fanout(Fanout::Dbsize, OpKind::Dbsize),
+                Command::Flushdb => self.fanout(Fanout::Flush, OpKind::Flush),
+                Command::Hash => self.fanout(Fanout::Hash, OpKind::Root),
+                Command::HashShards => self.fanout(Fanout::HashShards, OpKind::Root),
+                Command::Info => self.fanout(Fanout::Info, OpKind::Stats),
+                Command::Stats => self.fanout(Fanout::Stats, OpKind::Stats),
+                Command::Ping(None) => Reply::Static(b"PONG\r\n"),
+                Command::Ping(Some(msg)) | Command::Echo(msg) => Reply::Echo(Span::of(base, msg)),
+                Command::Version => Reply::Version,
+                Command::Shutdown => {
+                    self.shutdown = true;
+                    Reply::Static(b"OK\r\n")
+                }
+                Command::Quit => {
+                    self.quit = true;
+                    Reply::Static(b"OK\r\n")
+                }
+            },
+        };
+        self.replies.push(reply);
+    }
+
+    /// Write every reply, in command order, to `out`.
+    pub fn assemble(&self, data: &[u8], results: &Results, info: &dyn Fn() -> NodeInfo, out: &mut Vec<u8>) {
+        for reply in &self.replies {
+            match *reply {
+                Reply::Op(i) => out.extend_from_slice(results.bytes(i)),
+                Reply::Error(e) => line(out, &e.to_string()),
+                Reply::Static(s) => out.extend_from_slice(s),
+                Reply::Echo(span) => {
+                    out.extend_from_slice(span.get(data));
+                    out.extend_from_slice(CRLF);
+                }
+                Reply::Version => line(out, &format!("VERSION {VERSION}")),
+                Reply::Mget { first, n } => {
+                    line(out, &format!("VALUES {n}"));
+                    (first..first + n).for_each(|i| out.extend_from_slice(results.bytes(i)));
+                }
+                Reply::Mset { first, n } => {
+                    let failed = (first..first + n).find_map(|i| match results.outcome(i) {
+                        Outcome::Failed(e) => Some(e),
+                        _ => None,
+                    });
+                    match failed {
+                        Some(e) => line(out, &e.to_string()),
+                        None => out.extend_from_slice(b"OK\r\n"),
+                    }
+                }
+                Reply::Exists { first, n } => line(out, &results.count(first, n).to_string()),
+                Reply::Scan(i) => {
+                    let Outcome::Scan { next, keys } = results.outcome(i) else {
+                        unreachable!("SCAN op without a scan outcome")
+                    };
+                    line(out, &format!("KEYS {next} {keys}"));
+                    out.extend_from_slice(results.bytes(i));
+                }
+                Reply::Fanout(what, first) => self.fanout_reply(what, first, results, info, out),
+            }
+        }
+    }
+
+    fn fanout_reply(&self, what: Fanout, first: u32, results: &Results, info: &dyn Fn() -> NodeInfo, out: &mut Vec<u8>) {
+        let n = 1u32 << self.shard_bits;
+        let roots = || -> Vec<Digest> {
+            (first..first + n)
+                .map(|i| match results.outcome(i) {
+                    Outcome::Root(d) => d,
+                    o => unreachable!("root op gave {o:?}"),
+                })
+                .collect()
+        };
+        let stats = || {
+            let mut sum = ShardStats::default();
+            for i in first..first + n {
+                if let Outcome::Stats(s) = results.outcome(i) {
+                    sum.add(&s);
+                }
+            }
+            sum
+        };
+        match what {
+            Fanout::Dbsize => line(out, &results.count(first, n).to_string()),
+            Fanout::Flush => out.extend_from_slice(b"OK\r\n"),
+            Fanout::Hash => line(out, &to_hex(&combine_roots(&roots()))),
+            Fanout::HashShards => {
+                line(out, &format!("SHARDS {n}"));
+                for (s, root) in roots().iter().enumerate() {
+                    let r = shard_buckets(s, self.shard_bits);
+                    line(out, &format!("{s} {} {} {}", r.start, r.end - 1, to_hex(root)));
+                }
+            }
+            Fanout::Info => {
+                let (i, s) = (info(), stats());
+                let fields = [
+                    ("version", VERSION.to_string()),
+                    ("node_id", i.node_id),
+                    ("uptime_seconds", i.uptime_seconds.to_string()),
+                    ("bind", i.bind),
+                    ("shards", n.to_string()),
+                    ("io_threads", i.io_threads.to_string()),
+                    ("keys", s.keys.to_string()),
+                    ("memory_used_bytes", s.bytes_used.to_string()),
+                    ("memory_limit_bytes", if s.bytes_limit == u64::MAX { "0".into() } else { s.bytes_limit.to_string() }),
+                    ("connected_clients", i.connections_current.to_string()),
+                    ("max_connections", i.connections_max.to_string()),
+                ];
+                write_fields(out, "INFO", &fields);
+            }
+            Fanout::Stats => {
+                let (i, s) = (info(), stats());
+                let fields = [
+                    ("connections_current", i.connections_current),
+                    ("connections_total", i.connections_total),
+                    ("connections_rejected", i.connections_rejected),
+                    ("protocol_errors", i.protocol_errors),
+                    ("get_commands", s.gets),
+                    ("get_hits", s.get_hits),
+                    ("get_misses", s.gets - s.get_hits),
+                    ("write_commands", s.writes),
+                    ("del_commands", s.dels),
+                    ("storage_full_errors", s.storage_full),
+                    ("keys", s.keys),
+                    ("memory_used_bytes", s.bytes_used),
+                ];
+                let fields = fields.map(|(k, v)| (k, v.to_string()));
+                write_fields(out, "STATS", &fields);
+            }
+        }
+    }
+}
+
+fn line(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(s.as_bytes());
+    out.extend_from_slice(CRLF);
+}
+
+/// `NAME <n>` then n lines of `field:value`.
+fn write_fields(out: &mut Vec<u8>, name: &str, fields: &[(&str, String)]) {
+    line(out, &format!("{name} {}", fields.len()));
+    let mut s = String::new();
+    for (k, v) in fields {
+        s.clear();
+        let _ = write!(s, "{k}:{v}");
+        line(out, &s);
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct OpResult {
+    buf: u32,
+    start: u32,
+    end: u32,
+    outcome: Outcome,
+}
+
+const PENDING: OpResult = OpResult { buf: 0, start: 0, end: 0, outcome: Outcome::Done };
+
+/// What another shard thread sends back for a list of ops: their reply bytes back to
+/// back, and per op its end offset in `out` and its outcome.
+pub struct ShardReply {
+    pub out: Vec<u8>,
+    pub ends: Vec<(u32, Outcome)>,
+}
+
+/// The results of a batch's ops: reply bytes live in `bufs` (0 = inline execution, then
+/// one per remote reply), `items[i]` locates op `i`'s bytes and outcome.
+pub struct Results {
+    bufs: Vec<Vec<u8>>,
+    items: Vec<OpResult>,
+}
+
+impl Default for Results {
+    fn default() -> Self {
+        Results { bufs: vec![Vec::new()], items: Vec::new() }
+    }
+}
+
+impl Results {
+    pub fn reset(&mut self, ops: usize) {
+        self.bufs.truncate(1);
+        self.bufs[0].clear();
+        self.items.clear();
+        self.items.resize(ops, PENDING);
+    }
+
+    /// Run op `i` on `shard` right here, recording its reply.
+    pub fn run_inline(&mut self, i: usize, shard: &mut Shard, op: &ShardOp, data: &[u8]) {
+        let start = self.bufs[0].len() as u32;
+        let outcome = execute(shard, op, data, &mut self.bufs[0]);
+        self.items[i] = OpResult { buf: 0, start, end: self.bufs[0].len() as u32, outcome };
+    }
+
+    /// Take a remote shard's reply for the ops with batch indices `indices` (in order).
+    pub fn add_remote(&mut self, indices: &[u32], reply: ShardReply) {
+        assert_eq!(indices.len(), reply.ends.len(), "shard answered a different number of ops");
+        let buf = self.bufs.len() as u32;
+        let mut start = 0;
+        for (&i, &(end, outcome)) in indices.iter().zip(&reply.ends) {
+            self.items[i as usize] = OpResult { buf, start, end, outcome };
+            start = end;
+        }
+        self.bufs.push(reply.out);
+    }
+
+    fn bytes(&self, i: u32) -> &[u8] {
+        let r = &self.items[i as usize];
+        &self.bufs[r.buf as usize][r.start as usize..r.end as usize]
+    }
+
+    fn outcome(&self, i: u32) -> Outcome {
+        self.items[i as usize].outcome
+    }
+
+    fn count(&self, first: u32, n: u32) -> u64 {
+        (first..first + n)
+            .map(|i| match self.outcome(i) {
+                Outcome::Count(c) => c,
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+/// Execute a list of ops on a shard (the receiving side of a cross-thread request).
+pub fn serve_ops(shard: &mut Shard, ops: &[ShardOp], data: &[u8]) -> ShardReply {
+    let mut out = Vec::new();
+    let ends = ops
+        .iter()
+        .map(|op| {
+            let outcome = execute(shard, op, data, &mut out);
+            (out.len() as u32, outcome)
+        })
+        .collect();
+    ShardReply { out, ends }
+}
+
+/// Execute every op of `batch` on `shards` in this thread: tests, benches, fuzzing.
+pub fn execute_all(shards: &mut [Shard], batch: &Batch, data: &[u8], results: &mut Results) {
+    results.reset(batch.ops.len());
+    for (i, (s, op)) in batch.ops.iter().enumerate() {
+        results.run_inline(i, &mut shards[*s], op, data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{next_line, parse, Frame};
+
+    fn info() -> NodeInfo {
+        NodeInfo {
+            node_id: "t".into(),
+            uptime_seconds: 0,
+            bind: "127.0.0.1:1".into(),
+            io_threads: 0,
+            connections_current: 1,
+            connections_max: 10,
+            connections_total: 1,
+            connections_rejected: 0,
+            protocol_errors: 0,
+        }
+    }
+
+    /// Run `input` through framing, parsing, planning, execution and assembly.
+    fn run(shards: &mut [Shard], input: &str) -> String {
+        let data = input.as_bytes();
+        let mut batch = Batch::new(shards.len().trailing_zeros());
+        let mut at = 0;
+        while let Frame::Line(l, used) = next_line(&data[at..], 1 << 20) {
+            if let Some(cmd) = parse(l).transpose() {
+                batch.push(cmd, data);
+            }
+            at += used;
+        }
+        let mut results = Results::default();
+        execute_all(shards, &batch, data, &mut results);
+        let mut out = Vec::new();
+        batch.assemble(data, &results, &info, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    fn shards(n: usize) -> Vec<Shard> {
+        (0..n).map(|i| Shard::new(i, n.trailing_zeros(), u64::MAX, 1 << 20)).collect()
+    }
+
+    #[test]
+    fn replies_come_back_in_command_order_across_shards() {
+        for n in [1, 2, 8] {
+            let mut s = shards(n);
+            let out = run(&mut s, "SET a 1\nSET b 2\nGET b\nGET a\nGET zz\nDEL a\nDEL a\n");
+            assert_eq!(out, "OK\r\nOK\r\n2\r\n1\r\n(null)\r\nDELETED\r\nNOT_FOUND\r\n");
+        }
+    }
+
+    #[test]
+    fn multi_key_commands_reassemble() {
+        let mut s = shards(4);
+        let out = run(&mut s, "MSET a 1 b 2 c 3\nMGET c x a b\nEXISTS a b x c\nDBSIZE\n");
+        assert_eq!(out, "OK\r\nVALUES 4\r\n3\r\n(null)\r\n1\r\n2\r\n3\r\n3\r\n");
+    }
+
+    #[test]
+    fn hash_is_the_same_for_every_shard_count() {
+        let input = "MSET a 1 b 2 c 3 d 4\nDEL c\nHASH\n";
+        let expected = run(&mut shards(1), input);
+        for n in [2, 4, 8, 256] {
+            assert_eq!(run(&mut shards(n), input), expected);
+        }
+    }
+
+    #[test]
+    fn hash_shards_lists_ranges() {
+        let out = run(&mut shards(2), "HASH SHARDS\n");
+        let lines: Vec<&str> = out.split("\r\n").collect();
+        assert_eq!(lines[0], "SHARDS 2");
+        assert!(lines[1].starts_with("0 0 32767 "));
+        assert!(lines[2].starts_with("1 32768 65535 "));
+        assert_eq!(lines[1].len(), "0 0 32767 ".len() + 64);
+    }
+
+    #[test]
+    fn errors_and_static_replies() {
+        let out = run(&mut shards(2), "PING\nPING hi there\nECHO x\nFOO\nVERSION\nQUIT\n");
+        assert_eq!(out, format!("PONG\r\nhi there\r\nx\r\nERROR: Invalid command\r\nVERSION {VERSION}\r\nOK\r\n"));
+    }
+
+    #[test]
+    fn mset_reports_storage_full() {
+        let mut s: Vec<Shard> = (0..2).map(|i| Shard::new(i, 1, 100, 1 << 20)).collect();
+        let out = run(&mut s, "MSET a 1 b 2 c 3 d 4 e 5\n");
+        assert_eq!(out, "ERROR: Storage full\r\n");
+    }
+
+    #[test]
+    fn scan_walks_all_shards_with_its_cursor() {
+        let mut s = shards(4);
+        let mut input = String::new();
+        for i in 0..200 {
+            input += &format!("SET k{i} v\n");
+        }
+        run(&mut s, &input);
+        let mut cursor = 0;
+        let mut seen = std::collections::HashSet::new();
+        loop {
+            let out = run(&mut s, &format!("SCAN k* {cursor} 7\n"));
+            let mut lines = out.split("\r\n");
+            let head: Vec<&str> = lines.next().unwrap().split(' ').collect();
+            assert_eq!(head[0], "KEYS");
+            let n: usize = head[2].parse().unwrap();
+            for _ in 0..n {
+                assert!(seen.insert(lines.next().unwrap().to_string()));
+            }
+            cursor = head[1].parse().unwrap();
+            if cursor == 0 {
+                break;
+            }
+        }
+        assert_eq!(seen.len(), 200);
+    }
+
+    #[test]
+    fn info_and_stats_are_counted_lines() {
+        let out = run(&mut shards(2), "SET a 1\nGET a\nGET b\nSTATS\nINFO\n");
+        let lines: Vec<&str> = out.split("\r\n").collect();
+        let n: usize = lines[3].strip_prefix("STATS ").unwrap().parse().unwrap();
+        assert!(lines[4..4 + n].contains(&"get_hits:1"));
+        assert!(lines[4..4 + n].contains(&"get_misses:1"));
+        assert!(lines[4 + n].starts_with("INFO "));
+    }
+}

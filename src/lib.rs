@@ -1,0 +1,26 @@
+//! MerkleKV: an eventually consistent, peer-to-peer key-value store.
+//!
+//! # Layout
+//! - [`protocol`]: bytes → lines → [`protocol::Command`]s. Pure.
+//! - [`keyspace`]: key → hash → Merkle bucket → shard. The only place that routes.
+//! - [`merkle`]: the fixed 2^16-bucket tree, leaf digests and incremental roots. Pure.
+//! - [`shard`]: one shard's entries and Merkle subtree. Owned by one thread; no I/O.
+//! - [`ops`]: the op messages a shard executes and what they return.
+//! - [`dispatch`]: commands → per-shard ops → replies in order. Pure.
+//! - [`connection`]: a client connection's read/execute/write loop (I/O edge).
+//! - [`server`]: threads, accept loop, signals, shutdown (I/O edge).
+//! - [`config`]: TOML + environment configuration and its validation.
+//! - [`logging`]: `tracing` set-up from `[logging]`.
+//!
+//! ARCHITECTURE.md at the repository root has the whole map and the invariants.
+
+pub mod config;
+pub mod connection;
+pub mod dispatch;
+pub mod keyspace;
+pub mod logging;
+pub mod merkle;
+pub mod ops;
+pub mod protocol;
+pub mod server;
+pub mod shard;

@@ -1,0 +1,36 @@
+//! Logging set-up: `tracing` to stderr or a file, as text or JSON, from `[logging]`.
+
+use crate::config::{LogFormat, LoggingConfig};
+use std::sync::Mutex;
+use tracing_subscriber::EnvFilter;
+
+/// Install the global subscriber. `RUST_LOG`, when set, refines the configured level.
+pub fn init(cfg: &LoggingConfig) -> Result<(), String> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let json = cfg.format == LogFormat::Json;
+    let result = match &cfg.file_path {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("cannot open log file {path}: {e}"))?;
+            let builder = builder.with_ansi(false).with_writer(Mutex::new(file));
+            if json {
+                builder.json().try_init()
+            } else {
+                builder.try_init()
+            }
+        }
+        None => {
+            let builder = builder.with_writer(std::io::stderr);
+            if json {
+                builder.json().try_init()
+            } else {
+                builder.try_init()
+            }
+        }
+    };
+    result.map_err(|e| format!("cannot install the logger: {e}"))
+}

@@ -1,0 +1,64 @@
+//! The `merkle-kv` binary: parse flags, load and validate the configuration, set up
+//! logging, run the node.
+
+use clap::Parser;
+use merkle_kv::config::Config;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// MerkleKV node: a sharded key-value server with a Memcached-like text protocol.
+///
+/// With no --config it runs on defaults (127.0.0.1:7878). Every setting can also be
+/// overridden by environment variables: MERKLE_KV_NODE_ID, MERKLE_KV_<SECTION>_<FIELD>
+/// (e.g. MERKLE_KV_NETWORK_BIND_PORT=7879).
+#[derive(Parser, Debug)]
+#[command(name = "merkle-kv", version)]
+struct Args {
+    /// TOML configuration file (see configs/ and docs/CONFIGURATION.md).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print the effective configuration (file + environment + defaults) and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Validate the configuration and exit (0 when valid).
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let config = match Config::load(args.config.as_deref(), &|k| std::env::var(k).ok(), cores) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("merkle-kv: invalid configuration:\n{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    if args.check_config {
+        println!("configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    if let Err(e) = merkle_kv::logging::init(&config.logging) {
+        eprintln!("merkle-kv: {e}");
+        return ExitCode::from(2);
+    }
+    if config.mqtt.enabled {
+        tracing::warn!("replication over MQTT is not built yet: this node runs standalone");
+    }
+    match merkle_kv::server::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("merkle-kv: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! What a shard executes: a [`ShardOp`] in, reply bytes plus an [`Outcome`] out.
+//!
+//! Ops name their key and argument by [`Span`]s into the batch's received bytes, so the
+//! same op runs inline on the owner thread or, shipped with a shared `Bytes` chunk, on
+//! another shard's thread — without copying keys and values.
+
+use crate::keyspace::{KeyHash, BUCKETS};
+use crate::merkle::Digest;
+use crate::shard::{Shard, ShardStats, StoreError};
+
+pub const CRLF: &[u8] = b"\r\n";
+
+/// A byte range of the batch's received data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Span {
+    pub start: u32,
+    pub len: u32,
+}
+
+impl Span {
+    /// The span of `part`, which must be a subslice of `base` (or empty).
+    pub fn of(base: &[u8], part: &[u8]) -> Span {
+        if part.is_empty() {
+            return Span::default();
+        }
+        let start = (part.as_ptr() as usize).wrapping_sub(base.as_ptr() as usize);
+        assert!(start + part.len() <= base.len(), "span outside its buffer");
+        Span { start: start as u32, len: part.len() as u32 }
+    }
+    pub fn get(self, data: &[u8]) -> &[u8] {
+        &data[self.start as usize..(self.start + self.len) as usize]
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    Get,
+    Set,
+    /// An MSET part: no reply bytes, the outcome says whether it was stored.
+    SetQuiet,
+    Del,
+    Exists,
+    Incr(i64),
+    Append,
+    Prepend,
+    /// `key` holds the prefix.
+    Scan { cursor: u32, count: u32 },
+    Dbsize,
+    Flush,
+    Root,
+    Stats,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ShardOp {
+    pub kind: OpKind,
+    pub hash: KeyHash,
+    pub key: Span,
+    pub arg: Span,
+}
+
+/// What an op tells the connection besides its reply bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    Count(u64),
+    Failed(StoreError),
+    Root(Digest),
+    /// Keys written to the reply bytes, and the cursor to resume at (0 = done).
+    Scan { next: u32, keys: u32 },
+    Stats(ShardStats),
+}
+
+/// Execute `op` against `shard`, appending its reply bytes (if it has any) to `out`.
+pub fn execute(shard: &mut Shard, op: &ShardOp, data: &[u8], out: &mut Vec<u8>) -> Outcome {
+    let key = op.key.get(data);
+    let arg = op.arg.get(data);
+    let h = op.hash;
+    let written = |r: Result<(), StoreError>, shard: &mut Shard, out: &mut Vec<u8>| match r {
+        Ok(()) => {
+            shard.stats.writes += 1;
+            out.extend_from_slice(b"OK\r\n");
+            Outcome::Done
+        }
+        Err(e) => error(shard, e, out),
+    };
+    match op.kind {
+        OpKind::Get => {
+            shard.stats.gets += 1;
+            match shard.get(h, key) {
+                Some(v) => {
+                    out.extend_from_slice(v);
+                    out.extend_from_slice(CRLF);
+                    shard.stats.get_hits += 1;
+                }
+                None => out.extend_from_slice(b"(null)\r\n"),
+            }
+            Outcome::Done
+        }
+        OpKind::Set => {
+            let r = shard.set(h, key, arg);
+            written(r, shard, out)
+        }
+        OpKind::SetQuiet => match shard.set(h, key, arg) {
+            Ok(()) => {
+                shard.stats.writes += 1;
+                Outcome::Done
+            }
+            Err(e) => {
+                count_failure(shard, e);
+                Outcome::Failed(e)
+            }
+        },
+        OpKind::Del => {
+            shard.stats.dels += 1;
+            out.extend_from_slice(if shard.del(h, key) { b"DELETED\r\n" } else { b"NOT_FOUND\r\n" });
+            Outcome::Done
+        }
+        OpKind::Exists => Outcome::Count(u64::from(shard.get(h, key).is_some())),
+        OpKind::Incr(delta) => match shard.incr(h, key, delta) {
+            Ok(n) => {
+                shard.stats.writes += 1;
+                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                out.extend_from_slice(CRLF);
+                Outcome::Done
+            }
+            Err(e) => error(shard, e, out),
+        },
+        OpKind::Append | OpKind::Prepend => {
+            let r = shard.concat(h, key, arg, op.kind == OpKind::Prepend);
+            written(r, shard, out)
+        }
+        OpKind::Scan { cursor, count } => {
+            let mut keys = 0;
+            let next = shard.scan(cursor as usize, key, count as usize, |k| {
+                out.extend_from_slice(k);
+                out.extend_from_slice(CRLF);
+                keys += 1;
+            });
+            Outcome::Scan { next: if next == BUCKETS { 0 } else { next as u32 }, keys }
+        }
+        OpKind::Dbsize => Outcome::Count(shard.snapshot_stats().keys),
+        OpKind::Flush => {
+            shard.flush();
+            Outcome::Done
+        }
+        OpKind::Root => Outcome::Root(shard.root()),
+        OpKind::Stats => Outcome::Stats(shard.snapshot_stats()),
+    }
+}
+
+fn count_failure(shard: &mut Shard, e: StoreError) {
+    if e == StoreError::StorageFull {
+        shard.stats.storage_full += 1;
+    }
+}
+
+fn error(shard: &mut Shard, e: StoreError, out: &mut Vec<u8>) -> Outcome {
+    count_failure(shard, e);
+    out.extend_from_slice(e.to_string().as_bytes());
+    out.extend_from_slice(CRLF);
+    Outcome::Done
+}

@@ -1,0 +1,464 @@
+//! The native text protocol: framing (bytes → lines) and parsing (line → [`Command`]).
+//!
+//! Pure functions of bytes: no I/O, no allocation. An incomplete line is "read more",
+//! not an error. Every rejection is a [`ProtocolError`] whose `Display` is the exact
+//! reply line (without `\r\n`). docs/PROTOCOL.md is the user-facing contract.
+
+use std::fmt;
+
+/// Longest key accepted, in bytes.
+pub const KEY_BYTES_MAX: usize = 1024;
+/// `SCAN` page size when none is given, and the largest allowed.
+pub const SCAN_COUNT_DEFAULT: u32 = 100;
+pub const SCAN_COUNT_MAX: u32 = 1000;
+
+/// One framing step over the bytes received so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// A complete line (without its `\n` or `\r\n`) and the bytes it used up.
+    Line(&'a [u8], usize),
+    /// No newline yet and still within the limit: read more.
+    Incomplete,
+    /// More than `line_bytes_max` bytes without a newline.
+    TooLong,
+}
+
+/// Find the next line in `buf`. Lines end in `\n`; one `\r` before it is dropped.
+pub fn next_line(buf: &[u8], line_bytes_max: usize) -> Frame<'_> {
+    match memchr::memchr(b'\n', buf) {
+        Some(n) if n <= line_bytes_max => {
+            let line = &buf[..n];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            Frame::Line(line, n + 1)
+        }
+        Some(_) => Frame::TooLong,
+        None if buf.len() > line_bytes_max => Frame::TooLong,
+        None => Frame::Incomplete,
+    }
+}
+
+/// A parsed command. Slices borrow from the received line.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Command<'a> {
+    Get(&'a [u8]),
+    Set(&'a [u8], &'a [u8]),
+    Del(&'a [u8]),
+    Exists(Args<'a>),
+    Mget(Args<'a>),
+    /// Validated: an even, non-zero number of tokens, every key within limits.
+    Mset(Args<'a>),
+    /// INCR/DECR: the key and the signed amount to add.
+    Incr(&'a [u8], i64),
+    Append(&'a [u8], &'a [u8]),
+    Prepend(&'a [u8], &'a [u8]),
+    Scan { prefix: &'a [u8], cursor: u32, count: u32 },
+    Dbsize,
+    Ping(Option<&'a [u8]>),
+    Echo(&'a [u8]),
+    Info,
+    Stats,
+    Version,
+    Flushdb,
+    Hash,
+    HashShards,
+    Shutdown,
+    Quit,
+}
+
+/// Space-separated tokens (keys, or MSET's key/value pairs), iterated without allocating.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub struct Args<'a>(&'a [u8]);
+
+impl<'a> Args<'a> {
+    pub fn iter(self) -> impl Iterator<Item = &'a [u8]> {
+        self.0.split(|&b| b == b' ').filter(|t| !t.is_empty())
+    }
+    pub fn count(self) -> usize {
+        self.iter().count()
+    }
+}
+
+/// Why a line was rejected. `Display` gives the reply line.
+#[derive(Debug, PartialEq, Eq, Clone, Copy, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("ERROR: Invalid command")]
+    InvalidCommand,
+    #[error("ERROR: Missing arguments")]
+    MissingArguments,
+    #[error("ERROR: Too many arguments")]
+    TooManyArguments,
+    #[error("ERROR: Key too long (max {KEY_BYTES_MAX} bytes)")]
+    KeyTooLong,
+    #[error("ERROR: Line is not valid UTF-8")]
+    InvalidUtf8,
+    #[error("ERROR: Line too long (max {0} bytes)")]
+    LineTooLong(usize),
+    #[error("ERROR: Amount is not an integer")]
+    AmountNotInteger,
+    #[error("ERROR: MSET needs key value pairs")]
+    MsetOddArguments,
+    #[error("ERROR: Invalid SCAN cursor")]
+    InvalidCursor,
+    #[error("ERROR: SCAN count must be 1-{SCAN_COUNT_MAX}")]
+    InvalidCount,
+    #[error("ERROR: Unknown HASH option (expected SHARDS)")]
+    UnknownHashOption,
+}
+
+/// Parse one line (without its line ending). `Ok(None)` for a blank line, which is
+/// ignored without a reply, as Redis does for its inline protocol.
+pub fn parse(line: &[u8]) -> Result<Option<Command<'_>>, ProtocolError> {
+    if std::str::from_utf8(line).is_err() {
+        return Err(ProtocolError::InvalidUtf8);
+    }
+    let line = trim_start(line);
+    if line.is_empty() {
+        return Ok(None);
+    }
+    let (name, rest) = split_token(line);
+    let rest = trim_start(rest);
+    let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+    let cmd = if is("GET") {
+        Command::Get(only_key(rest)?)
+    } else if is("SET") {
+        let (k, v) = key_and_value(rest)?;
+        Command::Set(k, v)
+    } else if is("DEL") || is("DELETE") {
+        Command::Del(only_key(rest)?)
+    } else if is("EXISTS") {
+        Command::Exists(keys(rest)?)
+    } else if is("MGET") {
+        Command::Mget(keys(rest)?)
+    } else if is("MSET") {
+        Command::Mset(pairs(rest)?)
+    } else if is("INCR") || is("INC") {
+        let (k, amount) = key_and_amount(rest)?;
+        Command::Incr(k, amount)
+    } else if is("DECR") || is("DEC") {
+        let (k, amount) = key_and_amount(rest)?;
+        Command::Incr(k, amount.checked_neg().ok_or(ProtocolError::AmountNotInteger)?)
+    } else if is("APPEND") {
+        let (k, v) = key_and_value(rest)?;
+        Command::Append(k, v)
+    } else if is("PREPEND") {
+        let (k, v) = key_and_value(rest)?;
+        Command::Prepend(k, v)
+    } else if is("SCAN") {
+        scan(rest)?
+    } else if is("PING") {
+        // The message is the rest of the line, verbatim, like a SET value.
+        Command::Ping(line.get(name.len() + 1..).filter(|_| !rest.is_empty()))
+    } else if is("ECHO") {
+        match line.get(name.len() + 1..) {
+            Some(msg) if !rest.is_empty() => Command::Echo(msg),
+            _ => return Err(ProtocolError::MissingArguments),
+        }
+    } else if is("HASH") {
+        match split_token(rest) {
+            (b"", _) => Command::Hash,
+            (opt, tail) if opt.eq_ignore_ascii_case(b"SHARDS") => {
+                no_more(tail)?;
+                Command::HashShards
+            }
+            _ => return Err(ProtocolError::UnknownHashOption),
+        }
+    } else {
+        let cmd = if is("DBSIZE") {
+            Command::Dbsize
+        } else if is("INFO") {
+            Command::Info
+        } else if is("STATS") {
+            Command::Stats
+        } else if is("VERSION") {
+            Command::Version
+        } else if is("FLUSHDB") {
+            Command::Flushdb
+        } else if is("SHUTDOWN") {
+            Command::Shutdown
+        } else if is("QUIT") {
+            Command::Quit
+        } else {
+            return Err(ProtocolError::InvalidCommand);
+        };
+        no_more(rest)?;
+        cmd
+    };
+    Ok(Some(cmd))
+}
+
+fn trim_start(s: &[u8]) -> &[u8] {
+    let n = s.iter().take_while(|&&b| b == b' ' || b == b'\t').count();
+    &s[n..]
+}
+
+/// The first space-separated token and what follows it (starting at the space).
+fn split_token(s: &[u8]) -> (&[u8], &[u8]) {
+    let end = memchr::memchr(b' ', s).unwrap_or(s.len());
+    (&s[..end], &s[end..])
+}
+
+fn no_more(rest: &[u8]) -> Result<(), ProtocolError> {
+    if trim_start(rest).is_empty() {
+        Ok(())
+    } else {
+        Err(ProtocolError::TooManyArguments)
+    }
+}
+
+fn check_key(key: &[u8]) -> Result<&[u8], ProtocolError> {
+    if key.is_empty() {
+        Err(ProtocolError::MissingArguments)
+    } else if key.len() > KEY_BYTES_MAX {
+        Err(ProtocolError::KeyTooLong)
+    } else {
+        Ok(key)
+    }
+}
+
+fn only_key(rest: &[u8]) -> Result<&[u8], ProtocolError> {
+    let (key, tail) = split_token(rest);
+    let key = check_key(key)?;
+    no_more(tail)?;
+    Ok(key)
+}
+
+/// `<key> <value>`: the value is everything after the key and one space, verbatim.
+fn key_and_value(rest: &[u8]) -> Result<(&[u8], &[u8]), ProtocolError> {
+    let (key, tail) = split_token(rest);
+    let key = check_key(key)?;
+    match tail.split_first() {
+        Some((b' ', value)) => Ok((key, value)),
+        _ => Err(ProtocolError::MissingArguments),
+    }
+}
+
+fn key_and_amount(rest: &[u8]) -> Result<(&[u8], i64), ProtocolError> {
+    let (key, tail) = split_token(rest);
+    let key = check_key(key)?;
+    let (amount, tail) = split_token(trim_start(tail));
+    no_more(tail)?;
+    if amount.is_empty() {
+        return Ok((key, 1));
+    }
+    Ok((key, parse_int(amount).ok_or(ProtocolError::AmountNotInteger)?))
+}
+
+fn parse_int<T: std::str::FromStr>(token: &[u8]) -> Option<T> {
+    std::str::from_utf8(token).ok()?.parse().ok()
+}
+
+fn keys(rest: &[u8]) -> Result<Args<'_>, ProtocolError> {
+    let args = Args(rest);
+    if args.count() == 0 {
+        return Err(ProtocolError::MissingArguments);
+    }
+    for key in args.iter() {
+        check_key(key)?;
+    }
+    Ok(args)
+}
+
+fn pairs(rest: &[u8]) -> Result<Args<'_>, ProtocolError> {
+    let args = Args(rest);
+    match args.count() {
+        0 | 1 => return Err(ProtocolError::MissingArguments),
+        n if n % 2 == 1 => return Err(ProtocolError::MsetOddArguments),
+        _ => {}
+    }
+    for key in args.iter().step_by(2) {
+        check_key(key)?;
+    }
+    Ok(args)
+}
+
+/// `SCAN <pattern> [cursor] [count]`. The pattern is a key prefix; one trailing `*` is
+/// dropped, so `user:*` and `user:` agree and `*` alone matches every key.
+fn scan(rest: &[u8]) -> Result<Command<'_>, ProtocolError> {
+    let (pattern, tail) = split_token(rest);
+    if pattern.is_empty() {
+        return Err(ProtocolError::MissingArguments);
+    }
+    let prefix = pattern.strip_suffix(b"*").unwrap_or(pattern);
+    let (cursor, tail) = split_token(trim_start(tail));
+    let (count, tail) = split_token(trim_start(tail));
+    no_more(tail)?;
+    let cursor = match cursor {
+        b"" => 0,
+        c => parse_int::<u32>(c)
+            .filter(|&c| (c as usize) < crate::keyspace::BUCKETS)
+            .ok_or(ProtocolError::InvalidCursor)?,
+    };
+    let count = match count {
+        b"" => SCAN_COUNT_DEFAULT,
+        c => parse_int::<u32>(c)
+            .filter(|c| (1..=SCAN_COUNT_MAX).contains(c))
+            .ok_or(ProtocolError::InvalidCount)?,
+    };
+    Ok(Command::Scan { prefix, cursor, count })
+}
+
+impl fmt::Display for Command<'_> {
+    /// The command's name, for logs and statistics.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            Command::Get(_) => "GET",
+            Command::Set(..) => "SET",
+            Command::Del(_) => "DEL",
+            Command::Exists(_) => "EXISTS",
+            Command::Mget(_) => "MGET",
+            Command::Mset(_) => "MSET",
+            Command::Incr(..) => "INCR",
+            Command::Append(..) => "APPEND",
+            Command::Prepend(..) => "PREPEND",
+            Command::Scan { .. } => "SCAN",
+            Command::Dbsize => "DBSIZE",
+            Command::Ping(_) => "PING",
+            Command::Echo(_) => "ECHO",
+            Command::Info => "INFO",
+            Command::Stats => "STATS",
+            Command::Version => "VERSION",
+            Command::Flushdb => "FLUSHDB",
+            Command::Hash => "HASH",
+            Command::HashShards => "HASH SHARDS",
+            Command::Shutdown => "SHUTDOWN",
+            Command::Quit => "QUIT",
+        };
+        f.write_str(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Command as C;
+    use ProtocolError as E;
+
+    fn p(line: &str) -> Result<Option<Command<'_>>, ProtocolError> {
+        parse(line.as_bytes())
+    }
+    fn ok(line: &str) -> Command<'_> {
+        p(line).unwrap().unwrap()
+    }
+    fn keys_of(a: Args<'_>) -> Vec<&str> {
+        a.iter().map(|k| std::str::from_utf8(k).unwrap()).collect()
+    }
+
+    #[test]
+    fn framing_finds_lines_and_asks_for_more() {
+        assert_eq!(next_line(b"GET a\r\nGET b", 100), Frame::Line(b"GET a", 7));
+        assert_eq!(next_line(b"GET a\nrest", 100), Frame::Line(b"GET a", 6));
+        assert_eq!(next_line(b"GET a", 100), Frame::Incomplete);
+        assert_eq!(next_line(b"", 100), Frame::Incomplete);
+        assert_eq!(next_line(b"GET a\r", 100), Frame::Incomplete);
+        assert_eq!(next_line(b"\r\n", 100), Frame::Line(b"", 2));
+    }
+
+    #[test]
+    fn framing_enforces_the_line_limit() {
+        assert_eq!(next_line(b"0123456789", 9), Frame::TooLong);
+        assert_eq!(next_line(b"012345678", 9), Frame::Incomplete);
+        assert_eq!(next_line(b"012345678\n", 9), Frame::Line(b"012345678", 10));
+        assert_eq!(next_line(b"0123456789\n", 9), Frame::TooLong);
+    }
+
+    #[test]
+    fn basic_commands() {
+        assert_eq!(ok("GET a"), C::Get(b"a"));
+        assert_eq!(ok("get a"), C::Get(b"a"));
+        assert_eq!(ok("SET a b"), C::Set(b"a", b"b"));
+        assert_eq!(ok("sEt a b"), C::Set(b"a", b"b"));
+        assert_eq!(ok("DEL a"), C::Del(b"a"));
+        assert_eq!(ok("DELETE a"), C::Del(b"a"));
+        assert_eq!(ok("  GET   a"), C::Get(b"a"));
+    }
+
+    #[test]
+    fn set_value_is_the_verbatim_rest_of_the_line() {
+        assert_eq!(ok("SET m Hello World"), C::Set(b"m", b"Hello World"));
+        assert_eq!(ok("SET m  two  spaces "), C::Set(b"m", b" two  spaces "));
+        assert_eq!(ok(r#"SET c {"host":"x", "port":1}"#), C::Set(b"c", br#"{"host":"x", "port":1}"#));
+        assert_eq!(ok("SET e "), C::Set(b"e", b""));
+        assert_eq!(ok("APPEND k  x"), C::Append(b"k", b" x"));
+        assert_eq!(ok("PREPEND k x y"), C::Prepend(b"k", b"x y"));
+    }
+
+    #[test]
+    fn missing_and_extra_arguments() {
+        for line in ["GET", "SET", "SET k", "DEL", "DELETE ", "EXISTS", "MGET", "MSET", "MSET a", "INCR", "DECR", "APPEND k", "PREPEND", "SCAN", "ECHO", "ECHO "] {
+            assert_eq!(p(line), Err(E::MissingArguments), "{line:?}");
+        }
+        for line in ["GET a b", "DEL a b", "DBSIZE x", "INCR a 1 2", "HASH SHARDS x", "FLUSHDB now", "SCAN a 0 10 x"] {
+            assert_eq!(p(line), Err(E::TooManyArguments), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_commands_and_bad_input() {
+        assert_eq!(p("FOO a"), Err(E::InvalidCommand));
+        assert_eq!(p("GETX a"), Err(E::InvalidCommand));
+        assert_eq!(parse(b"SET a \xff\xfe"), Err(E::InvalidUtf8));
+        let long = format!("GET {}", "k".repeat(KEY_BYTES_MAX + 1));
+        assert_eq!(p(&long), Err(E::KeyTooLong));
+        let ok_key = format!("GET {}", "k".repeat(KEY_BYTES_MAX));
+        assert!(p(&ok_key).is_ok());
+        assert_eq!(p("HASH ROOTS"), Err(E::UnknownHashOption));
+    }
+
+    #[test]
+    fn blank_lines_are_ignored() {
+        assert_eq!(p(""), Ok(None));
+        assert_eq!(p("   "), Ok(None));
+    }
+
+    #[test]
+    fn multi_key_commands() {
+        let C::Mget(a) = ok("MGET a b  c") else { panic!() };
+        assert_eq!(keys_of(a), ["a", "b", "c"]);
+        let C::Exists(a) = ok("EXISTS a") else { panic!() };
+        assert_eq!(keys_of(a), ["a"]);
+        let C::Mset(a) = ok("MSET a 1 b 2") else { panic!() };
+        assert_eq!(keys_of(a), ["a", "1", "b", "2"]);
+        assert_eq!(p("MSET a 1 b"), Err(E::MsetOddArguments));
+    }
+
+    #[test]
+    fn counters() {
+        assert_eq!(ok("INCR n"), C::Incr(b"n", 1));
+        assert_eq!(ok("INC n 5"), C::Incr(b"n", 5));
+        assert_eq!(ok("DECR n"), C::Incr(b"n", -1));
+        assert_eq!(ok("DEC n 7"), C::Incr(b"n", -7));
+        assert_eq!(ok("INCR n -3"), C::Incr(b"n", -3));
+        assert_eq!(p("INCR n x"), Err(E::AmountNotInteger));
+        assert_eq!(p("INCR n 99999999999999999999"), Err(E::AmountNotInteger));
+        assert_eq!(p(&format!("DECR n {}", i64::MIN)), Err(E::AmountNotInteger));
+    }
+
+    #[test]
+    fn scan_arguments() {
+        assert_eq!(ok("SCAN user:*"), C::Scan { prefix: b"user:", cursor: 0, count: SCAN_COUNT_DEFAULT });
+        assert_eq!(ok("SCAN *"), C::Scan { prefix: b"", cursor: 0, count: SCAN_COUNT_DEFAULT });
+        assert_eq!(ok("SCAN u 17 5"), C::Scan { prefix: b"u", cursor: 17, count: 5 });
+        assert_eq!(p("SCAN u x"), Err(E::InvalidCursor));
+        assert_eq!(p("SCAN u 65536"), Err(E::InvalidCursor));
+        assert_eq!(p("SCAN u 0 0"), Err(E::InvalidCount));
+        assert_eq!(p("SCAN u 0 1001"), Err(E::InvalidCount));
+    }
+
+    #[test]
+    fn server_commands() {
+        assert_eq!(ok("PING"), C::Ping(None));
+        assert_eq!(ok("PING hello there"), C::Ping(Some(b"hello there")));
+        assert_eq!(ok("ECHO  hi"), C::Echo(b" hi"));
+        assert_eq!(ok("hash"), C::Hash);
+        assert_eq!(ok("HASH shards"), C::HashShards);
+        for (line, cmd) in [("DBSIZE", C::Dbsize), ("INFO", C::Info), ("STATS", C::Stats), ("VERSION", C::Version), ("FLUSHDB", C::Flushdb), ("SHUTDOWN", C::Shutdown), ("quit", C::Quit)] {
+            assert_eq!(ok(line), cmd);
+        }
+    }
+
+    #[test]
+    fn error_replies_are_the_spec_lines() {
+        assert_eq!(E::InvalidCommand.to_string(), "ERROR: Invalid command");
+        assert_eq!(E::MissingArguments.to_string(), "ERROR: Missing arguments");
+    }
+}

@@ -1,0 +1,261 @@
+//! The node's threads: N shard threads (each pinned to a core, each the only owner of
+//! its `Shard`), optional I/O threads, and the main thread that accepts connections,
+//! watches for signals and runs the graceful shutdown.
+//!
+//! Each shard thread runs a single-threaded tokio runtime. Its inbox carries two kinds
+//! of message: new connections (served as tasks on this thread, so ops for this shard
+//! run inline) and op requests from connections on other threads.
+
+use crate::config::Config;
+use crate::connection::{self, LocalShard};
+use crate::dispatch::{serve_ops, ShardReply};
+use crate::keyspace::shard_bits;
+use crate::ops::ShardOp;
+use crate::shard::Shard;
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Messages queued per thread inbox before senders wait.
+const INBOX_MESSAGES_MAX: usize = 4096;
+/// How long shutdown waits for connections to finish their in-flight replies.
+const SHUTDOWN_DRAIN: Duration = Duration::from_millis(1500);
+
+/// Ops for one shard, sharing the received bytes they point into.
+pub struct ShardRequest {
+    pub data: bytes::Bytes,
+    pub ops: Vec<ShardOp>,
+    pub reply: oneshot::Sender<ShardReply>,
+}
+
+pub enum ThreadMsg {
+    /// A new client connection to serve on this thread.
+    Conn(std::net::TcpStream),
+    /// Ops for the shard this thread owns.
+    Ops(ShardRequest),
+    Stop,
+}
+
+/// State every thread sees. Shard data is not here: each shard thread owns its own.
+pub struct Shared {
+    pub config: Config,
+    pub shard_bits: u32,
+    pub local_addr: SocketAddr,
+    pub started: Instant,
+    /// Inbox of shard thread `i` (index = shard), then the I/O threads' inboxes.
+    pub inboxes: Vec<mpsc::Sender<ThreadMsg>>,
+    pub connections: AtomicUsize,
+    pub connections_total: AtomicU64,
+    pub connections_rejected: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    /// Set to true once: every task stops reading, answers what it has, and closes.
+    pub shutdown: watch::Sender<bool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Run a node until SIGINT, SIGTERM or SHUTDOWN. Returns once its port is released.
+pub fn run(config: Config) -> Result<(), ServerError> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ServerError::Runtime)?;
+    rt.block_on(run_main(config))
+}
+
+async fn run_main(config: Config) -> Result<(), ServerError> {
+    let addr = format!("{}:{}", config.network.bind_address, config.network.bind_port);
+    let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|source| ServerError::Bind { addr: addr.clone(), source })?;
+    let local_addr = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
+
+    let shards = config.shard_count();
+    let io_threads = config.network.io_threads;
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards + io_threads).map(|_| mpsc::channel(INBOX_MESSAGES_MAX)).unzip();
+    let shared = Arc::new(Shared {
+        shard_bits: shard_bits(shards),
+        local_addr,
+        started: Instant::now(),
+        inboxes: senders,
+        connections: AtomicUsize::new(0),
+        connections_total: AtomicU64::new(0),
+        connections_rejected: AtomicU64::new(0),
+        protocol_errors: AtomicU64::new(0),
+        shutdown: watch::Sender::new(false),
+        config,
+    });
+    let threads = spawn_threads(&shared, receivers);
+    tracing::info!(
+        node_id = %shared.config.node_id,
+        %local_addr,
+        shards,
+        io_threads,
+        "merkle-kv {} listening", crate::dispatch::VERSION
+    );
+
+    accept_loop(&shared, listener).await;
+    drop_connections(&shared).await;
+    for inbox in &shared.inboxes {
+        let _ = inbox.send(ThreadMsg::Stop).await;
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn spawn_threads(shared: &Arc<Shared>, receivers: Vec<mpsc::Receiver<ThreadMsg>>) -> Vec<std::thread::JoinHandle<()>> {
+    let shards = 1usize << shared.shard_bits;
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let pin = shards <= cores.len();
+    if !pin {
+        tracing::warn!(shards, cores = cores.len(), "more shards than cores (or core ids unavailable): shard threads run unpinned");
+    }
+    let storage = &shared.config.storage;
+    let bytes_limit = match storage.memory_limit_mb {
+        0 => u64::MAX,
+        mb => mb.saturating_mul(1 << 20) / shards as u64,
+    };
+    receivers
+        .into_iter()
+        .enumerate()
+        .map(|(i, inbox)| {
+            let shared = shared.clone();
+            let core = if pin && i < shards { Some(cores[i]) } else { None };
+            let value_max = shared.config.network.max_line_bytes;
+            let shard = (i < shards).then(|| Shard::new(i, shared.shard_bits, bytes_limit, value_max));
+            let name = if i < shards { format!("shard-{i}") } else { format!("io-{}", i - shards) };
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || {
+                    if let Some(core) = core {
+                        if !core_affinity::set_for_current(core) {
+                            tracing::warn!(thread = i, "could not pin to core {}: running unpinned", core.id);
+                        }
+                    }
+                    thread_main(shared, shard.map(|s| (i, Rc::new(RefCell::new(s)))), inbox);
+                })
+                .expect("spawn thread")
+        })
+        .collect()
+}
+
+/// A shard or I/O thread: serve its inbox until `Stop`.
+fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver<ThreadMsg>) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("thread runtime");
+    let tasks = tokio::task::LocalSet::new();
+    tasks.block_on(&rt, async move {
+        while let Some(msg) = inbox.recv().await {
+            match msg {
+                ThreadMsg::Conn(stream) => {
+                    tokio::task::spawn_local(connection::serve(stream, shared.clone(), local.clone()));
+                }
+                ThreadMsg::Ops(req) => {
+                    let (_, shard) = local.as_ref().expect("ops sent to a thread without a shard");
+                    let reply = serve_ops(&mut shard.borrow_mut(), &req.ops, &req.data);
+                    let _ = req.reply.send(reply); // the connection may have gone; fine
+                }
+                ThreadMsg::Stop => break,
+            }
+        }
+    });
+}
+
+/// Accept until a signal or SHUTDOWN; hand connections round-robin to the serving threads.
+async fn accept_loop(shared: &Arc<Shared>, listener: tokio::net::TcpListener) {
+    let shards = 1usize << shared.shard_bits;
+    // Connections go to the shard threads, or only to the I/O threads when there are any.
+    let targets = if shared.config.network.io_threads > 0 { shards..shared.inboxes.len() } else { 0..shards };
+    let mut next = 0;
+    let mut shutdown = shared.shutdown.subscribe();
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut signal => break,
+            _ = shutdown.wait_for(|&s| s) => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: say so, back off, go on.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let max = shared.config.network.max_connections;
+        if shared.connections.load(Relaxed) >= max {
+            shared.connections_rejected.fetch_add(1, Relaxed);
+            tracing::warn!(%peer, max, "connection refused: too many connections");
+            reject(stream, max);
+            continue;
+        }
+        shared.connections.fetch_add(1, Relaxed);
+        shared.connections_total.fetch_add(1, Relaxed);
+        let _ = stream.set_nodelay(true); // replies must not wait for Nagle
+        let target = targets.start + next % targets.len();
+        next += 1;
+        match stream.into_std() {
+            Ok(std) => {
+                if shared.inboxes[target].send(ThreadMsg::Conn(std)).await.is_err() {
+                    shared.connections.fetch_sub(1, Relaxed);
+                }
+            }
+            Err(e) => {
+                shared.connections.fetch_sub(1, Relaxed);
+                tracing::warn!(%peer, "cannot hand over connection: {e}");
+            }
+        }
+    }
+    let _ = shared.shutdown.send(true);
+    drop(listener); // release the port before draining
+}
+
+/// Tell a client it is over the limit, without letting it hold up the accept loop.
+fn reject(stream: tokio::net::TcpStream, max: usize) {
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = stream;
+        let msg = format!("ERROR: Too many connections (max {max})\r\n");
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = stream.write_all(msg.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
+    });
+}
+
+/// Wait (bounded) for connections to answer what they had read and close.
+async fn drop_connections(shared: &Shared) {
+    let deadline = Instant::now() + SHUTDOWN_DRAIN;
+    while shared.connections.load(Relaxed) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let left = shared.connections.load(Relaxed);
+    if left > 0 {
+        tracing::warn!(left, "closing connections that did not finish in time");
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot watch SIGTERM: {e}");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+}
