@@ -24,15 +24,20 @@ pub enum Frame<'a> {
 }
 
 /// Find the next line in `buf`. Lines end in `\n`; one `\r` before it is dropped.
+/// `line_bytes_max` limits the line without its ending.
 pub fn next_line(buf: &[u8], line_bytes_max: usize) -> Frame<'_> {
     match memchr::memchr(b'\n', buf) {
-        Some(n) if n <= line_bytes_max => {
+        Some(n) => {
             let line = &buf[..n];
             let line = line.strip_suffix(b"\r").unwrap_or(line);
-            Frame::Line(line, n + 1)
+            if line.len() <= line_bytes_max {
+                Frame::Line(line, n + 1)
+            } else {
+                Frame::TooLong
+            }
         }
-        Some(_) => Frame::TooLong,
-        None if buf.len() > line_bytes_max => Frame::TooLong,
+        // `+ 1`: room for the `\r` of a line that is exactly at the limit.
+        None if buf.len() > line_bytes_max + 1 => Frame::TooLong,
         None => Frame::Incomplete,
     }
 }
@@ -355,8 +360,9 @@ mod tests {
 
     #[test]
     fn framing_enforces_the_line_limit() {
-        assert_eq!(next_line(b"0123456789", 9), Frame::TooLong);
-        assert_eq!(next_line(b"012345678", 9), Frame::Incomplete);
+        assert_eq!(next_line(b"0123456789a", 9), Frame::TooLong);
+        assert_eq!(next_line(b"012345678\r", 9), Frame::Incomplete);
+        assert_eq!(next_line(b"012345678\r\n", 9), Frame::Line(b"012345678", 11));
         assert_eq!(next_line(b"012345678\n", 9), Frame::Line(b"012345678", 10));
         assert_eq!(next_line(b"0123456789\n", 9), Frame::TooLong);
     }

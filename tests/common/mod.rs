@@ -1,0 +1,172 @@
+//! Test support: start a real `merkle-kv` process on a free loopback port, and a small
+//! blocking client that reads replies by the protocol's framing.
+#![allow(dead_code)] // each test file uses a different part of this module
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_merkle-kv");
+
+/// A node process; killed (and waited for) when dropped.
+pub struct Node {
+    pub child: Child,
+    pub port: u16,
+    pub config: PathBuf,
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn temp_path(name: &str) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("merkle-kv-test-{}-{n}-{name}", std::process::id()))
+}
+
+impl Node {
+    /// Start a standalone node. `extra` is TOML appended to a minimal config; it may add
+    /// keys to `[network]` and `[storage]` (given as `network.x = ...` dotted keys).
+    pub fn start(extra: &str) -> Node {
+        for _ in 0..5 {
+            let port = free_port();
+            let config = temp_path("node.toml");
+            let toml = format!(
+                "node_id = \"test-{port}\"\nnetwork.bind_address = \"127.0.0.1\"\nnetwork.bind_port = {port}\nmqtt.enabled = false\nanti_entropy.enabled = false\n{extra}\n"
+            );
+            std::fs::write(&config, toml).unwrap();
+            let child = Command::new(BIN)
+                .arg("--config")
+                .arg(&config)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("start merkle-kv");
+            let mut node = Node { child, port, config };
+            if node.wait_ready() {
+                return node;
+            }
+            // Someone took the port between our probe and the node's bind: try another.
+        }
+        panic!("could not start a node");
+    }
+
+    fn wait_ready(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(self.port)
+    }
+
+    /// Wait for the process to exit by itself, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(ok.success());
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+pub struct Client {
+    pub reader: BufReader<TcpStream>,
+}
+
+impl Client {
+    pub fn connect(port: u16) -> Client {
+        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Client { reader: BufReader::new(stream) }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.reader.get_mut().write_all(bytes).unwrap();
+    }
+
+    /// One reply line without its CRLF; panics on a line not ending in CRLF.
+    pub fn line(&mut self) -> String {
+        let mut buf = Vec::new();
+        self.reader.read_until(b'\n', &mut buf).unwrap();
+        assert!(buf.ends_with(b"\r\n"), "reply line without CRLF: {:?}", String::from_utf8_lossy(&buf));
+        buf.truncate(buf.len() - 2);
+        String::from_utf8(buf).unwrap()
+    }
+
+    /// One whole reply: a line, plus the lines a multi-line header announces.
+    pub fn reply(&mut self) -> Vec<String> {
+        let first = self.line();
+        let n = multi_line_count(&first);
+        let mut lines = vec![first];
+        for _ in 0..n {
+            lines.push(self.line());
+        }
+        lines
+    }
+
+    /// Send one command line and read its reply.
+    pub fn cmd(&mut self, line: &str) -> Vec<String> {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+
+    /// Send one command and return its single-line reply.
+    pub fn one(&mut self, line: &str) -> String {
+        let r = self.cmd(line);
+        assert_eq!(r.len(), 1, "{line}: {r:?}");
+        r.into_iter().next().unwrap()
+    }
+
+    pub fn half_close(&mut self) {
+        self.reader.get_mut().shutdown(Shutdown::Write).unwrap();
+    }
+
+    /// Everything until the node closes the connection.
+    pub fn read_to_end(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.reader.read_to_end(&mut out).unwrap();
+        out
+    }
+}
+
+/// Lines that follow a multi-line header (`VALUES n`, `KEYS c n`, `SHARDS n`, `INFO n`,
+/// `STATS n`): its last field.
+pub fn multi_line_count(header: &str) -> usize {
+    let mut words = header.split(' ');
+    match words.next() {
+        Some("VALUES" | "KEYS" | "SHARDS" | "INFO" | "STATS") => words.last().and_then(|n| n.parse().ok()).unwrap_or(0),
+        _ => 0,
+    }
+}

@@ -1,0 +1,208 @@
+//! The load harness against a real MerkleKV node over TCP (native protocol),
+//! and against a deliberately wrong server to prove that bad replies are
+//! counted as errors.
+
+use loadtest::{serde_json, Options};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the node may take to accept connections.
+const NODE_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A free loopback port: bind port 0, read the port, release it.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().unwrap().port()
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir = std::env::temp_dir().join(format!("{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The node process; killed and reaped on drop, also when the test fails.
+struct Node(Child);
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_node(dir: &TempDir, port: u16) -> Node {
+    let config = dir.0.join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = \"bench\"\n\n[network]\nbind_address = \"127.0.0.1\"\nbind_port = {port}\n\n\
+             [mqtt]\nenabled = false\n\n[anti_entropy]\nenabled = false\n"
+        ),
+    )
+    .unwrap();
+    let mut node = Node(
+        Command::new(env!("CARGO_BIN_EXE_merkle-kv"))
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start merkle-kv"),
+    );
+    let deadline = Instant::now() + NODE_START_TIMEOUT;
+    loop {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return node;
+        }
+        if let Some(status) = node.0.try_wait().unwrap() {
+            panic!("merkle-kv exited before accepting connections: {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "merkle-kv did not accept connections on {port} within {NODE_START_TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn options(port: u16, extra: &[&str]) -> Options {
+    let addr = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "loadtest",
+        "--addr",
+        &addr,
+        "--protocol",
+        "native",
+        "--connections",
+        "4",
+        "--pipeline",
+        "8",
+        "--keys",
+        "1000",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    Options::from_args(args).expect("valid options")
+}
+
+#[test]
+fn native_run_against_a_real_node_has_no_errors() {
+    let dir = TempDir::new("loadtest-native");
+    let port = free_port();
+    let _node = start_node(&dir, port);
+    let json = dir.0.join("result.json");
+    let json_arg = json.to_str().unwrap().to_string();
+    let opts = options(
+        port,
+        &[
+            "--prefill",
+            "--duration",
+            "1.5",
+            "--ratio",
+            "1:10",
+            "--json",
+            &json_arg,
+        ],
+    );
+
+    let report = loadtest::run(&opts).expect("run completes");
+    assert_eq!(report.errors, 0, "errors against a correct node:\n{report}");
+
+    let text = std::fs::read_to_string(&json).expect("JSON written");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let num = |k: &str| {
+        v[k].as_f64()
+            .unwrap_or_else(|| panic!("{k} missing in {text}"))
+    };
+    assert!(num("ops_per_sec") > 0.0, "{text}");
+    assert_eq!(v["errors"].as_u64(), Some(0), "{text}");
+    assert!(
+        num("p50_us") <= num("p99_us") && num("p99_us") <= num("p999_us"),
+        "{text}"
+    );
+    assert!(v["per_op"]["get"]["ops"].as_u64().unwrap() > 0, "{text}");
+    assert_eq!(v["prefill"]["errors"].as_u64(), Some(0), "{text}");
+}
+
+#[test]
+fn native_run_with_deletes_has_no_errors() {
+    let dir = TempDir::new("loadtest-native-del");
+    let port = free_port();
+    let _node = start_node(&dir, port);
+    let opts = options(
+        port,
+        &[
+            "--requests",
+            "20000",
+            "--ratio",
+            "1:4:1",
+            "--value-size",
+            "1-200",
+        ],
+    );
+    let report = loadtest::run(&opts).expect("run completes");
+    assert_eq!(report.errors, 0, "errors against a correct node:\n{report}");
+    assert_eq!(report.ops, 20_000);
+}
+
+/// A native-protocol server that stores nothing: SET says OK, DEL says
+/// DELETED, and GET answers a value of the right length (the harness's
+/// default 32 bytes) made of '!', a byte the harness never writes.
+fn start_wrong_server() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            std::thread::spawn(move || serve_wrong(stream));
+        }
+    });
+    port
+}
+
+fn serve_wrong(stream: TcpStream) {
+    stream.set_nodelay(true).unwrap();
+    let mut out = stream.try_clone().unwrap();
+    let wrong_value = format!("{}\r\n", "!".repeat(32));
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { return };
+        let reply = match line.split(' ').next() {
+            Some("SET") => "OK\r\n",
+            Some("GET") => wrong_value.as_str(),
+            Some("DEL") => "DELETED\r\n",
+            _ => "ERROR: unknown command\r\n",
+        };
+        if out.write_all(reply.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn wrong_values_are_reported_as_errors() {
+    let port = start_wrong_server();
+    let opts = options(port, &["--prefill", "--requests", "2000", "--ratio", "0:1"]);
+    let report = loadtest::run(&opts).expect("run completes");
+    assert!(report.errors > 0, "wrong values went unnoticed:\n{report}");
+    assert_eq!(report.error_kinds["wrong_content"], 2000, "{report}");
+    assert_eq!(report.per_op["get"].errors, 2000, "{report}");
+}

@@ -1,0 +1,241 @@
+//! A real node over real TCP: pipelining, half-close, bad input, limits, shutdown.
+
+mod common;
+use common::{Client, Node};
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+#[test]
+fn thousand_pipelined_commands_in_one_write() {
+    let node = Node::start("");
+    let mut c = node.client();
+    let mut batch = String::new();
+    for i in 0..500 {
+        batch += &format!("SET key:{i} value {i}\r\nGET key:{i}\r\n");
+    }
+    c.send(batch.as_bytes());
+    for i in 0..500 {
+        assert_eq!(c.line(), "OK");
+        assert_eq!(c.line(), format!("value {i}"));
+    }
+    assert_eq!(c.one("DBSIZE"), "500");
+}
+
+#[test]
+fn half_closed_client_gets_every_reply() {
+    let node = Node::start("");
+    let mut c = node.client();
+    c.send(b"SET a hello\nGET a\nDEL a\nGET a\nSET partial no-newline");
+    c.half_close();
+    let all = c.read_to_end();
+    assert_eq!(String::from_utf8(all).unwrap(), "OK\r\nhello\r\nDELETED\r\n(null)\r\n");
+    // The unterminated last line was not executed.
+    assert_eq!(node.client().one("GET partial"), "(null)");
+}
+
+#[test]
+fn garbage_bytes_get_errors_and_the_connection_survives() {
+    let node = Node::start("");
+    let mut c = node.client();
+    c.send(b"\x00\x01\x02\xff\xfe\r\n\x1b[31mBOOM\r\nSET k \xc3\x28\r\n");
+    assert_eq!(c.line(), "ERROR: Line is not valid UTF-8");
+    assert_eq!(c.line(), "ERROR: Invalid command");
+    assert_eq!(c.line(), "ERROR: Line is not valid UTF-8");
+    assert_eq!(c.one("PING"), "PONG");
+    assert_eq!(c.one("GET k"), "(null)");
+}
+
+#[test]
+fn oversized_line_is_rejected_and_the_stream_resynchronises() {
+    let node = Node::start("network.max_line_bytes = 2048");
+    let mut c = node.client();
+    let big = format!("SET big {}\r\nPING\r\n", "x".repeat(10_000));
+    c.send(big.as_bytes());
+    assert_eq!(c.line(), "ERROR: Line too long (max 2048 bytes)");
+    assert_eq!(c.line(), "PONG");
+    assert_eq!(c.one("GET big"), "(null)");
+    // A value that fits the line limit exactly is accepted and read back whole.
+    let value = "v".repeat(2048 - "SET fit ".len());
+    assert_eq!(c.one(&format!("SET fit {value}")), "OK");
+    assert_eq!(c.one("GET fit"), value);
+    // APPEND past the limit is refused.
+    assert_eq!(c.one("APPEND fit 0123456789"), "ERROR: Value too large (max 2048 bytes)");
+}
+
+#[test]
+fn megabyte_values_are_accepted_by_default() {
+    let node = Node::start("");
+    let mut c = node.client();
+    let value = "m".repeat(1_000_000);
+    assert_eq!(c.one(&format!("SET large {value}")), "OK");
+    assert_eq!(c.one("GET large"), value);
+}
+
+#[test]
+fn extra_connections_are_refused_with_an_error() {
+    let node = Node::start("network.max_connections = 2");
+    let mut a = node.client();
+    // Wait until the start-up probe connection is gone, so `a` is alone.
+    while !a.cmd("STATS").contains(&"connections_current:1".to_string()) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut b = node.client();
+    assert_eq!(b.one("PING"), "PONG");
+    let mut third = node.client();
+    assert_eq!(String::from_utf8(third.read_to_end()).unwrap(), "ERROR: Too many connections (max 2)\r\n");
+    drop(a);
+    // The slot frees once the node sees the close.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut c = node.client();
+        c.send(b"PING\r\n");
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut c.reader, &mut line);
+        if line == "PONG\r\n" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot never freed: {line:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(b.cmd("STATS").iter().any(|l| l.starts_with("connections_rejected:") && l != "connections_rejected:0"));
+}
+
+#[test]
+fn memory_limit_rejects_writes_but_not_reads_or_deletes() {
+    let node = Node::start("storage.memory_limit_mb = 1");
+    let mut c = node.client();
+    let value = "v".repeat(1000);
+    let mut stored = 0;
+    loop {
+        match c.one(&format!("SET k{stored} {value}")).as_str() {
+            "OK" => stored += 1,
+            "ERROR: Storage full" => break,
+            other => panic!("unexpected {other}"),
+        }
+        assert!(stored < 2000, "limit never reached");
+    }
+    assert!(stored > 800, "only {stored} KB stored under a 1 MiB limit");
+    assert_eq!(c.one("GET k0"), value);
+    assert_eq!(c.one("SET k0 shorter"), "OK"); // shrinking is always allowed
+    for i in 1..50 {
+        assert_eq!(c.one(&format!("DEL k{i}")), "DELETED");
+    }
+    assert_eq!(c.one(&format!("SET again {value}")), "OK");
+    let stats = c.cmd("STATS");
+    assert!(stats.iter().any(|l| l.starts_with("storage_full_errors:") && l != "storage_full_errors:0"));
+}
+
+#[test]
+fn idle_connections_are_closed() {
+    let node = Node::start("network.connection_timeout = 1");
+    let mut c = node.client();
+    assert_eq!(c.one("PING"), "PONG");
+    let started = Instant::now();
+    assert!(c.read_to_end().is_empty());
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
+#[test]
+fn sigterm_answers_in_flight_commands_and_releases_the_port() {
+    for sig in ["TERM", "INT"] {
+        let mut node = Node::start("");
+        let mut c = node.client();
+        assert_eq!(c.one("SET a 1"), "OK");
+        let started = Instant::now();
+        node.signal(sig);
+        let status = node.wait_exit(Duration::from_secs(2)).expect("node did not exit within 2 s");
+        assert!(status.success(), "{sig}: {status}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(c.read_to_end().is_empty(), "connection closed cleanly");
+        std::net::TcpListener::bind(("127.0.0.1", node.port)).expect("port released");
+    }
+}
+
+#[test]
+fn shutdown_command_stops_the_node() {
+    let mut node = Node::start("");
+    let mut other = node.client();
+    let mut c = node.client();
+    c.send(b"SET x 1\r\nSHUTDOWN\r\nGET x\r\n");
+    assert_eq!(String::from_utf8(c.read_to_end()).unwrap(), "OK\r\nOK\r\n");
+    let status = node.wait_exit(Duration::from_secs(2)).expect("node did not exit");
+    assert!(status.success());
+    assert!(other.read_to_end().is_empty());
+    assert!(TcpStream::connect(("127.0.0.1", node.port)).is_err());
+}
+
+#[test]
+fn quit_closes_after_answering() {
+    let node = Node::start("");
+    let mut c = node.client();
+    c.send(b"PING\r\nQUIT\r\nPING\r\n");
+    assert_eq!(String::from_utf8(c.read_to_end()).unwrap(), "PONG\r\nOK\r\nOK\r\n".replacen("OK\r\nOK\r\n", "OK\r\n", 1));
+}
+
+#[test]
+fn io_thread_mode_serves_the_same_protocol() {
+    let node = Node::start("network.io_threads = 1");
+    let mut c = node.client();
+    assert_eq!(c.one("MSET a 1 b 2 c 3"), "OK");
+    assert_eq!(c.cmd("MGET a b c"), ["VALUES 3", "1", "2", "3"]);
+    assert_eq!(c.one("DBSIZE"), "3");
+}
+
+#[test]
+fn many_clients_at_once() {
+    let node = Node::start("");
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let port = node.port;
+            std::thread::spawn(move || {
+                let mut c = Client::connect(port);
+                for i in 0..200 {
+                    assert_eq!(c.one(&format!("SET t{t}:{i} {i}")), "OK");
+                }
+                for i in 0..200 {
+                    assert_eq!(c.one(&format!("GET t{t}:{i}")), i.to_string());
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    assert_eq!(node.client().one("DBSIZE"), "1600");
+}
+
+#[test]
+fn bad_configuration_exits_with_every_problem() {
+    let path = common::temp_path("bad.toml");
+    std::fs::write(&path, "node_id = \"\"\n[network]\nbind_prot = 1\nbind_address = \"nowhere\"\n[storage]\nshards = 3\n").unwrap();
+    let out = std::process::Command::new(common::BIN).arg("--config").arg(&path).output().unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in ["node_id", "bind_port", "bind_address", "shards"] {
+        assert!(err.contains(needle), "no message about {needle}: {err}");
+    }
+}
+
+#[test]
+fn help_lists_every_flag() {
+    let out = std::process::Command::new(common::BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--config", "--print-config", "--check-config", "--help", "--version"] {
+        assert!(help.contains(flag), "{flag} missing from --help");
+    }
+}
+
+#[test]
+fn port_in_use_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = std::process::Command::new(common::BIN)
+        .env("MERKLE_KV_NETWORK_BIND_PORT", port.to_string())
+        .env("MERKLE_KV_MQTT_ENABLED", "false")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{err}");
+    let _ = writeln!(std::io::sink(), "{taken:?}");
+}
