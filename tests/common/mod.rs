@@ -39,13 +39,14 @@ impl Node {
                 "node_id = \"test-{port}\"\nnetwork.bind_address = \"127.0.0.1\"\nnetwork.bind_port = {port}\nmqtt.enabled = false\nanti_entropy.enabled = false\n{extra}\n"
             );
             std::fs::write(&config, toml).unwrap();
+            let log = std::fs::File::create(config.with_extension("log")).unwrap();
             let child = Command::new(BIN)
                 .arg("--config")
                 .arg(&config)
                 .env("RUST_LOG", "warn")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
+                .stderr(log)
                 .spawn()
                 .expect("start merkle-kv");
             let mut node = Node { child, port, config };
@@ -98,6 +99,7 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.config);
+        let _ = std::fs::remove_file(self.config.with_extension("log"));
     }
 }
 
