@@ -50,7 +50,9 @@ fn op() -> impl Strategy<Value = Op> {
 
 /// The command line for `op` and the reply the model expects (applying it to the model).
 fn apply(model: &mut HashMap<String, String>, op: &Op) -> (String, Vec<String>) {
-    let get = |m: &HashMap<String, String>, k: u8| m.get(&key(k)).cloned().unwrap_or_else(|| "(null)".into());
+    let get = |m: &HashMap<String, String>, k: u8| {
+        m.get(&key(k)).cloned().unwrap_or_else(|| "(null)".into())
+    };
     match op {
         Op::Set(k, v) => {
             model.insert(key(*k), v.clone());
@@ -58,10 +60,17 @@ fn apply(model: &mut HashMap<String, String>, op: &Op) -> (String, Vec<String>) 
         }
         Op::Get(k) => (format!("GET {}", key(*k)), vec![get(model, *k)]),
         Op::Del(k) => {
-            let r = if model.remove(&key(*k)).is_some() { "DELETED" } else { "NOT_FOUND" };
+            let r = if model.remove(&key(*k)).is_some() {
+                "DELETED"
+            } else {
+                "NOT_FOUND"
+            };
             (format!("DEL {}", key(*k)), vec![r.into()])
         }
-        Op::Exists(k) => (format!("EXISTS {}", key(*k)), vec![u8::from(model.contains_key(&key(*k))).to_string()]),
+        Op::Exists(k) => (
+            format!("EXISTS {}", key(*k)),
+            vec![u8::from(model.contains_key(&key(*k))).to_string()],
+        ),
         Op::Incr(k, d) => {
             let line = format!("INCR {} {d}", key(*k));
             match model.get(&key(*k)).map(|v| v.parse::<i64>()) {
@@ -107,7 +116,11 @@ fn check(clients: &mut [Client], ops: &[Op]) -> Result<(), TestCaseError> {
         }
     }
     let roots: Vec<String> = clients.iter_mut().map(|c| c.one("HASH")).collect();
-    prop_assert!(roots.iter().all(|r| r == &roots[0]), "roots differ across shard counts: {:?}", roots);
+    prop_assert!(
+        roots.iter().all(|r| r == &roots[0]),
+        "roots differ across shard counts: {:?}",
+        roots
+    );
     // Pipelined: the whole sequence again in one write gives the same replies.
     let mut pipelined = String::new();
     let mut expected = Vec::new();
@@ -128,10 +141,18 @@ fn check(clients: &mut [Client], ops: &[Op]) -> Result<(), TestCaseError> {
 #[test]
 fn nodes_match_the_model_and_each_others_roots() {
     // One set of nodes for every case; they are killed when this test ends.
-    let nodes: Vec<Node> = [1, 2, 8].iter().map(|s| Node::start(&format!("storage.shards = {s}"))).collect();
+    let nodes: Vec<Node> = [1, 2, 8]
+        .iter()
+        .map(|s| Node::start(&format!("storage.shards = {s}")))
+        .collect();
     let clients = std::cell::RefCell::new(nodes.iter().map(Node::client).collect::<Vec<Client>>());
-    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 48, ..ProptestConfig::default() });
-    let result = runner.run(&prop::collection::vec(op(), 1..120), |ops| check(&mut clients.borrow_mut(), &ops));
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 48,
+        ..ProptestConfig::default()
+    });
+    let result = runner.run(&prop::collection::vec(op(), 1..120), |ops| {
+        check(&mut clients.borrow_mut(), &ops)
+    });
     if let Err(e) = result {
         panic!("{e}");
     }

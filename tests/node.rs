@@ -29,7 +29,10 @@ fn half_closed_client_gets_every_reply() {
     c.send(b"SET a hello\nGET a\nDEL a\nGET a\nSET partial no-newline");
     c.half_close();
     let all = c.read_to_end();
-    assert_eq!(String::from_utf8(all).unwrap(), "OK\r\nhello\r\nDELETED\r\n(null)\r\n");
+    assert_eq!(
+        String::from_utf8(all).unwrap(),
+        "OK\r\nhello\r\nDELETED\r\n(null)\r\n"
+    );
     // The unterminated last line was not executed.
     assert_eq!(node.client().one("GET partial"), "(null)");
 }
@@ -60,7 +63,10 @@ fn oversized_line_is_rejected_and_the_stream_resynchronises() {
     assert_eq!(c.one(&format!("SET fit {value}")), "OK");
     assert_eq!(c.one("GET fit"), value);
     // APPEND past the limit is refused.
-    assert_eq!(c.one("APPEND fit 0123456789"), "ERROR: Value too large (max 2048 bytes)");
+    assert_eq!(
+        c.one("APPEND fit 0123456789"),
+        "ERROR: Value too large (max 2048 bytes)"
+    );
 }
 
 #[test]
@@ -77,13 +83,19 @@ fn extra_connections_are_refused_with_an_error() {
     let node = Node::start("network.max_connections = 2");
     let mut a = node.client();
     // Wait until the start-up probe connection is gone, so `a` is alone.
-    while !a.cmd("STATS").contains(&"connections_current:1".to_string()) {
+    while !a
+        .cmd("STATS")
+        .contains(&"connections_current:1".to_string())
+    {
         std::thread::sleep(Duration::from_millis(10));
     }
     let mut b = node.client();
     assert_eq!(b.one("PING"), "PONG");
     let mut third = node.client();
-    assert_eq!(String::from_utf8(third.read_to_end()).unwrap(), "ERROR: Too many connections (max 2)\r\n");
+    assert_eq!(
+        String::from_utf8(third.read_to_end()).unwrap(),
+        "ERROR: Too many connections (max 2)\r\n"
+    );
     drop(a);
     // The slot frees once the node sees the close.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -98,7 +110,10 @@ fn extra_connections_are_refused_with_an_error() {
         assert!(Instant::now() < deadline, "slot never freed: {line:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(b.cmd("STATS").iter().any(|l| l.starts_with("connections_rejected:") && l != "connections_rejected:0"));
+    assert!(b
+        .cmd("STATS")
+        .iter()
+        .any(|l| l.starts_with("connections_rejected:") && l != "connections_rejected:0"));
 }
 
 #[test]
@@ -123,7 +138,9 @@ fn memory_limit_rejects_writes_but_not_reads_or_deletes() {
     }
     assert_eq!(c.one(&format!("SET again {value}")), "OK");
     let stats = c.cmd("STATS");
-    assert!(stats.iter().any(|l| l.starts_with("storage_full_errors:") && l != "storage_full_errors:0"));
+    assert!(stats
+        .iter()
+        .any(|l| l.starts_with("storage_full_errors:") && l != "storage_full_errors:0"));
 }
 
 #[test]
@@ -144,7 +161,9 @@ fn sigterm_answers_in_flight_commands_and_releases_the_port() {
         assert_eq!(c.one("SET a 1"), "OK");
         let started = Instant::now();
         node.signal(sig);
-        let status = node.wait_exit(Duration::from_secs(2)).expect("node did not exit within 2 s");
+        let status = node
+            .wait_exit(Duration::from_secs(2))
+            .expect("node did not exit within 2 s");
         assert!(status.success(), "{sig}: {status}");
         assert!(started.elapsed() < Duration::from_secs(2));
         assert!(c.read_to_end().is_empty(), "connection closed cleanly");
@@ -159,7 +178,9 @@ fn shutdown_command_stops_the_node() {
     let mut c = node.client();
     c.send(b"SET x 1\r\nSHUTDOWN\r\nGET x\r\n");
     assert_eq!(String::from_utf8(c.read_to_end()).unwrap(), "OK\r\nOK\r\n");
-    let status = node.wait_exit(Duration::from_secs(2)).expect("node did not exit");
+    let status = node
+        .wait_exit(Duration::from_secs(2))
+        .expect("node did not exit");
     assert!(status.success());
     assert!(other.read_to_end().is_empty());
     assert!(TcpStream::connect(("127.0.0.1", node.port)).is_err());
@@ -170,7 +191,10 @@ fn quit_closes_after_answering() {
     let node = Node::start("");
     let mut c = node.client();
     c.send(b"PING\r\nQUIT\r\nPING\r\n");
-    assert_eq!(String::from_utf8(c.read_to_end()).unwrap(), "PONG\r\nOK\r\nOK\r\n".replacen("OK\r\nOK\r\n", "OK\r\n", 1));
+    assert_eq!(
+        String::from_utf8(c.read_to_end()).unwrap(),
+        "PONG\r\nOK\r\nOK\r\n".replacen("OK\r\nOK\r\n", "OK\r\n", 1)
+    );
 }
 
 #[test]
@@ -207,7 +231,11 @@ fn many_clients_at_once() {
 fn bad_configuration_exits_with_every_problem() {
     let path = common::temp_path("bad.toml");
     std::fs::write(&path, "node_id = \"\"\n[network]\nbind_prot = 1\nbind_address = \"nowhere\"\n[storage]\nshards = 3\n").unwrap();
-    let out = std::process::Command::new(common::BIN).arg("--config").arg(&path).output().unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
     let _ = std::fs::remove_file(&path);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -218,9 +246,18 @@ fn bad_configuration_exits_with_every_problem() {
 
 #[test]
 fn help_lists_every_flag() {
-    let out = std::process::Command::new(common::BIN).arg("--help").output().unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .arg("--help")
+        .output()
+        .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--config", "--print-config", "--check-config", "--help", "--version"] {
+    for flag in [
+        "--config",
+        "--print-config",
+        "--check-config",
+        "--help",
+        "--version",
+    ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
 }
@@ -236,6 +273,9 @@ fn port_in_use_is_a_clear_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
     let _ = writeln!(std::io::sink(), "{taken:?}");
 }

@@ -15,11 +15,21 @@ fn examples(doc: &str) -> Vec<Example> {
     let mut current: Option<Example> = None;
     for (i, line) in doc.lines().enumerate() {
         match (&mut current, line) {
-            (None, "```session") => current = Some(Example { line: i + 1, steps: Vec::new() }),
+            (None, "```session") => {
+                current = Some(Example {
+                    line: i + 1,
+                    steps: Vec::new(),
+                })
+            }
             (Some(_), "```") => out.push(current.take().unwrap()),
             (Some(ex), l) => match l.strip_prefix("> ") {
                 Some(cmd) => ex.steps.push((cmd.to_string(), Vec::new())),
-                None => ex.steps.last_mut().expect("reply before a command").1.push(l.to_string()),
+                None => ex
+                    .steps
+                    .last_mut()
+                    .expect("reply before a command")
+                    .1
+                    .push(l.to_string()),
             },
             (None, _) => {}
         }
@@ -50,9 +60,14 @@ fn matches(expected: &str, actual: &str) -> bool {
 
 #[test]
 fn every_documented_example_is_what_the_node_answers() {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md")).unwrap();
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md")).unwrap();
     let examples = examples(&doc);
-    assert!(examples.len() >= 12, "found only {} examples", examples.len());
+    assert!(
+        examples.len() >= 12,
+        "found only {} examples",
+        examples.len()
+    );
     let node = Node::start("storage.shards = 1");
     let mut commands = 0;
     for ex in examples {
@@ -60,8 +75,13 @@ fn every_documented_example_is_what_the_node_answers() {
         assert_eq!(c.one("FLUSHDB"), "OK");
         for (cmd, expected) in &ex.steps {
             let actual = c.cmd(cmd);
-            let ok = actual.len() == expected.len() && expected.iter().zip(&actual).all(|(e, a)| matches(e, a));
-            assert!(ok, "docs/PROTOCOL.md:{}: `{cmd}`\n expected {expected:?}\n      got {actual:?}", ex.line);
+            let ok = actual.len() == expected.len()
+                && expected.iter().zip(&actual).all(|(e, a)| matches(e, a));
+            assert!(
+                ok,
+                "docs/PROTOCOL.md:{}: `{cmd}`\n expected {expected:?}\n      got {actual:?}",
+                ex.line
+            );
             commands += 1;
         }
     }

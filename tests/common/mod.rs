@@ -19,7 +19,11 @@ pub struct Node {
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn temp_path(name: &str) -> PathBuf {
@@ -49,7 +53,11 @@ impl Node {
                 .stderr(log)
                 .spawn()
                 .expect("start merkle-kv");
-            let mut node = Node { child, port, config };
+            let mut node = Node {
+                child,
+                port,
+                config,
+            };
             if node.wait_ready() {
                 return node;
             }
@@ -89,7 +97,11 @@ impl Node {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
 }
@@ -110,8 +122,12 @@ pub struct Client {
 impl Client {
     pub fn connect(port: u16) -> Client {
         let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Client { reader: BufReader::new(stream) }
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Client {
+            reader: BufReader::new(stream),
+        }
     }
 
     pub fn send(&mut self, bytes: &[u8]) {
@@ -122,7 +138,11 @@ impl Client {
     pub fn line(&mut self) -> String {
         let mut buf = Vec::new();
         self.reader.read_until(b'\n', &mut buf).unwrap();
-        assert!(buf.ends_with(b"\r\n"), "reply line without CRLF: {:?}", String::from_utf8_lossy(&buf));
+        assert!(
+            buf.ends_with(b"\r\n"),
+            "reply line without CRLF: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
         buf.truncate(buf.len() - 2);
         String::from_utf8(buf).unwrap()
     }
@@ -168,7 +188,9 @@ impl Client {
 pub fn multi_line_count(header: &str) -> usize {
     let mut words = header.split(' ');
     match words.next() {
-        Some("VALUES" | "KEYS" | "SHARDS" | "INFO" | "STATS") => words.last().and_then(|n| n.parse().ok()).unwrap_or(0),
+        Some("VALUES" | "KEYS" | "SHARDS" | "INFO" | "STATS") => {
+            words.last().and_then(|n| n.parse().ok()).unwrap_or(0)
+        }
         _ => 0,
     }
 }

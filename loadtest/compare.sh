@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Runs the same workloads against memcached, Redis and a MerkleKV node on
+# loopback and prints a markdown table (ops/s, p50, p99 and MerkleKV's ratios).
+# Installs nothing: needs redis-server and memcached on PATH; builds
+# target/release/{merkle-kv,loadtest} if they are missing.
+#
+# usage: loadtest/compare.sh [--duration SECS] [--results DIR]
+set -euo pipefail
+
+duration=10
+results=loadtest-results
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --duration) duration="$2"; shift 2 ;;
+    --results) results="$2"; shift 2 ;;
+    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+for tool in redis-server memcached python3; do
+  command -v "$tool" >/dev/null || { echo "compare.sh: $tool not found (apt-get install -y redis-server memcached)" >&2; exit 2; }
+done
+target="${CARGO_TARGET_DIR:-$root/target}"
+if [[ ! -x "$target/release/merkle-kv" || ! -x "$target/release/loadtest" ]]; then
+  cargo build --release -p merkle-kv -p loadtest
+fi
+loadtest="$target/release/loadtest"
+mkdir -p "$results"
+tmp="$(mktemp -d)"
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+wait_port() { # port
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "compare.sh: nothing listening on port $1 after 10 s" >&2
+  exit 1
+}
+
+mc_port=$(free_port)
+memcached -t 2 -p "$mc_port" -l 127.0.0.1 -U 0 -m 1024 -u "$(id -un)" &
+pids+=($!)
+redis_port=$(free_port)
+redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >"$tmp/redis.log" &
+pids+=($!)
+mkv_port=$(free_port)
+cat >"$tmp/node.toml" <<TOML
+node_id = "bench"
+
+[network]
+bind_address = "127.0.0.1"
+bind_port = $mkv_port
+
+[mqtt]
+enabled = false
+
+[anti_entropy]
+enabled = false
+TOML
+"$target/release/merkle-kv" --config "$tmp/node.toml" >"$tmp/merkle-kv.log" 2>&1 &
+pids+=($!)
+wait_port "$mc_port"; wait_port "$redis_port"; wait_port "$mkv_port"
+
+servers=(memcached redis merklekv)
+declare -A port=([memcached]=$mc_port [redis]=$redis_port [merklekv]=$mkv_port)
+declare -A proto=([memcached]=memcache [redis]=resp [merklekv]=native)
+status=0
+for pipeline in 1 16; do
+  for s in "${servers[@]}"; do
+    echo "== $s, pipeline $pipeline, $duration s" >&2
+    "$loadtest" --addr "127.0.0.1:${port[$s]}" --protocol "${proto[$s]}" \
+      --connections 50 --pipeline "$pipeline" --ratio 1:10 --keys 100000 --value-size 32 \
+      --prefill --duration "$duration" --quiet --json "$results/$s-p$pipeline.json" >&2 || status=1
+  done
+done
+
+python3 - "$results" <<'PY'
+import json, sys, os
+d = sys.argv[1]
+def load(s, p):
+    path = os.path.join(d, f"{s}-p{p}.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+print("| pipeline | server | ops/s | p50 µs | p99 µs | errors |")
+print("|---:|---|---:|---:|---:|---:|")
+for p in (1, 16):
+    for s in ("memcached", "redis", "merklekv"):
+        r = load(s, p)
+        if r:
+            print(f"| {p} | {s} | {r['ops_per_sec']:.0f} | {r['p50_us']:.1f} | {r['p99_us']:.1f} | {r['errors']} |")
+print()
+print("| pipeline | MerkleKV/Redis ops/s | MerkleKV/memcached ops/s |")
+print("|---:|---:|---:|")
+for p in (1, 16):
+    m, r, c = load("merklekv", p), load("redis", p), load("memcached", p)
+    if m and r and c:
+        print(f"| {p} | {m['ops_per_sec']/r['ops_per_sec']:.2f} | {m['ops_per_sec']/c['ops_per_sec']:.2f} |")
+PY
+echo "JSON results in $results/" >&2
+exit $status
