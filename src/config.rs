@@ -83,6 +83,8 @@ pub struct StorageConfig {
     pub persistence_enabled: bool,
     pub backup_interval_hours: u64,
     pub tombstone_grace_seconds: u64,
+    /// Pin each shard thread to its own core (when there are enough cores).
+    pub pin_threads: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -229,6 +231,7 @@ static SCHEMA: &[Field] = &[
     f!("storage", "persistence_enabled", Kind::Bool, |c, v| c.storage.persistence_enabled = v.as_bool() == Some(true)),
     f!("storage", "backup_interval_hours", ANY, |c, v| c.storage.backup_interval_hours = int(&v)),
     f!("storage", "tombstone_grace_seconds", ANY, |c, v| c.storage.tombstone_grace_seconds = int(&v)),
+    f!("storage", "pin_threads", Kind::Bool, |c, v| c.storage.pin_threads = v.as_bool() == Some(true)),
     f!("logging", "level", Kind::Choice(LEVELS), |c, v| c.logging.level = text(v)),
     f!("logging", "format", Kind::Choice(FORMATS), |c, v| c.logging.format = if text(v) == "json" { LogFormat::Json } else { LogFormat::Text }),
     f!("logging", "file_path", Kind::OptStr, |c, v| c.logging.file_path = opt_text(v)),
@@ -353,6 +356,7 @@ impl Config {
                 persistence_enabled: false,
                 backup_interval_hours: 24,
                 tombstone_grace_seconds: 86_400,
+                pin_threads: true,
             },
             logging: LoggingConfig {
                 level: "info".into(),

@@ -7,7 +7,7 @@
 use crate::dispatch::{Batch, NodeInfo, Results};
 use crate::ops::ShardOp;
 use crate::protocol::{next_line, parse, Frame, ProtocolError};
-use crate::server::{Shared, ShardRequest, ThreadMsg};
+use crate::server::{ShardRequest, Shared, ThreadMsg};
 use crate::shard::Shard;
 use bytes::{Buf, BytesMut};
 use std::cell::RefCell;
@@ -55,7 +55,9 @@ pub async fn serve(stream: std::net::TcpStream, shared: Arc<Shared>, local: Loca
     let mut conn = Connection {
         batch: Batch::new(shared.shard_bits),
         results: Results::default(),
-        outgoing: (0..1 << shared.shard_bits).map(|_| Outgoing::default()).collect(),
+        outgoing: (0..1 << shared.shard_bits)
+            .map(|_| Outgoing::default())
+            .collect(),
         out: Vec::new(),
         discarding: false,
         shared,
@@ -110,7 +112,11 @@ impl Connection {
     }
 
     /// Answer every complete line in `inbuf`. Returns true when the client asked to stop.
-    async fn process(&mut self, inbuf: &mut BytesMut, stream: &mut TcpStream) -> std::io::Result<bool> {
+    async fn process(
+        &mut self,
+        inbuf: &mut BytesMut,
+        stream: &mut TcpStream,
+    ) -> std::io::Result<bool> {
         let line_max = self.shared.config.network.max_line_bytes;
         loop {
             self.batch.clear();
@@ -139,7 +145,8 @@ impl Connection {
                     }
                     Frame::Incomplete => break,
                     Frame::TooLong => {
-                        self.batch.push(Err(ProtocolError::LineTooLong(line_max)), &inbuf[..]);
+                        self.batch
+                            .push(Err(ProtocolError::LineTooLong(line_max)), &inbuf[..]);
                         self.discarding = true;
                     }
                 }
@@ -151,8 +158,11 @@ impl Connection {
             let chunk = inbuf.split_to(used).freeze();
             self.execute(&chunk).await?;
             let shared = &self.shared;
-            shared.protocol_errors.fetch_add(u64::from(self.batch.errors), Relaxed);
-            self.batch.assemble(&chunk, &self.results, &|| node_info(shared), &mut self.out);
+            shared
+                .protocol_errors
+                .fetch_add(u64::from(self.batch.errors), Relaxed);
+            self.batch
+                .assemble(&chunk, &self.results, &|| node_info(shared), &mut self.out);
             if self.batch.shutdown {
                 tracing::info!("SHUTDOWN requested by a client");
                 let _ = self.shared.shutdown.send(true);
@@ -176,7 +186,10 @@ impl Connection {
     async fn execute(&mut self, data: &bytes::Bytes) -> std::io::Result<()> {
         self.results.reset(self.batch.ops.len());
         {
-            let mut local = self.local.as_ref().map(|(id, shard)| (*id, shard.borrow_mut()));
+            let mut local = self
+                .local
+                .as_ref()
+                .map(|(id, shard)| (*id, shard.borrow_mut()));
             for (i, (s, op)) in self.batch.ops.iter().enumerate() {
                 match &mut local {
                     Some((id, shard)) if id == s => self.results.run_inline(i, shard, op, data),
@@ -194,8 +207,15 @@ impl Connection {
                 continue;
             }
             let (reply, rx) = oneshot::channel();
-            let request = ShardRequest { data: data.clone(), ops: std::mem::take(&mut out.ops), reply };
-            self.shared.inboxes[s].send(ThreadMsg::Ops(request)).await.map_err(|_| stopping())?;
+            let request = ShardRequest {
+                data: data.clone(),
+                ops: std::mem::take(&mut out.ops),
+                reply,
+            };
+            self.shared.inboxes[s]
+                .send(ThreadMsg::Ops(request))
+                .await
+                .map_err(|_| stopping())?;
             waiting.push((s, rx));
         }
         for (s, rx) in waiting {
@@ -213,11 +233,17 @@ fn stopping() -> std::io::Error {
 }
 
 /// Read more bytes; `None` when the connection stayed idle for `idle_s` seconds (0 = never).
-async fn read_with_timeout(stream: &mut TcpStream, buf: &mut BytesMut, idle_s: u64) -> Option<std::io::Result<usize>> {
+async fn read_with_timeout(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    idle_s: u64,
+) -> Option<std::io::Result<usize>> {
     if idle_s == 0 {
         return Some(stream.read_buf(buf).await);
     }
-    tokio::time::timeout(Duration::from_secs(idle_s), stream.read_buf(buf)).await.ok()
+    tokio::time::timeout(Duration::from_secs(idle_s), stream.read_buf(buf))
+        .await
+        .ok()
 }
 
 fn node_info(shared: &Shared) -> NodeInfo {

@@ -26,9 +26,18 @@ enum Reply {
     /// A span of the received data, then CRLF (ECHO, PING msg).
     Echo(Span),
     Version,
-    Mget { first: u32, n: u32 },
-    Mset { first: u32, n: u32 },
-    Exists { first: u32, n: u32 },
+    Mget {
+        first: u32,
+        n: u32,
+    },
+    Mset {
+        first: u32,
+        n: u32,
+    },
+    Exists {
+        first: u32,
+        n: u32,
+    },
     Scan(u32),
     /// One op per shard, `first..first + shards`.
     Fanout(Fanout, u32),
@@ -72,7 +81,14 @@ pub struct Batch {
 
 impl Batch {
     pub fn new(shard_bits: u32) -> Batch {
-        Batch { replies: Vec::new(), ops: Vec::new(), shard_bits, quit: false, shutdown: false, errors: 0 }
+        Batch {
+            replies: Vec::new(),
+            ops: Vec::new(),
+            shard_bits,
+            quit: false,
+            shutdown: false,
+            errors: 0,
+        }
     }
 
     pub fn clear(&mut self) {
@@ -97,7 +113,12 @@ impl Batch {
 
     fn op(&mut self, kind: OpKind, key: &[u8], arg: &[u8], base: &[u8]) {
         let hash = KeyHash::of(key);
-        let op = ShardOp { kind, hash, key: Span::of(base, key), arg: Span::of(base, arg) };
+        let op = ShardOp {
+            kind,
+            hash,
+            key: Span::of(base, key),
+            arg: Span::of(base, arg),
+        };
         self.ops.push((hash.shard(self.shard_bits), op));
     }
 
@@ -109,7 +130,12 @@ impl Batch {
     fn fanout(&mut self, what: Fanout, kind: OpKind) -> Reply {
         let first = self.ops.len() as u32;
         for shard in 0..1 << self.shard_bits {
-            let op = ShardOp { kind, hash: KeyHash(0), key: Span::default(), arg: Span::default() };
+            let op = ShardOp {
+                kind,
+                hash: KeyHash(0),
+                key: Span::default(),
+                arg: Span::default(),
+            };
             self.ops.push((shard, op));
         }
         Reply::Fanout(what, first)
@@ -131,28 +157,43 @@ impl Batch {
                 Command::Append(k, v) => self.single(OpKind::Append, k, v, base),
                 Command::Prepend(k, v) => self.single(OpKind::Prepend, k, v, base),
                 Command::Exists(keys) => {
-                    keys.iter().for_each(|k| self.op(OpKind::Exists, k, b"", base));
-                    Reply::Exists { first, n: self.ops.len() as u32 - first }
+                    keys.iter()
+                        .for_each(|k| self.op(OpKind::Exists, k, b"", base));
+                    Reply::Exists {
+                        first,
+                        n: self.ops.len() as u32 - first,
+                    }
                 }
                 Command::Mget(keys) => {
                     keys.iter().for_each(|k| self.op(OpKind::Get, k, b"", base));
-                    Reply::Mget { first, n: self.ops.len() as u32 - first }
+                    Reply::Mget {
+                        first,
+                        n: self.ops.len() as u32 - first,
+                    }
                 }
                 Command::Mset(args) => {
                     let mut it = args.iter();
                     while let (Some(k), Some(v)) = (it.next(), it.next()) {
                         self.op(OpKind::SetQuiet, k, v, base);
                     }
-                    Reply::Mset { first, n: self.ops.len() as u32 - first }
+                    Reply::Mset {
+                        first,
+                        n: self.ops.len() as u32 - first,
+                    }
                 }
-                Command::Scan { prefix, cursor, count } => {
+                Command::Scan {
+                    prefix,
+                    cursor,
+                    count,
+                } => {
                     let op = ShardOp {
                         kind: OpKind::Scan { cursor, count },
                         hash: KeyHash(0),
                         key: Span::of(base, prefix),
                         arg: Span::default(),
                     };
-                    self.ops.push((shard_of_bucket(cursor as usize, self.shard_bits), op));
+                    self.ops
+                        .push((shard_of_bucket(cursor as usize, self.shard_bits), op));
                     Reply::Scan(first)
                 }
                 Command::Dbsize => self.fanout(Fanout::Dbsize, OpKind::Dbsize),
@@ -178,7 +219,13 @@ impl Batch {
     }
 
     /// Write every reply, in command order, to `out`.
-    pub fn assemble(&self, data: &[u8], results: &Results, info: &dyn Fn() -> NodeInfo, out: &mut Vec<u8>) {
+    pub fn assemble(
+        &self,
+        data: &[u8],
+        results: &Results,
+        info: &dyn Fn() -> NodeInfo,
+        out: &mut Vec<u8>,
+    ) {
         for reply in &self.replies {
             match *reply {
                 Reply::Op(i) => out.extend_from_slice(results.bytes(i)),
@@ -216,7 +263,14 @@ impl Batch {
         }
     }
 
-    fn fanout_reply(&self, what: Fanout, first: u32, results: &Results, info: &dyn Fn() -> NodeInfo, out: &mut Vec<u8>) {
+    fn fanout_reply(
+        &self,
+        what: Fanout,
+        first: u32,
+        results: &Results,
+        info: &dyn Fn() -> NodeInfo,
+        out: &mut Vec<u8>,
+    ) {
         let n = 1u32 << self.shard_bits;
         let roots = || -> Vec<Digest> {
             (first..first + n)
@@ -243,7 +297,10 @@ impl Batch {
                 line(out, &format!("SHARDS {n}"));
                 for (s, root) in roots().iter().enumerate() {
                     let r = shard_buckets(s, self.shard_bits);
-                    line(out, &format!("{s} {} {} {}", r.start, r.end - 1, to_hex(root)));
+                    line(
+                        out,
+                        &format!("{s} {} {} {}", r.start, r.end - 1, to_hex(root)),
+                    );
                 }
             }
             Fanout::Info => {
@@ -257,7 +314,14 @@ impl Batch {
                     ("io_threads", i.io_threads.to_string()),
                     ("keys", s.keys.to_string()),
                     ("memory_used_bytes", s.bytes_used.to_string()),
-                    ("memory_limit_bytes", if s.bytes_limit == u64::MAX { "0".into() } else { s.bytes_limit.to_string() }),
+                    (
+                        "memory_limit_bytes",
+                        if s.bytes_limit == u64::MAX {
+                            "0".into()
+                        } else {
+                            s.bytes_limit.to_string()
+                        },
+                    ),
                     ("connected_clients", i.connections_current.to_string()),
                     ("max_connections", i.connections_max.to_string()),
                 ];
@@ -310,7 +374,12 @@ struct OpResult {
     outcome: Outcome,
 }
 
-const PENDING: OpResult = OpResult { buf: 0, start: 0, end: 0, outcome: Outcome::Done };
+const PENDING: OpResult = OpResult {
+    buf: 0,
+    start: 0,
+    end: 0,
+    outcome: Outcome::Done,
+};
 
 /// What another shard thread sends back for a list of ops: their reply bytes back to
 /// back, and per op its end offset in `out` and its outcome.
@@ -328,7 +397,10 @@ pub struct Results {
 
 impl Default for Results {
     fn default() -> Self {
-        Results { bufs: vec![Vec::new()], items: Vec::new() }
+        Results {
+            bufs: vec![Vec::new()],
+            items: Vec::new(),
+        }
     }
 }
 
@@ -344,16 +416,30 @@ impl Results {
     pub fn run_inline(&mut self, i: usize, shard: &mut Shard, op: &ShardOp, data: &[u8]) {
         let start = self.bufs[0].len() as u32;
         let outcome = execute(shard, op, data, &mut self.bufs[0]);
-        self.items[i] = OpResult { buf: 0, start, end: self.bufs[0].len() as u32, outcome };
+        self.items[i] = OpResult {
+            buf: 0,
+            start,
+            end: self.bufs[0].len() as u32,
+            outcome,
+        };
     }
 
     /// Take a remote shard's reply for the ops with batch indices `indices` (in order).
     pub fn add_remote(&mut self, indices: &[u32], reply: ShardReply) {
-        assert_eq!(indices.len(), reply.ends.len(), "shard answered a different number of ops");
+        assert_eq!(
+            indices.len(),
+            reply.ends.len(),
+            "shard answered a different number of ops"
+        );
         let buf = self.bufs.len() as u32;
         let mut start = 0;
         for (&i, &(end, outcome)) in indices.iter().zip(&reply.ends) {
-            self.items[i as usize] = OpResult { buf, start, end, outcome };
+            self.items[i as usize] = OpResult {
+                buf,
+                start,
+                end,
+                outcome,
+            };
             start = end;
         }
         self.bufs.push(reply.out);
@@ -437,22 +523,33 @@ mod tests {
     }
 
     fn shards(n: usize) -> Vec<Shard> {
-        (0..n).map(|i| Shard::new(i, n.trailing_zeros(), u64::MAX, 1 << 20)).collect()
+        (0..n)
+            .map(|i| Shard::new(i, n.trailing_zeros(), u64::MAX, 1 << 20))
+            .collect()
     }
 
     #[test]
     fn replies_come_back_in_command_order_across_shards() {
         for n in [1, 2, 8] {
             let mut s = shards(n);
-            let out = run(&mut s, "SET a 1\nSET b 2\nGET b\nGET a\nGET zz\nDEL a\nDEL a\n");
-            assert_eq!(out, "OK\r\nOK\r\n2\r\n1\r\n(null)\r\nDELETED\r\nNOT_FOUND\r\n");
+            let out = run(
+                &mut s,
+                "SET a 1\nSET b 2\nGET b\nGET a\nGET zz\nDEL a\nDEL a\n",
+            );
+            assert_eq!(
+                out,
+                "OK\r\nOK\r\n2\r\n1\r\n(null)\r\nDELETED\r\nNOT_FOUND\r\n"
+            );
         }
     }
 
     #[test]
     fn multi_key_commands_reassemble() {
         let mut s = shards(4);
-        let out = run(&mut s, "MSET a 1 b 2 c 3\nMGET c x a b\nEXISTS a b x c\nDBSIZE\n");
+        let out = run(
+            &mut s,
+            "MSET a 1 b 2 c 3\nMGET c x a b\nEXISTS a b x c\nDBSIZE\n",
+        );
         assert_eq!(out, "OK\r\nVALUES 4\r\n3\r\n(null)\r\n1\r\n2\r\n3\r\n3\r\n");
     }
 
@@ -477,8 +574,16 @@ mod tests {
 
     #[test]
     fn errors_and_static_replies() {
-        let out = run(&mut shards(2), "PING\nPING hi there\nECHO x\nFOO\nVERSION\nQUIT\n");
-        assert_eq!(out, format!("PONG\r\nhi there\r\nx\r\nERROR: Invalid command\r\nVERSION {VERSION}\r\nOK\r\n"));
+        let out = run(
+            &mut shards(2),
+            "PING\nPING hi there\nECHO x\nFOO\nVERSION\nQUIT\n",
+        );
+        assert_eq!(
+            out,
+            format!(
+                "PONG\r\nhi there\r\nx\r\nERROR: Invalid command\r\nVERSION {VERSION}\r\nOK\r\n"
+            )
+        );
     }
 
     #[test]

@@ -59,7 +59,10 @@ pub fn shard_buckets(shard: usize, shard_bits: u32) -> std::ops::Range<usize> {
 
 /// log2 of a shard count; the count must be a power of two in `1..=SHARDS_MAX`.
 pub fn shard_bits(shards: usize) -> u32 {
-    assert!(shards.is_power_of_two() && shards <= SHARDS_MAX, "shard count {shards}");
+    assert!(
+        shards.is_power_of_two() && shards <= SHARDS_MAX,
+        "shard count {shards}"
+    );
     shards.trailing_zeros()
 }
 

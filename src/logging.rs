@@ -7,7 +7,9 @@ use tracing_subscriber::EnvFilter;
 /// Install the global subscriber. `RUST_LOG`, when set, refines the configured level.
 pub fn init(cfg: &LoggingConfig) -> Result<(), String> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     let json = cfg.format == LogFormat::Json;
     let result = match &cfg.file_path {
         Some(path) => {

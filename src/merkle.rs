@@ -96,7 +96,11 @@ impl Subtree {
             digest = combine(&digest, &digest);
             nodes[1 << level..2 << level].fill(digest);
         }
-        Subtree { height, nodes, stale: vec![false; leaves] }
+        Subtree {
+            height,
+            nodes,
+            stale: vec![false; leaves],
+        }
     }
 
     pub fn leaf_count(&self) -> usize {
@@ -153,7 +157,12 @@ mod tests {
 
     fn entries(n: u32) -> Vec<(Vec<u8>, Vec<u8>)> {
         (0..n)
-            .map(|i| (format!("k{i}").into_bytes(), format!("v{}", i * 7).into_bytes()))
+            .map(|i| {
+                (
+                    format!("k{i}").into_bytes(),
+                    format!("v{}", i * 7).into_bytes(),
+                )
+            })
             .collect()
     }
 
@@ -180,7 +189,10 @@ mod tests {
 
     #[test]
     fn empty_tree_matches_scratch_build() {
-        assert_eq!(Subtree::new(BUCKET_BITS).root(), root_from_scratch(&vec![EMPTY_LEAF; BUCKETS]));
+        assert_eq!(
+            Subtree::new(BUCKET_BITS).root(),
+            root_from_scratch(&vec![EMPTY_LEAF; BUCKETS])
+        );
     }
 
     #[test]
@@ -204,7 +216,11 @@ mod tests {
         let expected = root_from_scratch(&leaves_of(&data));
         for bits in [0, 1, 2, 3, 8] {
             assert_eq!(root_with_shards(&data, bits), expected, "shard_bits {bits}");
-            assert_eq!(root_with_shards(&reversed, bits), expected, "shard_bits {bits}");
+            assert_eq!(
+                root_with_shards(&reversed, bits),
+                expected,
+                "shard_bits {bits}"
+            );
         }
     }
 

@@ -25,7 +25,10 @@ impl Span {
         }
         let start = (part.as_ptr() as usize).wrapping_sub(base.as_ptr() as usize);
         assert!(start + part.len() <= base.len(), "span outside its buffer");
-        Span { start: start as u32, len: part.len() as u32 }
+        Span {
+            start: start as u32,
+            len: part.len() as u32,
+        }
     }
     pub fn get(self, data: &[u8]) -> &[u8] {
         &data[self.start as usize..(self.start + self.len) as usize]
@@ -44,7 +47,10 @@ pub enum OpKind {
     Append,
     Prepend,
     /// `key` holds the prefix.
-    Scan { cursor: u32, count: u32 },
+    Scan {
+        cursor: u32,
+        count: u32,
+    },
     Dbsize,
     Flush,
     Root,
@@ -67,7 +73,10 @@ pub enum Outcome {
     Failed(StoreError),
     Root(Digest),
     /// Keys written to the reply bytes, and the cursor to resume at (0 = done).
-    Scan { next: u32, keys: u32 },
+    Scan {
+        next: u32,
+        keys: u32,
+    },
     Stats(ShardStats),
 }
 
@@ -113,7 +122,11 @@ pub fn execute(shard: &mut Shard, op: &ShardOp, data: &[u8], out: &mut Vec<u8>) 
         },
         OpKind::Del => {
             shard.stats.dels += 1;
-            out.extend_from_slice(if shard.del(h, key) { b"DELETED\r\n" } else { b"NOT_FOUND\r\n" });
+            out.extend_from_slice(if shard.del(h, key) {
+                b"DELETED\r\n"
+            } else {
+                b"NOT_FOUND\r\n"
+            });
             Outcome::Done
         }
         OpKind::Exists => Outcome::Count(u64::from(shard.get(h, key).is_some())),
@@ -137,7 +150,10 @@ pub fn execute(shard: &mut Shard, op: &ShardOp, data: &[u8], out: &mut Vec<u8>) 
                 out.extend_from_slice(CRLF);
                 keys += 1;
             });
-            Outcome::Scan { next: if next == BUCKETS { 0 } else { next as u32 }, keys }
+            Outcome::Scan {
+                next: if next == BUCKETS { 0 } else { next as u32 },
+                keys,
+            }
         }
         OpKind::Dbsize => Outcome::Count(shard.snapshot_stats().keys),
         OpKind::Flush => {

@@ -56,7 +56,11 @@ pub enum Command<'a> {
     Incr(&'a [u8], i64),
     Append(&'a [u8], &'a [u8]),
     Prepend(&'a [u8], &'a [u8]),
-    Scan { prefix: &'a [u8], cursor: u32, count: u32 },
+    Scan {
+        prefix: &'a [u8],
+        cursor: u32,
+        count: u32,
+    },
     Dbsize,
     Ping(Option<&'a [u8]>),
     Echo(&'a [u8]),
@@ -141,7 +145,12 @@ pub fn parse(line: &[u8]) -> Result<Option<Command<'_>>, ProtocolError> {
         Command::Incr(k, amount)
     } else if is("DECR") || is("DEC") {
         let (k, amount) = key_and_amount(rest)?;
-        Command::Incr(k, amount.checked_neg().ok_or(ProtocolError::AmountNotInteger)?)
+        Command::Incr(
+            k,
+            amount
+                .checked_neg()
+                .ok_or(ProtocolError::AmountNotInteger)?,
+        )
     } else if is("APPEND") {
         let (k, v) = key_and_value(rest)?;
         Command::Append(k, v)
@@ -245,7 +254,10 @@ fn key_and_amount(rest: &[u8]) -> Result<(&[u8], i64), ProtocolError> {
     if amount.is_empty() {
         return Ok((key, 1));
     }
-    Ok((key, parse_int(amount).ok_or(ProtocolError::AmountNotInteger)?))
+    Ok((
+        key,
+        parse_int(amount).ok_or(ProtocolError::AmountNotInteger)?,
+    ))
 }
 
 fn parse_int<T: std::str::FromStr>(token: &[u8]) -> Option<T> {
@@ -299,7 +311,11 @@ fn scan(rest: &[u8]) -> Result<Command<'_>, ProtocolError> {
             .filter(|c| (1..=SCAN_COUNT_MAX).contains(c))
             .ok_or(ProtocolError::InvalidCount)?,
     };
-    Ok(Command::Scan { prefix, cursor, count })
+    Ok(Command::Scan {
+        prefix,
+        cursor,
+        count,
+    })
 }
 
 impl fmt::Display for Command<'_> {
@@ -362,7 +378,10 @@ mod tests {
     fn framing_enforces_the_line_limit() {
         assert_eq!(next_line(b"0123456789a", 9), Frame::TooLong);
         assert_eq!(next_line(b"012345678\r", 9), Frame::Incomplete);
-        assert_eq!(next_line(b"012345678\r\n", 9), Frame::Line(b"012345678", 11));
+        assert_eq!(
+            next_line(b"012345678\r\n", 9),
+            Frame::Line(b"012345678", 11)
+        );
         assert_eq!(next_line(b"012345678\n", 9), Frame::Line(b"012345678", 10));
         assert_eq!(next_line(b"0123456789\n", 9), Frame::TooLong);
     }
@@ -382,7 +401,10 @@ mod tests {
     fn set_value_is_the_verbatim_rest_of_the_line() {
         assert_eq!(ok("SET m Hello World"), C::Set(b"m", b"Hello World"));
         assert_eq!(ok("SET m  two  spaces "), C::Set(b"m", b" two  spaces "));
-        assert_eq!(ok(r#"SET c {"host":"x", "port":1}"#), C::Set(b"c", br#"{"host":"x", "port":1}"#));
+        assert_eq!(
+            ok(r#"SET c {"host":"x", "port":1}"#),
+            C::Set(b"c", br#"{"host":"x", "port":1}"#)
+        );
         assert_eq!(ok("SET e "), C::Set(b"e", b""));
         assert_eq!(ok("APPEND k  x"), C::Append(b"k", b" x"));
         assert_eq!(ok("PREPEND k x y"), C::Prepend(b"k", b"x y"));
@@ -390,10 +412,21 @@ mod tests {
 
     #[test]
     fn missing_and_extra_arguments() {
-        for line in ["GET", "SET", "SET k", "DEL", "DELETE ", "EXISTS", "MGET", "MSET", "MSET a", "INCR", "DECR", "APPEND k", "PREPEND", "SCAN", "ECHO", "ECHO "] {
+        for line in [
+            "GET", "SET", "SET k", "DEL", "DELETE ", "EXISTS", "MGET", "MSET", "MSET a", "INCR",
+            "DECR", "APPEND k", "PREPEND", "SCAN", "ECHO", "ECHO ",
+        ] {
             assert_eq!(p(line), Err(E::MissingArguments), "{line:?}");
         }
-        for line in ["GET a b", "DEL a b", "DBSIZE x", "INCR a 1 2", "HASH SHARDS x", "FLUSHDB now", "SCAN a 0 10 x"] {
+        for line in [
+            "GET a b",
+            "DEL a b",
+            "DBSIZE x",
+            "INCR a 1 2",
+            "HASH SHARDS x",
+            "FLUSHDB now",
+            "SCAN a 0 10 x",
+        ] {
             assert_eq!(p(line), Err(E::TooManyArguments), "{line:?}");
         }
     }
@@ -418,11 +451,17 @@ mod tests {
 
     #[test]
     fn multi_key_commands() {
-        let C::Mget(a) = ok("MGET a b  c") else { panic!() };
+        let C::Mget(a) = ok("MGET a b  c") else {
+            panic!()
+        };
         assert_eq!(keys_of(a), ["a", "b", "c"]);
-        let C::Exists(a) = ok("EXISTS a") else { panic!() };
+        let C::Exists(a) = ok("EXISTS a") else {
+            panic!()
+        };
         assert_eq!(keys_of(a), ["a"]);
-        let C::Mset(a) = ok("MSET a 1 b 2") else { panic!() };
+        let C::Mset(a) = ok("MSET a 1 b 2") else {
+            panic!()
+        };
         assert_eq!(keys_of(a), ["a", "1", "b", "2"]);
         assert_eq!(p("MSET a 1 b"), Err(E::MsetOddArguments));
     }
@@ -441,9 +480,30 @@ mod tests {
 
     #[test]
     fn scan_arguments() {
-        assert_eq!(ok("SCAN user:*"), C::Scan { prefix: b"user:", cursor: 0, count: SCAN_COUNT_DEFAULT });
-        assert_eq!(ok("SCAN *"), C::Scan { prefix: b"", cursor: 0, count: SCAN_COUNT_DEFAULT });
-        assert_eq!(ok("SCAN u 17 5"), C::Scan { prefix: b"u", cursor: 17, count: 5 });
+        assert_eq!(
+            ok("SCAN user:*"),
+            C::Scan {
+                prefix: b"user:",
+                cursor: 0,
+                count: SCAN_COUNT_DEFAULT
+            }
+        );
+        assert_eq!(
+            ok("SCAN *"),
+            C::Scan {
+                prefix: b"",
+                cursor: 0,
+                count: SCAN_COUNT_DEFAULT
+            }
+        );
+        assert_eq!(
+            ok("SCAN u 17 5"),
+            C::Scan {
+                prefix: b"u",
+                cursor: 17,
+                count: 5
+            }
+        );
         assert_eq!(p("SCAN u x"), Err(E::InvalidCursor));
         assert_eq!(p("SCAN u 65536"), Err(E::InvalidCursor));
         assert_eq!(p("SCAN u 0 0"), Err(E::InvalidCount));
@@ -457,7 +517,15 @@ mod tests {
         assert_eq!(ok("ECHO  hi"), C::Echo(b" hi"));
         assert_eq!(ok("hash"), C::Hash);
         assert_eq!(ok("HASH shards"), C::HashShards);
-        for (line, cmd) in [("DBSIZE", C::Dbsize), ("INFO", C::Info), ("STATS", C::Stats), ("VERSION", C::Version), ("FLUSHDB", C::Flushdb), ("SHUTDOWN", C::Shutdown), ("quit", C::Quit)] {
+        for (line, cmd) in [
+            ("DBSIZE", C::Dbsize),
+            ("INFO", C::Info),
+            ("STATS", C::Stats),
+            ("VERSION", C::Version),
+            ("FLUSHDB", C::Flushdb),
+            ("SHUTDOWN", C::Shutdown),
+            ("quit", C::Quit),
+        ] {
             assert_eq!(ok(line), cmd);
         }
     }

@@ -59,25 +59,43 @@ pub struct Shared {
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
 }
 
 /// Run a node until SIGINT, SIGTERM or SHUTDOWN. Returns once its port is released.
 pub fn run(config: Config) -> Result<(), ServerError> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ServerError::Runtime)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ServerError::Runtime)?;
     rt.block_on(run_main(config))
 }
 
 async fn run_main(config: Config) -> Result<(), ServerError> {
-    let addr = format!("{}:{}", config.network.bind_address, config.network.bind_port);
-    let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|source| ServerError::Bind { addr: addr.clone(), source })?;
-    let local_addr = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
+    let addr = format!(
+        "{}:{}",
+        config.network.bind_address, config.network.bind_port
+    );
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind { addr, source })?;
 
     let shards = config.shard_count();
     let io_threads = config.network.io_threads;
-    let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards + io_threads).map(|_| mpsc::channel(INBOX_MESSAGES_MAX)).unzip();
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards + io_threads)
+        .map(|_| mpsc::channel(INBOX_MESSAGES_MAX))
+        .unzip();
     let shared = Arc::new(Shared {
         shard_bits: shard_bits(shards),
         local_addr,
@@ -111,12 +129,20 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
     Ok(())
 }
 
-fn spawn_threads(shared: &Arc<Shared>, receivers: Vec<mpsc::Receiver<ThreadMsg>>) -> Vec<std::thread::JoinHandle<()>> {
+fn spawn_threads(
+    shared: &Arc<Shared>,
+    receivers: Vec<mpsc::Receiver<ThreadMsg>>,
+) -> Vec<std::thread::JoinHandle<()>> {
     let shards = 1usize << shared.shard_bits;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let pin = shards <= cores.len();
-    if !pin {
-        tracing::warn!(shards, cores = cores.len(), "more shards than cores (or core ids unavailable): shard threads run unpinned");
+    let wanted = shared.config.storage.pin_threads;
+    let pin = wanted && shards <= cores.len();
+    if wanted && !pin {
+        tracing::warn!(
+            shards,
+            cores = cores.len(),
+            "more shards than cores (or core ids unavailable): shard threads run unpinned"
+        );
     }
     let storage = &shared.config.storage;
     let bytes_limit = match storage.memory_limit_mb {
@@ -128,16 +154,29 @@ fn spawn_threads(shared: &Arc<Shared>, receivers: Vec<mpsc::Receiver<ThreadMsg>>
         .enumerate()
         .map(|(i, inbox)| {
             let shared = shared.clone();
-            let core = if pin && i < shards { Some(cores[i]) } else { None };
+            let core = if pin && i < shards {
+                Some(cores[i])
+            } else {
+                None
+            };
             let value_max = shared.config.network.max_line_bytes;
-            let shard = (i < shards).then(|| Shard::new(i, shared.shard_bits, bytes_limit, value_max));
-            let name = if i < shards { format!("shard-{i}") } else { format!("io-{}", i - shards) };
+            let shard =
+                (i < shards).then(|| Shard::new(i, shared.shard_bits, bytes_limit, value_max));
+            let name = if i < shards {
+                format!("shard-{i}")
+            } else {
+                format!("io-{}", i - shards)
+            };
             std::thread::Builder::new()
                 .name(name)
                 .spawn(move || {
                     if let Some(core) = core {
                         if !core_affinity::set_for_current(core) {
-                            tracing::warn!(thread = i, "could not pin to core {}: running unpinned", core.id);
+                            tracing::warn!(
+                                thread = i,
+                                "could not pin to core {}: running unpinned",
+                                core.id
+                            );
                         }
                     }
                     thread_main(shared, shard.map(|s| (i, Rc::new(RefCell::new(s)))), inbox);
@@ -149,16 +188,25 @@ fn spawn_threads(shared: &Arc<Shared>, receivers: Vec<mpsc::Receiver<ThreadMsg>>
 
 /// A shard or I/O thread: serve its inbox until `Stop`.
 fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver<ThreadMsg>) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("thread runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("thread runtime");
     let tasks = tokio::task::LocalSet::new();
     tasks.block_on(&rt, async move {
         while let Some(msg) = inbox.recv().await {
             match msg {
                 ThreadMsg::Conn(stream) => {
-                    tokio::task::spawn_local(connection::serve(stream, shared.clone(), local.clone()));
+                    tokio::task::spawn_local(connection::serve(
+                        stream,
+                        shared.clone(),
+                        local.clone(),
+                    ));
                 }
                 ThreadMsg::Ops(req) => {
-                    let (_, shard) = local.as_ref().expect("ops sent to a thread without a shard");
+                    let (_, shard) = local
+                        .as_ref()
+                        .expect("ops sent to a thread without a shard");
                     let reply = serve_ops(&mut shard.borrow_mut(), &req.ops, &req.data);
                     let _ = req.reply.send(reply); // the connection may have gone; fine
                 }
@@ -172,7 +220,11 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
 async fn accept_loop(shared: &Arc<Shared>, listener: tokio::net::TcpListener) {
     let shards = 1usize << shared.shard_bits;
     // Connections go to the shard threads, or only to the I/O threads when there are any.
-    let targets = if shared.config.network.io_threads > 0 { shards..shared.inboxes.len() } else { 0..shards };
+    let targets = if shared.config.network.io_threads > 0 {
+        shards..shared.inboxes.len()
+    } else {
+        0..shards
+    };
     let mut next = 0;
     let mut shutdown = shared.shutdown.subscribe();
     let signal = shutdown_signal();
@@ -205,7 +257,11 @@ async fn accept_loop(shared: &Arc<Shared>, listener: tokio::net::TcpListener) {
         next += 1;
         match stream.into_std() {
             Ok(std) => {
-                if shared.inboxes[target].send(ThreadMsg::Conn(std)).await.is_err() {
+                if shared.inboxes[target]
+                    .send(ThreadMsg::Conn(std))
+                    .await
+                    .is_err()
+                {
                     shared.connections.fetch_sub(1, Relaxed);
                 }
             }

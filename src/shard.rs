@@ -43,7 +43,10 @@ impl Entry {
         let mut kv = Vec::with_capacity(key.len() + value.len());
         kv.extend_from_slice(key);
         kv.extend_from_slice(value);
-        Entry { kv: kv.into_boxed_slice(), key_len: key.len() as u32 }
+        Entry {
+            kv: kv.into_boxed_slice(),
+            key_len: key.len() as u32,
+        }
     }
     fn key(&self) -> &[u8] {
         &self.kv[..self.key_len as usize]
@@ -133,7 +136,9 @@ impl Shard {
     }
 
     pub fn get(&self, h: KeyHash, key: &[u8]) -> Option<&[u8]> {
-        self.tables[self.local(h)].find(h.table_hash(), |e| e.key() == key).map(Entry::value)
+        self.tables[self.local(h)]
+            .find(h.table_hash(), |e| e.key() == key)
+            .map(Entry::value)
     }
 
     pub fn set(&mut self, h: KeyHash, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
@@ -195,12 +200,22 @@ impl Shard {
     }
 
     /// Append (or prepend) to the value at `key`, creating it when absent.
-    pub fn concat(&mut self, h: KeyHash, key: &[u8], part: &[u8], prepend: bool) -> Result<(), StoreError> {
+    pub fn concat(
+        &mut self,
+        h: KeyHash,
+        key: &[u8],
+        part: &[u8],
+        prepend: bool,
+    ) -> Result<(), StoreError> {
         let old = self.get(h, key).unwrap_or_default();
         if old.len() + part.len() > self.value_bytes_max {
             return Err(StoreError::ValueTooLarge(self.value_bytes_max));
         }
-        let value = if prepend { [part, old].concat() } else { [old, part].concat() };
+        let value = if prepend {
+            [part, old].concat()
+        } else {
+            [old, part].concat()
+        };
         self.set(h, key, &value)
     }
 
@@ -208,7 +223,13 @@ impl Shard {
     /// buckets at a time, until at least `count` keys were visited or
     /// [`SCAN_EXAMINED_MAX`] entries examined. Returns the global bucket to resume at
     /// (the end of this shard's range when it is done).
-    pub fn scan(&self, cursor: usize, prefix: &[u8], count: usize, mut visit: impl FnMut(&[u8])) -> usize {
+    pub fn scan(
+        &self,
+        cursor: usize,
+        prefix: &[u8],
+        count: usize,
+        mut visit: impl FnMut(&[u8]),
+    ) -> usize {
         let end = self.first_bucket + self.tables.len();
         let mut bucket = cursor.max(self.first_bucket);
         let (mut visited, mut examined) = (0, 0);
@@ -238,7 +259,11 @@ impl Shard {
     }
 
     pub fn snapshot_stats(&self) -> ShardStats {
-        ShardStats { bytes_used: self.bytes_used, bytes_limit: self.bytes_limit, ..self.stats }
+        ShardStats {
+            bytes_used: self.bytes_used,
+            bytes_limit: self.bytes_limit,
+            ..self.stats
+        }
     }
 }
 
@@ -305,11 +330,16 @@ mod tests {
     #[test]
     fn shards_compose_to_the_single_shard_root() {
         let mut one = shard();
-        let mut four: Vec<Shard> = (0..4).map(|i| Shard::new(i, 2, u64::MAX, 1 << 20)).collect();
+        let mut four: Vec<Shard> = (0..4)
+            .map(|i| Shard::new(i, 2, u64::MAX, 1 << 20))
+            .collect();
         for i in 0..2000 {
             let k = format!("key:{i}");
-            one.set(h(k.as_bytes()), k.as_bytes(), k.as_bytes()).unwrap();
-            four[h(k.as_bytes()).shard(2)].set(h(k.as_bytes()), k.as_bytes(), k.as_bytes()).unwrap();
+            one.set(h(k.as_bytes()), k.as_bytes(), k.as_bytes())
+                .unwrap();
+            four[h(k.as_bytes()).shard(2)]
+                .set(h(k.as_bytes()), k.as_bytes(), k.as_bytes())
+                .unwrap();
         }
         let roots: Vec<Digest> = four.iter_mut().map(Shard::root).collect();
         assert_eq!(combine_roots(&roots), one.root());
@@ -322,8 +352,14 @@ mod tests {
         for k in [b"k1", b"k2", b"k3"] {
             s.set(h(k), k, b"0123456789").unwrap();
         }
-        assert_eq!(s.set(h(b"k4"), b"k4", b"0123456789"), Err(StoreError::StorageFull));
-        assert_eq!(s.set(h(b"k1"), b"k1", b"0123456789+"), Err(StoreError::StorageFull));
+        assert_eq!(
+            s.set(h(b"k4"), b"k4", b"0123456789"),
+            Err(StoreError::StorageFull)
+        );
+        assert_eq!(
+            s.set(h(b"k1"), b"k1", b"0123456789+"),
+            Err(StoreError::StorageFull)
+        );
         s.set(h(b"k1"), b"k1", b"short").unwrap();
         assert!(s.del(h(b"k2"), b"k2"));
         s.set(h(b"k4"), b"k4", b"0123456789").unwrap();
@@ -337,16 +373,21 @@ mod tests {
         assert_eq!(s.incr(h(b"n"), b"n", -7), Ok(-2));
         s.set(h(b"t"), b"t", b"abc").unwrap();
         assert_eq!(s.incr(h(b"t"), b"t", 1), Err(StoreError::NotAnInteger));
-        s.set(h(b"m"), b"m", i64::MAX.to_string().as_bytes()).unwrap_err(); // 19 bytes > 8
+        s.set(h(b"m"), b"m", i64::MAX.to_string().as_bytes())
+            .unwrap_err(); // 19 bytes > 8
         let mut s = Shard::new(0, 0, u64::MAX, 64);
-        s.set(h(b"m"), b"m", i64::MAX.to_string().as_bytes()).unwrap();
+        s.set(h(b"m"), b"m", i64::MAX.to_string().as_bytes())
+            .unwrap();
         assert_eq!(s.incr(h(b"m"), b"m", 1), Err(StoreError::Overflow));
         s.concat(h(b"c"), b"c", b"mid", false).unwrap();
         s.concat(h(b"c"), b"c", b"<", true).unwrap();
         s.concat(h(b"c"), b"c", b">", false).unwrap();
         assert_eq!(s.get(h(b"c"), b"c"), Some(&b"<mid>"[..]));
         let big = vec![b'x'; 64];
-        assert_eq!(s.concat(h(b"c"), b"c", &big, false), Err(StoreError::ValueTooLarge(64)));
+        assert_eq!(
+            s.concat(h(b"c"), b"c", &big, false),
+            Err(StoreError::ValueTooLarge(64))
+        );
     }
 
     #[test]
@@ -360,7 +401,9 @@ mod tests {
         }
         let mut cursor = 0;
         loop {
-            cursor = s.scan(cursor, b"user:", 50, |k| *model.get_mut(std::str::from_utf8(k).unwrap()).unwrap() += 1);
+            cursor = s.scan(cursor, b"user:", 50, |k| {
+                *model.get_mut(std::str::from_utf8(k).unwrap()).unwrap() += 1
+            });
             if cursor == crate::keyspace::BUCKETS {
                 break;
             }

@@ -279,3 +279,26 @@ fn port_in_use_is_a_clear_error() {
     );
     let _ = writeln!(std::io::sink(), "{taken:?}");
 }
+
+#[test]
+fn shipped_configs_are_valid() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/configs");
+    for file in [
+        "single-node.toml",
+        "cluster/node1.toml",
+        "cluster/node2.toml",
+        "cluster/node3.toml",
+    ] {
+        let out = std::process::Command::new(common::BIN)
+            .arg("--check-config")
+            .arg("--config")
+            .arg(format!("{dir}/{file}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

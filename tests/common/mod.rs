@@ -189,7 +189,7 @@ pub fn multi_line_count(header: &str) -> usize {
     let mut words = header.split(' ');
     match words.next() {
         Some("VALUES" | "KEYS" | "SHARDS" | "INFO" | "STATS") => {
-            words.last().and_then(|n| n.parse().ok()).unwrap_or(0)
+            words.next_back().and_then(|n| n.parse().ok()).unwrap_or(0)
         }
         _ => 0,
     }

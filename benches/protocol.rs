@@ -1,0 +1,96 @@
+//! The request path without sockets: parsing lines, and executing a pipelined batch of
+//! 16 commands (parse → plan → execute on shards → assemble replies).
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use merkle_kv::dispatch::{execute_all, Batch, NodeInfo, Results};
+use merkle_kv::protocol::{next_line, parse, Frame};
+use merkle_kv::shard::Shard;
+use std::hint::black_box;
+
+fn info() -> NodeInfo {
+    NodeInfo {
+        node_id: "bench".into(),
+        uptime_seconds: 0,
+        bind: String::new(),
+        io_threads: 0,
+        connections_current: 0,
+        connections_max: 0,
+        connections_total: 0,
+        connections_rejected: 0,
+        protocol_errors: 0,
+    }
+}
+
+fn parser(c: &mut Criterion) {
+    let mut g = c.benchmark_group("parse");
+    g.throughput(Throughput::Elements(1));
+    let set = format!("SET key:00012345 {}", "v".repeat(32));
+    g.bench_function("set_32B", |b| b.iter(|| parse(black_box(set.as_bytes()))));
+    g.bench_function("get", |b| b.iter(|| parse(black_box(b"GET key:00012345"))));
+    g.bench_function("mget_8", |b| {
+        b.iter(|| parse(black_box(b"MGET k1 k2 k3 k4 k5 k6 k7 k8")))
+    });
+    g.finish();
+}
+
+/// 16 pipelined commands, SET:GET 1:10 like the load test, on a 2-shard node.
+fn pipeline(c: &mut Criterion) {
+    let mut g = c.benchmark_group("execute_pipeline16");
+    let mut input = String::new();
+    for i in 0..16 {
+        if i % 11 == 0 {
+            input += &format!("SET key:{:08} {}\r\n", i * 7919 % 100_000, "v".repeat(32));
+        } else {
+            input += &format!("GET key:{:08}\r\n", i * 7919 % 100_000);
+        }
+    }
+    let data = input.as_bytes();
+    let mut shards: Vec<Shard> = (0..2)
+        .map(|i| Shard::new(i, 1, u64::MAX, 1 << 20))
+        .collect();
+    {
+        let mut fill = String::new();
+        for i in 0..100_000 {
+            fill += &format!("SET key:{i:08} {}\r\n", "v".repeat(32));
+        }
+        run(
+            &mut shards,
+            fill.as_bytes(),
+            &mut Batch::new(1),
+            &mut Results::default(),
+            &mut Vec::new(),
+        );
+    }
+    let (mut batch, mut results, mut out) = (Batch::new(1), Results::default(), Vec::new());
+    g.throughput(Throughput::Elements(16));
+    g.bench_function("100k_keys", |b| {
+        b.iter(|| {
+            out.clear();
+            run(&mut shards, data, &mut batch, &mut results, &mut out);
+            black_box(out.len())
+        })
+    });
+    g.finish();
+}
+
+fn run(
+    shards: &mut [Shard],
+    data: &[u8],
+    batch: &mut Batch,
+    results: &mut Results,
+    out: &mut Vec<u8>,
+) {
+    batch.clear();
+    let mut at = 0;
+    while let Frame::Line(line, used) = next_line(&data[at..], 1 << 20) {
+        if let Some(cmd) = parse(line).transpose() {
+            batch.push(cmd, data);
+        }
+        at += used;
+    }
+    execute_all(shards, batch, data, results);
+    batch.assemble(data, results, &info, out);
+}
+
+criterion_group!(benches, parser, pipeline);
+criterion_main!(benches);
