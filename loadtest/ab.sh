@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# A/B-compare MerkleKV node settings under the same load, alternating variants so
+# drift on a shared machine hits both alike. Each variant is a space-separated list
+# of environment overrides for the node (see docs/CONFIGURATION.md).
+#
+# usage: loadtest/ab.sh [--reps N] [--duration SECS] [--pipelines "1 16"] VARIANT...
+# e.g.:  loadtest/ab.sh 'MERKLE_KV_NETWORK_IO_THREADS=0' 'MERKLE_KV_NETWORK_IO_THREADS=2'
+#        loadtest/ab.sh 'MERKLE_KV_STORAGE_PIN_THREADS=true' 'MERKLE_KV_STORAGE_PIN_THREADS=false'
+set -euo pipefail
+reps=3 duration=8 pipelines="1 16"
+while [[ $# -gt 0 && "$1" == --* ]]; do
+  case "$1" in
+    --reps) reps="$2"; shift 2 ;;
+    --duration) duration="$2"; shift 2 ;;
+    --pipelines) pipelines="$2"; shift 2 ;;
+    *) echo "unknown flag $1" >&2; exit 2 ;;
+  esac
+done
+[[ $# -ge 1 ]] || { sed -n '2,9p' "$0"; exit 2; }
+root="$(cd "$(dirname "$0")/.." && pwd)"
+target="${CARGO_TARGET_DIR:-$root/target}"
+[[ -x "$target/release/merkle-kv" && -x "$target/release/loadtest" ]] || cargo build --release -p merkle-kv -p loadtest
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+out="$(mktemp -d)"
+trap 'kill $node 2>/dev/null || true; rm -rf "$out"' EXIT
+echo "| variant | pipeline | run | ops/s | p50 µs | p99 µs | errors |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+for rep in $(seq "$reps"); do
+  for variant in "$@"; do
+    env $variant MERKLE_KV_NETWORK_BIND_PORT="$port" MERKLE_KV_MQTT_ENABLED=false \
+      MERKLE_KV_ANTI_ENTROPY_ENABLED=false "$target/release/merkle-kv" 2>/dev/null &
+    node=$!
+    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+    for p in $pipelines; do
+      "$target/release/loadtest" --addr "127.0.0.1:$port" --connections 50 --pipeline "$p" \
+        --duration "$duration" --ratio 1:10 --keys 100000 --value-size 32 --prefill --quiet \
+        --json "$out/r.json" >/dev/null
+      python3 -c "import json,sys; d=json.load(open('$out/r.json')); print(f\"| {sys.argv[1]} | $p | $rep | {d['ops_per_sec']:.0f} | {d['p50_us']:.0f} | {d['p99_us']:.0f} | {d['errors']} |\")" "$variant"
+    done
+    kill $node; wait $node 2>/dev/null || true
+  done
+done
