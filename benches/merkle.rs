@@ -3,10 +3,10 @@
 //! shard that really holds 10k and then 1M entries. Flat numbers from 10k to 1M are
 //! the point: nothing here may scan the data or rebuild the tree.
 
-use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use merkle_kv::keyspace::KeyHash;
 use merkle_kv::merkle::{entry_digest, Subtree};
-use merkle_kv::shard::Shard;
+use merkle_kv::shard::{MemoryBudget, Shard};
 use std::hint::black_box;
 
 const SIZES: [usize; 2] = [10_000, 1_000_000];
@@ -16,7 +16,7 @@ fn key(i: usize) -> Vec<u8> {
 }
 
 fn filled(n: usize) -> (Shard, Vec<(KeyHash, Vec<u8>)>) {
-    let mut shard = Shard::new(0, 0, u64::MAX, 1 << 20);
+    let mut shard = Shard::new(0, 0, MemoryBudget::unlimited(), 1 << 20);
     let keys: Vec<(KeyHash, Vec<u8>)> = (0..n).map(|i| (KeyHash::of(&key(i)), key(i))).collect();
     for (h, k) in &keys {
         shard.set(*h, k, &[b'a'; 32]).unwrap();

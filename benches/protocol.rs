@@ -2,9 +2,9 @@
 //! 16 commands (parse → plan → execute on shards → assemble replies).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use merkle_kv::dispatch::{execute_all, Batch, NodeInfo, Results};
-use merkle_kv::protocol::{next_line, parse, Frame};
-use merkle_kv::shard::Shard;
+use merkle_kv::dispatch::{answer_all, NodeInfo};
+use merkle_kv::protocol::{parse, Framer};
+use merkle_kv::shard::{MemoryBudget, Shard};
 use std::hint::black_box;
 
 fn info() -> NodeInfo {
@@ -18,6 +18,7 @@ fn info() -> NodeInfo {
         connections_total: 0,
         connections_rejected: 0,
         protocol_errors: 0,
+        memory_limit_bytes: 0,
     }
 }
 
@@ -46,50 +47,29 @@ fn pipeline(c: &mut Criterion) {
     }
     let data = input.as_bytes();
     let mut shards: Vec<Shard> = (0..2)
-        .map(|i| Shard::new(i, 1, u64::MAX, 1 << 20))
+        .map(|i| Shard::new(i, 1, MemoryBudget::unlimited(), 1 << 20))
         .collect();
     {
         let mut fill = String::new();
         for i in 0..100_000 {
             fill += &format!("SET key:{i:08} {}\r\n", "v".repeat(32));
         }
-        run(
-            &mut shards,
-            fill.as_bytes(),
-            &mut Batch::new(1),
-            &mut Results::default(),
-            &mut Vec::new(),
-        );
+        run(&mut shards, fill.as_bytes(), &mut Vec::new());
     }
-    let (mut batch, mut results, mut out) = (Batch::new(1), Results::default(), Vec::new());
+    let mut out = Vec::new();
     g.throughput(Throughput::Elements(16));
     g.bench_function("100k_keys", |b| {
         b.iter(|| {
             out.clear();
-            run(&mut shards, data, &mut batch, &mut results, &mut out);
+            run(&mut shards, data, &mut out);
             black_box(out.len())
         })
     });
     g.finish();
 }
 
-fn run(
-    shards: &mut [Shard],
-    data: &[u8],
-    batch: &mut Batch,
-    results: &mut Results,
-    out: &mut Vec<u8>,
-) {
-    batch.clear();
-    let mut at = 0;
-    while let Frame::Line(line, used) = next_line(&data[at..], 1 << 20) {
-        if let Some(cmd) = parse(line).transpose() {
-            batch.push(cmd, data);
-        }
-        at += used;
-    }
-    execute_all(shards, batch, data, results);
-    batch.assemble(data, results, &info, out);
+fn run(shards: &mut [Shard], data: &[u8], out: &mut Vec<u8>) {
+    answer_all(shards, &mut Framer::new(1 << 20), data, out, &info);
 }
 
 criterion_group!(benches, parser, pipeline);

@@ -6,7 +6,7 @@
 
 use crate::dispatch::{Batch, NodeInfo, Results};
 use crate::ops::ShardOp;
-use crate::protocol::{next_line, parse, Frame, ProtocolError};
+use crate::protocol::Framer;
 use crate::server::{ShardRequest, Shared, ThreadMsg};
 use crate::shard::Shard;
 use bytes::{Buf, BytesMut};
@@ -19,8 +19,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-/// Most commands planned and executed together; bounds the memory of one segment.
-pub const SEGMENT_COMMANDS_MAX: usize = 128;
 /// Replies are written once this many bytes are pending, even mid-read.
 const OUT_FLUSH_BYTES: usize = 256 * 1024;
 /// Read buffer growth step.
@@ -59,7 +57,7 @@ pub async fn serve(stream: std::net::TcpStream, shared: Arc<Shared>, local: Loca
             .map(|_| Outgoing::default())
             .collect(),
         out: Vec::new(),
-        discarding: false,
+        framer: Framer::new(shared.config.network.max_line_bytes),
         shared,
         local,
     };
@@ -76,8 +74,7 @@ struct Connection {
     results: Results,
     outgoing: Vec<Outgoing>,
     out: Vec<u8>,
-    /// After an over-long line: drop input up to the next newline, then resume.
-    discarding: bool,
+    framer: Framer,
 }
 
 impl Connection {
@@ -92,7 +89,10 @@ impl Connection {
             // Nothing read is unanswered here, so stopping now loses no reply.
             let read = tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|&stop| stop) => return Ok(()),
+                _ = shutdown.wait_for(|&stop| stop) => {
+                    close_gracefully(&mut stream).await;
+                    return Ok(());
+                }
                 r = read_with_timeout(&mut stream, &mut inbuf, idle) => r,
             };
             let n = match read {
@@ -105,7 +105,7 @@ impl Connection {
             let stop = self.process(&mut inbuf, &mut stream).await?;
             if n == 0 || stop {
                 // Half-close or QUIT/SHUTDOWN: every reply is written; now close.
-                stream.shutdown().await?;
+                close_gracefully(&mut stream).await;
                 return Ok(());
             }
         }
@@ -117,45 +117,19 @@ impl Connection {
         inbuf: &mut BytesMut,
         stream: &mut TcpStream,
     ) -> std::io::Result<bool> {
-        let line_max = self.shared.config.network.max_line_bytes;
+        let mut chunk = bytes::Bytes::new();
         loop {
-            self.batch.clear();
-            let mut used = 0;
-            while self.batch.len() < SEGMENT_COMMANDS_MAX && !self.batch.stopped() {
-                let rest = &inbuf[used..];
-                if self.discarding {
-                    match memchr::memchr(b'\n', rest) {
-                        Some(i) => {
-                            used += i + 1;
-                            self.discarding = false;
-                            continue;
-                        }
-                        None => {
-                            used = inbuf.len();
-                            break;
-                        }
-                    }
+            if self.batch.has_rest() {
+                // The next run of a large MGET, from the same received bytes.
+                self.batch.fill_rest(&chunk);
+            } else {
+                let used = self.batch.fill(&mut self.framer, inbuf);
+                if self.batch.is_empty() {
+                    inbuf.advance(used);
+                    break;
                 }
-                match next_line(rest, line_max) {
-                    Frame::Line(line, n) => {
-                        if let Some(parsed) = parse(line).transpose() {
-                            self.batch.push(parsed, &inbuf[..]);
-                        }
-                        used += n;
-                    }
-                    Frame::Incomplete => break,
-                    Frame::TooLong => {
-                        self.batch
-                            .push(Err(ProtocolError::LineTooLong(line_max)), &inbuf[..]);
-                        self.discarding = true;
-                    }
-                }
+                chunk = inbuf.split_to(used).freeze();
             }
-            if self.batch.is_empty() {
-                inbuf.advance(used);
-                break;
-            }
-            let chunk = inbuf.split_to(used).freeze();
             self.execute(&chunk).await?;
             let shared = &self.shared;
             shared
@@ -168,18 +142,38 @@ impl Connection {
                 let _ = self.shared.shutdown.send(true);
             }
             if self.out.len() >= OUT_FLUSH_BYTES {
-                stream.write_all(&self.out).await?;
-                self.out.clear();
+                self.write_out(stream).await?;
             }
             if self.batch.stopped() {
                 break;
             }
         }
-        if !self.out.is_empty() {
-            stream.write_all(&self.out).await?;
-            self.out.clear();
-        }
+        self.write_out(stream).await?;
         Ok(self.batch.stopped())
+    }
+
+    /// Write the pending replies. A client that stops reading is dropped after the idle
+    /// timeout rather than holding its slot (and our buffer) forever.
+    async fn write_out(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let idle = self.shared.config.network.connection_timeout;
+        let write = stream.write_all(&self.out);
+        if idle == 0 {
+            write.await?;
+        } else {
+            tokio::time::timeout(Duration::from_secs(idle), write)
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "client stopped reading replies",
+                    )
+                })??;
+        }
+        self.out.clear();
+        Ok(())
     }
 
     /// Run the batch's ops: this thread's own inline, the rest as one request per shard.
@@ -228,6 +222,27 @@ impl Connection {
     }
 }
 
+/// How long a closing connection keeps reading (and dropping) what the client still sends.
+const LINGER: Duration = Duration::from_millis(500);
+
+/// Close without destroying replies in flight: send FIN, then read and drop whatever
+/// the client is still sending, briefly. Closing a socket with unread input makes the
+/// kernel send a reset, and a reset can discard replies the client has not read yet.
+async fn close_gracefully(stream: &mut TcpStream) {
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut scratch = [0u8; 4096];
+    let drain = async {
+        while let Ok(n) = stream.read(&mut scratch).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
 fn stopping() -> std::io::Error {
     std::io::Error::other("node is shutting down")
 }
@@ -258,5 +273,10 @@ fn node_info(shared: &Shared) -> NodeInfo {
         connections_total: shared.connections_total.load(Relaxed),
         connections_rejected: shared.connections_rejected.load(Relaxed),
         protocol_errors: shared.protocol_errors.load(Relaxed),
+        memory_limit_bytes: shared
+            .config
+            .storage
+            .memory_limit_mb
+            .saturating_mul(1 << 20),
     }
 }

@@ -10,11 +10,20 @@
 use crate::keyspace::{shard_buckets, shard_of_bucket, KeyHash};
 use crate::merkle::{combine_roots, to_hex, Digest};
 use crate::ops::{execute, OpKind, Outcome, ShardOp, Span, CRLF};
-use crate::protocol::{Command, ProtocolError};
+use crate::protocol::{parse, Args, Command, Framer, ProtocolError, Step};
+#[cfg(test)]
+use crate::shard::MemoryBudget;
 use crate::shard::{Shard, ShardStats};
 use std::fmt::Write as _;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Most commands planned and executed together.
+pub const SEGMENT_COMMANDS_MAX: usize = 128;
+/// Most ops in one segment, apart from one multi-key command's. With every GET's reply
+/// at most `max_line_bytes`, this bounds the reply bytes a segment can hold; a larger
+/// MGET is answered in several segments (its `VALUES n` header goes out first).
+pub const SEGMENT_OPS_MAX: usize = 128;
 
 /// How to build one command's reply from its ops' results.
 #[derive(Clone, Copy, Debug)]
@@ -26,9 +35,11 @@ enum Reply {
     /// A span of the received data, then CRLF (ECHO, PING msg).
     Echo(Span),
     Version,
+    /// A run of MGET's values; `header` is `Some(total keys)` on the first run only.
     Mget {
         first: u32,
         n: u32,
+        header: Option<u32>,
     },
     Mset {
         first: u32,
@@ -64,6 +75,8 @@ pub struct NodeInfo {
     pub connections_total: u64,
     pub connections_rejected: u64,
     pub protocol_errors: u64,
+    /// 0 = unlimited.
+    pub memory_limit_bytes: u64,
 }
 
 pub struct Batch {
@@ -77,6 +90,9 @@ pub struct Batch {
     pub shutdown: bool,
     /// Protocol errors in this batch (for STATS).
     pub errors: u32,
+    /// Keys of an MGET that did not fit this segment: a span of this segment's data,
+    /// to be continued by [`Batch::fill_rest`] on the same data.
+    rest: Option<Span>,
 }
 
 impl Batch {
@@ -88,6 +104,7 @@ impl Batch {
             quit: false,
             shutdown: false,
             errors: 0,
+            rest: None,
         }
     }
 
@@ -95,6 +112,71 @@ impl Batch {
         self.replies.clear();
         self.ops.clear();
         self.errors = 0;
+        self.rest = None;
+    }
+
+    /// Start a new segment from `input` (unconsumed received bytes): frame, parse and
+    /// plan commands until the segment is full, the input has no complete line left,
+    /// or QUIT/SHUTDOWN. Returns the bytes consumed; spans point into `input`.
+    pub fn fill(&mut self, framer: &mut Framer, input: &[u8]) -> usize {
+        self.clear();
+        let mut used = 0;
+        while self.replies.len() < SEGMENT_COMMANDS_MAX
+            && self.ops.len() < SEGMENT_OPS_MAX
+            && self.rest.is_none()
+            && !self.stopped()
+        {
+            match framer.next(&input[used..]) {
+                Step::Line(line, n) => {
+                    if let Some(parsed) = parse(line).transpose() {
+                        self.push(parsed, input);
+                    }
+                    used += n;
+                }
+                Step::TooLong => self.push(
+                    Err(ProtocolError::LineTooLong(framer.line_bytes_max())),
+                    input,
+                ),
+                Step::Skip(n) => used += n,
+                Step::NeedMore => break,
+            }
+        }
+        used
+    }
+
+    /// True when an MGET is not finished: call [`Batch::fill_rest`] with the same data.
+    pub fn has_rest(&self) -> bool {
+        self.rest.is_some()
+    }
+
+    /// Start a new segment with the next run of the unfinished MGET in `data`.
+    pub fn fill_rest(&mut self, data: &[u8]) {
+        let rest = self
+            .rest
+            .take()
+            .expect("fill_rest without an unfinished MGET");
+        self.clear();
+        self.mget(Args::new(rest.get(data)), data, None);
+    }
+
+    /// Plan MGET keys, as many as the segment has room for; the rest waits in `self.rest`.
+    fn mget(&mut self, keys: Args<'_>, base: &[u8], header: Option<u32>) -> Reply {
+        let first = self.ops.len() as u32;
+        let room = SEGMENT_OPS_MAX.saturating_sub(self.ops.len()).max(1);
+        let (now, later) = keys.split_after(room);
+        now.iter().for_each(|k| self.op(OpKind::Get, k, b"", base));
+        if later.count() > 0 {
+            self.rest = Some(Span::of(base, later.as_bytes()));
+        }
+        let reply = Reply::Mget {
+            first,
+            n: self.ops.len() as u32 - first,
+            header,
+        };
+        if header.is_none() {
+            self.replies.push(reply); // a continuation is a reply of its own
+        }
+        reply
     }
 
     /// Commands in the batch.
@@ -164,13 +246,7 @@ impl Batch {
                         n: self.ops.len() as u32 - first,
                     }
                 }
-                Command::Mget(keys) => {
-                    keys.iter().for_each(|k| self.op(OpKind::Get, k, b"", base));
-                    Reply::Mget {
-                        first,
-                        n: self.ops.len() as u32 - first,
-                    }
-                }
+                Command::Mget(keys) => self.mget(keys, base, Some(keys.count() as u32)),
                 Command::Mset(args) => {
                     let mut it = args.iter();
                     while let (Some(k), Some(v)) = (it.next(), it.next()) {
@@ -236,8 +312,10 @@ impl Batch {
                     out.extend_from_slice(CRLF);
                 }
                 Reply::Version => line(out, &format!("VERSION {VERSION}")),
-                Reply::Mget { first, n } => {
-                    line(out, &format!("VALUES {n}"));
+                Reply::Mget { first, n, header } => {
+                    if let Some(total) = header {
+                        line(out, &format!("VALUES {total}"));
+                    }
                     (first..first + n).for_each(|i| out.extend_from_slice(results.bytes(i)));
                 }
                 Reply::Mset { first, n } => {
@@ -314,14 +392,7 @@ impl Batch {
                     ("io_threads", i.io_threads.to_string()),
                     ("keys", s.keys.to_string()),
                     ("memory_used_bytes", s.bytes_used.to_string()),
-                    (
-                        "memory_limit_bytes",
-                        if s.bytes_limit == u64::MAX {
-                            "0".into()
-                        } else {
-                            s.bytes_limit.to_string()
-                        },
-                    ),
+                    ("memory_limit_bytes", i.memory_limit_bytes.to_string()),
                     ("connected_clients", i.connections_current.to_string()),
                     ("max_connections", i.connections_max.to_string()),
                 ];
@@ -368,9 +439,9 @@ fn write_fields(out: &mut Vec<u8>, name: &str, fields: &[(&str, String)]) {
 
 #[derive(Clone, Copy, Debug)]
 struct OpResult {
-    buf: u32,
-    start: u32,
-    end: u32,
+    buf: usize,
+    start: usize,
+    end: usize,
     outcome: Outcome,
 }
 
@@ -385,7 +456,7 @@ const PENDING: OpResult = OpResult {
 /// back, and per op its end offset in `out` and its outcome.
 pub struct ShardReply {
     pub out: Vec<u8>,
-    pub ends: Vec<(u32, Outcome)>,
+    pub ends: Vec<(usize, Outcome)>,
 }
 
 /// The results of a batch's ops: reply bytes live in `bufs` (0 = inline execution, then
@@ -414,12 +485,12 @@ impl Results {
 
     /// Run op `i` on `shard` right here, recording its reply.
     pub fn run_inline(&mut self, i: usize, shard: &mut Shard, op: &ShardOp, data: &[u8]) {
-        let start = self.bufs[0].len() as u32;
+        let start = self.bufs[0].len();
         let outcome = execute(shard, op, data, &mut self.bufs[0]);
         self.items[i] = OpResult {
             buf: 0,
             start,
-            end: self.bufs[0].len() as u32,
+            end: self.bufs[0].len(),
             outcome,
         };
     }
@@ -431,7 +502,7 @@ impl Results {
             reply.ends.len(),
             "shard answered a different number of ops"
         );
-        let buf = self.bufs.len() as u32;
+        let buf = self.bufs.len();
         let mut start = 0;
         for (&i, &(end, outcome)) in indices.iter().zip(&reply.ends) {
             self.items[i as usize] = OpResult {
@@ -447,7 +518,7 @@ impl Results {
 
     fn bytes(&self, i: u32) -> &[u8] {
         let r = &self.items[i as usize];
-        &self.bufs[r.buf as usize][r.start as usize..r.end as usize]
+        &self.bufs[r.buf][r.start..r.end]
     }
 
     fn outcome(&self, i: u32) -> Outcome {
@@ -471,13 +542,13 @@ pub fn serve_ops(shard: &mut Shard, ops: &[ShardOp], data: &[u8]) -> ShardReply 
         .iter()
         .map(|op| {
             let outcome = execute(shard, op, data, &mut out);
-            (out.len() as u32, outcome)
+            (out.len(), outcome)
         })
         .collect();
     ShardReply { out, ends }
 }
 
-/// Execute every op of `batch` on `shards` in this thread: tests, benches, fuzzing.
+/// Execute every op of `batch` on `shards` in this thread.
 pub fn execute_all(shards: &mut [Shard], batch: &Batch, data: &[u8], results: &mut Results) {
     results.reset(batch.ops.len());
     for (i, (s, op)) in batch.ops.iter().enumerate() {
@@ -485,10 +556,40 @@ pub fn execute_all(shards: &mut [Shard], batch: &Batch, data: &[u8], results: &m
     }
 }
 
+/// The whole request path in one thread, without sockets: answer every complete line
+/// of `input` into `out`, segment by segment, exactly as a connection does. Returns
+/// the bytes consumed. For tests, benches and fuzzing.
+pub fn answer_all(
+    shards: &mut [Shard],
+    framer: &mut Framer,
+    input: &[u8],
+    out: &mut Vec<u8>,
+    info: &dyn Fn() -> NodeInfo,
+) -> usize {
+    let mut batch = Batch::new(shards.len().trailing_zeros());
+    let mut results = Results::default();
+    let (mut used, mut segment) = (0, 0);
+    loop {
+        if batch.has_rest() {
+            batch.fill_rest(&input[segment..]);
+        } else {
+            segment = used;
+            used += batch.fill(framer, &input[used..]);
+            if batch.is_empty() {
+                return used;
+            }
+        }
+        execute_all(shards, &batch, &input[segment..], &mut results);
+        batch.assemble(&input[segment..], &results, info, out);
+        if batch.stopped() {
+            return used;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{next_line, parse, Frame};
 
     fn info() -> NodeInfo {
         NodeInfo {
@@ -501,30 +602,26 @@ mod tests {
             connections_total: 1,
             connections_rejected: 0,
             protocol_errors: 0,
+            memory_limit_bytes: 0,
         }
     }
 
     /// Run `input` through framing, parsing, planning, execution and assembly.
     fn run(shards: &mut [Shard], input: &str) -> String {
-        let data = input.as_bytes();
-        let mut batch = Batch::new(shards.len().trailing_zeros());
-        let mut at = 0;
-        while let Frame::Line(l, used) = next_line(&data[at..], 1 << 20) {
-            if let Some(cmd) = parse(l).transpose() {
-                batch.push(cmd, data);
-            }
-            at += used;
-        }
-        let mut results = Results::default();
-        execute_all(shards, &batch, data, &mut results);
         let mut out = Vec::new();
-        batch.assemble(data, &results, &info, &mut out);
+        answer_all(
+            shards,
+            &mut Framer::new(1 << 20),
+            input.as_bytes(),
+            &mut out,
+            &info,
+        );
         String::from_utf8(out).unwrap()
     }
 
     fn shards(n: usize) -> Vec<Shard> {
         (0..n)
-            .map(|i| Shard::new(i, n.trailing_zeros(), u64::MAX, 1 << 20))
+            .map(|i| Shard::new(i, n.trailing_zeros(), MemoryBudget::unlimited(), 1 << 20))
             .collect()
     }
 
@@ -551,6 +648,40 @@ mod tests {
             "MSET a 1 b 2 c 3\nMGET c x a b\nEXISTS a b x c\nDBSIZE\n",
         );
         assert_eq!(out, "OK\r\nVALUES 4\r\n3\r\n(null)\r\n1\r\n2\r\n3\r\n3\r\n");
+    }
+
+    #[test]
+    fn large_mget_spans_segments() {
+        let mut s = shards(2);
+        let mut input = String::from("SET k7 seven\nMGET");
+        let mut expected = format!("OK\r\nVALUES {}\r\n", 3 * SEGMENT_OPS_MAX + 5);
+        for i in 0..3 * SEGMENT_OPS_MAX + 5 {
+            input += &format!(" k{}", i % 10);
+            expected += if i % 10 == 7 {
+                "seven\r\n"
+            } else {
+                "(null)\r\n"
+            };
+        }
+        input += "\nGET k7\n";
+        expected += "seven\r\n";
+        assert_eq!(run(&mut s, &input), expected);
+    }
+
+    #[test]
+    fn segments_are_bounded() {
+        let mut batch = Batch::new(1);
+        let input = "GET a\n".repeat(SEGMENT_COMMANDS_MAX + 10);
+        let used = batch.fill(&mut Framer::new(100), input.as_bytes());
+        assert_eq!(batch.len(), SEGMENT_COMMANDS_MAX);
+        assert_eq!(used, SEGMENT_COMMANDS_MAX * 6);
+        let input = format!("EXISTS {}\nGET a\n", "k ".repeat(SEGMENT_OPS_MAX + 1));
+        batch.fill(&mut Framer::new(10_000), input.as_bytes());
+        assert_eq!(
+            batch.len(),
+            1,
+            "a segment ends once its ops budget is spent"
+        );
     }
 
     #[test]
@@ -588,7 +719,10 @@ mod tests {
 
     #[test]
     fn mset_reports_storage_full() {
-        let mut s: Vec<Shard> = (0..2).map(|i| Shard::new(i, 1, 100, 1 << 20)).collect();
+        let budget = MemoryBudget::new(100);
+        let mut s: Vec<Shard> = (0..2)
+            .map(|i| Shard::new(i, 1, budget.clone(), 1 << 20))
+            .collect();
         let out = run(&mut s, "MSET a 1 b 2 c 3 d 4 e 5\n");
         assert_eq!(out, "ERROR: Storage full\r\n");
     }

@@ -26,7 +26,10 @@ pub fn init(cfg: &LoggingConfig) -> Result<(), String> {
             }
         }
         None => {
-            let builder = builder.with_writer(std::io::stderr);
+            use std::io::IsTerminal;
+            let builder = builder
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr);
             if json {
                 builder.json().try_init()
             } else {

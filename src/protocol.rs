@@ -42,6 +42,64 @@ pub fn next_line(buf: &[u8], line_bytes_max: usize) -> Frame<'_> {
     }
 }
 
+/// What the [`Framer`] found next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step<'a> {
+    /// A complete line and the bytes it used up.
+    Line(&'a [u8], usize),
+    /// An over-long line starts here: answer it with [`ProtocolError::LineTooLong`].
+    /// The framer now skips input up to the end of that line.
+    TooLong,
+    /// Bytes of an over-long line, dropped.
+    Skip(usize),
+    /// Nothing more to do until more bytes arrive.
+    NeedMore,
+}
+
+/// Line framing with resynchronisation: after an over-long line, everything up to its
+/// newline is skipped and framing resumes with the next line, so one bad line costs
+/// one error reply, not the connection. The state survives between reads.
+#[derive(Debug)]
+pub struct Framer {
+    line_bytes_max: usize,
+    discarding: bool,
+}
+
+impl Framer {
+    pub fn new(line_bytes_max: usize) -> Framer {
+        Framer {
+            line_bytes_max,
+            discarding: false,
+        }
+    }
+
+    pub fn line_bytes_max(&self) -> usize {
+        self.line_bytes_max
+    }
+
+    /// The next step over `buf`, the input not yet consumed. Never `Skip(0)`.
+    pub fn next<'a>(&mut self, buf: &'a [u8]) -> Step<'a> {
+        if self.discarding {
+            return match memchr::memchr(b'\n', buf) {
+                Some(i) => {
+                    self.discarding = false;
+                    Step::Skip(i + 1)
+                }
+                None if buf.is_empty() => Step::NeedMore,
+                None => Step::Skip(buf.len()),
+            };
+        }
+        match next_line(buf, self.line_bytes_max) {
+            Frame::Line(line, used) => Step::Line(line, used),
+            Frame::Incomplete => Step::NeedMore,
+            Frame::TooLong => {
+                self.discarding = true;
+                Step::TooLong
+            }
+        }
+    }
+}
+
 /// A parsed command. Slices borrow from the received line.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 pub enum Command<'a> {
@@ -79,6 +137,27 @@ pub enum Command<'a> {
 pub struct Args<'a>(&'a [u8]);
 
 impl<'a> Args<'a> {
+    pub fn new(tokens: &'a [u8]) -> Args<'a> {
+        Args(tokens)
+    }
+    pub fn as_bytes(self) -> &'a [u8] {
+        self.0
+    }
+    /// The first `n` tokens, and the rest (possibly empty).
+    pub fn split_after(self, n: usize) -> (Args<'a>, Args<'a>) {
+        let mut seen = 0;
+        let mut at = 0;
+        while at < self.0.len() && seen < n {
+            while at < self.0.len() && self.0[at] == b' ' {
+                at += 1;
+            }
+            while at < self.0.len() && self.0[at] != b' ' {
+                at += 1;
+            }
+            seen += 1;
+        }
+        (Args(&self.0[..at]), Args(&self.0[at..]))
+    }
     pub fn iter(self) -> impl Iterator<Item = &'a [u8]> {
         self.0.split(|&b| b == b' ').filter(|t| !t.is_empty())
     }
@@ -384,6 +463,35 @@ mod tests {
         );
         assert_eq!(next_line(b"012345678\n", 9), Frame::Line(b"012345678", 10));
         assert_eq!(next_line(b"0123456789\n", 9), Frame::TooLong);
+    }
+
+    #[test]
+    fn framer_resynchronises_after_an_over_long_line() {
+        let mut f = Framer::new(4);
+        let input = b"GET a\nTOO LONG LINE\nGET b\n";
+        assert_eq!(f.next(input), Step::Line(b"GET a", 6));
+        assert_eq!(f.next(&input[6..]), Step::TooLong);
+        assert_eq!(f.next(&input[6..]), Step::Skip(14));
+        assert_eq!(f.next(&input[20..]), Step::Line(b"GET b", 6));
+        assert_eq!(f.next(b""), Step::NeedMore);
+        // An over-long line split across reads keeps being skipped until its newline.
+        let mut f = Framer::new(4);
+        assert_eq!(f.next(b"0123456"), Step::TooLong);
+        assert_eq!(f.next(b"0123456"), Step::Skip(7));
+        assert_eq!(f.next(b""), Step::NeedMore);
+        assert_eq!(f.next(b"789\nPING\n"), Step::Skip(4));
+        assert_eq!(f.next(b"PING\n"), Step::Line(b"PING", 5));
+    }
+
+    #[test]
+    fn args_split_after() {
+        let a = Args::new(b"a bb  ccc d");
+        let (head, rest) = a.split_after(2);
+        assert_eq!(head.iter().collect::<Vec<_>>(), [&b"a"[..], b"bb"]);
+        assert_eq!(rest.iter().collect::<Vec<_>>(), [&b"ccc"[..], b"d"]);
+        let (head, rest) = a.split_after(9);
+        assert_eq!(head.count(), 4);
+        assert_eq!(rest.count(), 0);
     }
 
     #[test]

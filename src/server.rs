@@ -11,7 +11,7 @@ use crate::connection::{self, LocalShard};
 use crate::dispatch::{serve_ops, ShardReply};
 use crate::keyspace::shard_bits;
 use crate::ops::ShardOp;
-use crate::shard::Shard;
+use crate::shard::{MemoryBudget, Shard};
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -145,10 +145,10 @@ fn spawn_threads(
         );
     }
     let storage = &shared.config.storage;
-    let bytes_limit = match storage.memory_limit_mb {
+    let budget = MemoryBudget::new(match storage.memory_limit_mb {
         0 => u64::MAX,
-        mb => mb.saturating_mul(1 << 20) / shards as u64,
-    };
+        mb => mb.saturating_mul(1 << 20),
+    });
     receivers
         .into_iter()
         .enumerate()
@@ -161,7 +161,7 @@ fn spawn_threads(
             };
             let value_max = shared.config.network.max_line_bytes;
             let shard =
-                (i < shards).then(|| Shard::new(i, shared.shard_bits, bytes_limit, value_max));
+                (i < shards).then(|| Shard::new(i, shared.shard_bits, budget.clone(), value_max));
             let name = if i < shards {
                 format!("shard-{i}")
             } else {
@@ -226,6 +226,7 @@ async fn accept_loop(shared: &Arc<Shared>, listener: tokio::net::TcpListener) {
         0..shards
     };
     let mut next = 0;
+    let mut last_reject_log = None;
     let mut shutdown = shared.shutdown.subscribe();
     let signal = shutdown_signal();
     tokio::pin!(signal);
@@ -245,8 +246,12 @@ async fn accept_loop(shared: &Arc<Shared>, listener: tokio::net::TcpListener) {
         };
         let max = shared.config.network.max_connections;
         if shared.connections.load(Relaxed) >= max {
-            shared.connections_rejected.fetch_add(1, Relaxed);
-            tracing::warn!(%peer, max, "connection refused: too many connections");
+            let total = shared.connections_rejected.fetch_add(1, Relaxed) + 1;
+            // One line per second at most: a connection flood must not flood the log.
+            if last_reject_log.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(1)) {
+                tracing::warn!(%peer, max, total, "connection refused: too many connections");
+                last_reject_log = Some(Instant::now());
+            }
             reject(stream, max);
             continue;
         }

@@ -9,6 +9,8 @@ use crate::keyspace::{shard_buckets, KeyHash, BUCKET_BITS};
 use crate::merkle::{entry_digest, xor_into, Digest, Subtree};
 use hashbrown::hash_table::Entry as Slot;
 use hashbrown::HashTable;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 /// Bytes charged per entry on top of its key and value: the table slot, the
 /// allocation rounding and the share of the Merkle tree. Close to what an entry costs
@@ -73,12 +75,53 @@ fn rehash(e: &Entry) -> u64 {
     KeyHash::of(e.key()).table_hash()
 }
 
+/// The node's `memory_limit_mb`, shared by its shards: each charges the bytes it
+/// stores, so one shard may use the whole budget (no per-shard split that would refuse
+/// a value the node has room for). The only state shards share; one atomic add per
+/// growing write.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    used: AtomicU64,
+    /// `u64::MAX` = unlimited.
+    limit: u64,
+}
+
+impl MemoryBudget {
+    pub fn new(limit: u64) -> Arc<MemoryBudget> {
+        Arc::new(MemoryBudget {
+            used: AtomicU64::new(0),
+            limit,
+        })
+    }
+
+    pub fn unlimited() -> Arc<MemoryBudget> {
+        MemoryBudget::new(u64::MAX)
+    }
+
+    /// Charge `n` bytes; false (and nothing charged) when that would pass the limit.
+    fn try_grow(&self, n: u64) -> bool {
+        let before = self.used.fetch_add(n, Relaxed);
+        if before.saturating_add(n) > self.limit {
+            self.used.fetch_sub(n, Relaxed);
+            return false;
+        }
+        true
+    }
+
+    fn shrink(&self, n: u64) {
+        self.used.fetch_sub(n, Relaxed);
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Relaxed)
+    }
+}
+
 /// Counters a shard keeps about itself (STATS, INFO).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ShardStats {
     pub keys: u64,
     pub bytes_used: u64,
-    pub bytes_limit: u64,
     pub gets: u64,
     pub get_hits: u64,
     pub writes: u64,
@@ -90,7 +133,6 @@ impl ShardStats {
     pub fn add(&mut self, o: &ShardStats) {
         self.keys += o.keys;
         self.bytes_used += o.bytes_used;
-        self.bytes_limit = self.bytes_limit.saturating_add(o.bytes_limit);
         self.gets += o.gets;
         self.get_hits += o.get_hits;
         self.writes += o.writes;
@@ -104,25 +146,29 @@ pub struct Shard {
     first_bucket: usize,
     tables: Vec<HashTable<Entry>>,
     tree: Subtree,
-    /// Bytes of keys, values and per-entry overhead; never above `bytes_limit` except
-    /// by shrinking writes and deletes, which are always allowed.
+    /// Bytes of keys, values and per-entry overhead this shard has charged to `budget`.
     bytes_used: u64,
-    bytes_limit: u64,
+    budget: Arc<MemoryBudget>,
     value_bytes_max: usize,
     pub stats: ShardStats,
 }
 
 impl Shard {
-    /// Shard `index` of `1 << shard_bits`, with its share of the byte budget
-    /// (`u64::MAX` = unlimited) and the largest value it stores.
-    pub fn new(index: usize, shard_bits: u32, bytes_limit: u64, value_bytes_max: usize) -> Shard {
+    /// Shard `index` of `1 << shard_bits`, charging the node's byte budget, storing
+    /// values of at most `value_bytes_max` bytes.
+    pub fn new(
+        index: usize,
+        shard_bits: u32,
+        budget: Arc<MemoryBudget>,
+        value_bytes_max: usize,
+    ) -> Shard {
         let range = shard_buckets(index, shard_bits);
         Shard {
             first_bucket: range.start,
             tables: (0..range.len()).map(|_| HashTable::new()).collect(),
             tree: Subtree::new(BUCKET_BITS - shard_bits),
             bytes_used: 0,
-            bytes_limit,
+            budget,
             value_bytes_max,
             stats: ShardStats::default(),
         }
@@ -151,8 +197,11 @@ impl Shard {
             Slot::Occupied(mut slot) => {
                 let e = slot.get_mut();
                 let (old, new) = (e.value().len() as u64, value.len() as u64);
-                if new > old && self.bytes_used + (new - old) > self.bytes_limit {
+                if new > old && !self.budget.try_grow(new - old) {
                     return Err(StoreError::StorageFull);
+                }
+                if new < old {
+                    self.budget.shrink(old - new);
                 }
                 xor_into(&mut delta, &entry_digest(key, e.value()));
                 e.set_value(value);
@@ -160,7 +209,7 @@ impl Shard {
             }
             Slot::Vacant(slot) => {
                 let cost = entry_bytes(key, value);
-                if self.bytes_used + cost > self.bytes_limit {
+                if !self.budget.try_grow(cost) {
                     return Err(StoreError::StorageFull);
                 }
                 slot.insert(Entry::new(key, value));
@@ -180,7 +229,9 @@ impl Shard {
         };
         let (e, _) = slot.remove();
         self.tree.toggle(b, &entry_digest(e.key(), e.value()));
-        self.bytes_used -= entry_bytes(e.key(), e.value());
+        let cost = entry_bytes(e.key(), e.value());
+        self.bytes_used -= cost;
+        self.budget.shrink(cost);
         self.stats.keys -= 1;
         true
     }
@@ -249,6 +300,7 @@ impl Shard {
     pub fn flush(&mut self) {
         self.tables.iter_mut().for_each(HashTable::clear);
         self.tree.clear();
+        self.budget.shrink(self.bytes_used);
         self.bytes_used = 0;
         self.stats.keys = 0;
     }
@@ -261,7 +313,6 @@ impl Shard {
     pub fn snapshot_stats(&self) -> ShardStats {
         ShardStats {
             bytes_used: self.bytes_used,
-            bytes_limit: self.bytes_limit,
             ..self.stats
         }
     }
@@ -274,7 +325,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn shard() -> Shard {
-        Shard::new(0, 0, u64::MAX, 1 << 20)
+        Shard::new(0, 0, MemoryBudget::unlimited(), 1 << 20)
     }
     fn h(k: &[u8]) -> KeyHash {
         KeyHash::of(k)
@@ -331,7 +382,7 @@ mod tests {
     fn shards_compose_to_the_single_shard_root() {
         let mut one = shard();
         let mut four: Vec<Shard> = (0..4)
-            .map(|i| Shard::new(i, 2, u64::MAX, 1 << 20))
+            .map(|i| Shard::new(i, 2, MemoryBudget::unlimited(), 1 << 20))
             .collect();
         for i in 0..2000 {
             let k = format!("key:{i}");
@@ -348,7 +399,7 @@ mod tests {
     #[test]
     fn memory_limit_rejects_growth_but_allows_shrinking_and_deletes() {
         let limit = 3 * (ENTRY_OVERHEAD_BYTES + 2 + 10);
-        let mut s = Shard::new(0, 0, limit, 1 << 20);
+        let mut s = Shard::new(0, 0, MemoryBudget::new(limit), 1 << 20);
         for k in [b"k1", b"k2", b"k3"] {
             s.set(h(k), k, b"0123456789").unwrap();
         }
@@ -367,15 +418,42 @@ mod tests {
     }
 
     #[test]
+    fn shards_share_one_budget() {
+        let budget = MemoryBudget::new(1000);
+        let mut a = Shard::new(0, 1, budget.clone(), 1 << 20);
+        let mut b = Shard::new(1, 1, budget.clone(), 1 << 20);
+        let (ka, kb) = (key_in(0), key_in(1));
+        // One shard may take (nearly) all of it: no per-shard split.
+        a.set(h(&ka), &ka, &[b'x'; 800]).unwrap();
+        assert_eq!(
+            b.set(h(&kb), &kb, &[b'x'; 200]),
+            Err(StoreError::StorageFull)
+        );
+        assert!(a.del(h(&ka), &ka));
+        b.set(h(&kb), &kb, &[b'x'; 800]).unwrap();
+        assert_eq!(budget.used(), b.snapshot_stats().bytes_used);
+        b.flush();
+        assert_eq!(budget.used(), 0);
+    }
+
+    /// A key owned by `shard` of a 2-shard node.
+    fn key_in(shard: usize) -> Vec<u8> {
+        (0..)
+            .map(|i| format!("k{i}").into_bytes())
+            .find(|k| h(k).shard(1) == shard)
+            .unwrap()
+    }
+
+    #[test]
     fn incr_and_concat() {
-        let mut s = Shard::new(0, 0, u64::MAX, 8);
+        let mut s = Shard::new(0, 0, MemoryBudget::unlimited(), 8);
         assert_eq!(s.incr(h(b"n"), b"n", 5), Ok(5));
         assert_eq!(s.incr(h(b"n"), b"n", -7), Ok(-2));
         s.set(h(b"t"), b"t", b"abc").unwrap();
         assert_eq!(s.incr(h(b"t"), b"t", 1), Err(StoreError::NotAnInteger));
         s.set(h(b"m"), b"m", i64::MAX.to_string().as_bytes())
             .unwrap_err(); // 19 bytes > 8
-        let mut s = Shard::new(0, 0, u64::MAX, 64);
+        let mut s = Shard::new(0, 0, MemoryBudget::unlimited(), 64);
         s.set(h(b"m"), b"m", i64::MAX.to_string().as_bytes())
             .unwrap();
         assert_eq!(s.incr(h(b"m"), b"m", 1), Err(StoreError::Overflow));

@@ -16,6 +16,7 @@ enum Op {
     Exists(u8),
     Incr(u8, i32),
     Append(u8, String),
+    Prepend(u8, String),
     Mget(Vec<u8>),
     Mset(Vec<(u8, String)>),
     Dbsize,
@@ -42,6 +43,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => k.clone().prop_map(Op::Exists),
         1 => (k.clone(), -5i32..5).prop_map(|(k, d)| Op::Incr(k, d)),
         1 => (k.clone(), value()).prop_map(|(k, v)| Op::Append(k, v)),
+        1 => (k.clone(), value()).prop_map(|(k, v)| Op::Prepend(k, v)),
         1 => prop::collection::vec(k.clone(), 1..6).prop_map(Op::Mget),
         1 => prop::collection::vec((k, token()), 1..5).prop_map(Op::Mset),
         1 => Just(Op::Dbsize),
@@ -72,7 +74,11 @@ fn apply(model: &mut HashMap<String, String>, op: &Op) -> (String, Vec<String>) 
             vec![u8::from(model.contains_key(&key(*k))).to_string()],
         ),
         Op::Incr(k, d) => {
-            let line = format!("INCR {} {d}", key(*k));
+            let line = if *d < 0 {
+                format!("DECR {} {}", key(*k), -d)
+            } else {
+                format!("INCR {} {d}", key(*k))
+            };
             match model.get(&key(*k)).map(|v| v.parse::<i64>()) {
                 Some(Err(_)) => (line, vec!["ERROR: Value is not an integer".into()]),
                 cur => {
@@ -85,6 +91,11 @@ fn apply(model: &mut HashMap<String, String>, op: &Op) -> (String, Vec<String>) 
         Op::Append(k, v) => {
             model.entry(key(*k)).or_default().push_str(v);
             (format!("APPEND {} {v}", key(*k)), vec!["OK".into()])
+        }
+        Op::Prepend(k, v) => {
+            let cur = model.entry(key(*k)).or_default();
+            *cur = format!("{v}{cur}");
+            (format!("PREPEND {} {v}", key(*k)), vec!["OK".into()])
         }
         Op::Mget(ks) => {
             let mut reply = vec![format!("VALUES {}", ks.len())];
@@ -115,6 +126,17 @@ fn check(clients: &mut [Client], ops: &[Op]) -> Result<(), TestCaseError> {
             prop_assert_eq!(&c.cmd(&line), &expected, "{}", line);
         }
     }
+    for c in clients.iter_mut() {
+        let mut keys = scan_all(c);
+        keys.sort();
+        let mut expected: Vec<String> = model.keys().cloned().collect();
+        expected.sort();
+        prop_assert_eq!(
+            keys,
+            expected,
+            "SCAN * does not list exactly the model's keys"
+        );
+    }
     let roots: Vec<String> = clients.iter_mut().map(|c| c.one("HASH")).collect();
     prop_assert!(
         roots.iter().all(|r| r == &roots[0]),
@@ -136,6 +158,21 @@ fn check(clients: &mut [Client], ops: &[Op]) -> Result<(), TestCaseError> {
         prop_assert_eq!(c.reply(), e);
     }
     Ok(())
+}
+
+/// Every key, by paging `SCAN *` with a small count until the cursor is 0.
+fn scan_all(c: &mut Client) -> Vec<String> {
+    let (mut keys, mut cursor) = (Vec::new(), "0".to_string());
+    loop {
+        let reply = c.cmd(&format!("SCAN * {cursor} 5"));
+        let head: Vec<&str> = reply[0].split(' ').collect();
+        assert_eq!(head[0], "KEYS");
+        keys.extend(reply[1..].iter().cloned());
+        cursor = head[1].to_string();
+        if cursor == "0" {
+            return keys;
+        }
+    }
 }
 
 #[test]

@@ -1,14 +1,17 @@
-//! Fuzz the native protocol front end: framing, parsing, planning, execution on two
-//! shards and reply assembly. Nothing may panic, every reply must end in CRLF, and a
-//! parsed SET must survive a print → parse round trip.
+//! Fuzz the native protocol front end exactly as a connection runs it, minus sockets:
+//! framing (with over-long-line resync), parsing, planning, execution on two shards and
+//! reply assembly (`dispatch::answer_all`). Nothing may panic, every reply must end in
+//! CRLF, and a parsed SET must survive a print → parse round trip.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use merkle_kv::dispatch::{execute_all, Batch, NodeInfo, Results};
-use merkle_kv::protocol::{next_line, parse, Command, Frame};
-use merkle_kv::shard::Shard;
+use merkle_kv::dispatch::{answer_all, NodeInfo};
+use merkle_kv::protocol::{parse, Command, Framer, Step};
+use merkle_kv::shard::{MemoryBudget, Shard};
+use std::cell::RefCell;
 
-const LINE_MAX: usize = 4096;
+/// Small, so the fuzzer reaches the line-too-long and storage-full paths.
+const LINE_MAX: usize = 256;
 
 fn info() -> NodeInfo {
     NodeInfo {
@@ -21,43 +24,50 @@ fn info() -> NodeInfo {
         connections_total: 0,
         connections_rejected: 0,
         protocol_errors: 0,
+        memory_limit_bytes: 1 << 14,
     }
 }
 
 thread_local! {
-    // Building shards (65,536 bucket tables, a 4 MB tree) costs more than a run, so
-    // they live across runs; the 64 KiB budget per shard keeps their state small.
-    static SHARDS: std::cell::RefCell<Vec<Shard>> =
-        std::cell::RefCell::new((0..2).map(|i| Shard::new(i, 1, 1 << 16, LINE_MAX)).collect());
+    // Building shards (65,536 bucket tables, a 4 MB tree) costs far more than a run, so
+    // they are built once and flushed after any run that stored something: every run
+    // starts from an empty node and a crash reproduces from its input alone.
+    static SHARDS: RefCell<Vec<Shard>> = RefCell::new({
+        let budget = MemoryBudget::new(1 << 14);
+        (0..2).map(|i| Shard::new(i, 1, budget.clone(), LINE_MAX)).collect()
+    });
 }
 
-fuzz_target!(|data: &[u8]| SHARDS.with_borrow_mut(|shards| run(shards, data)));
+fuzz_target!(|data: &[u8]| {
+    check_set_round_trip(data);
+    SHARDS.with_borrow_mut(|shards| {
+        let mut out = Vec::new();
+        let used = answer_all(shards, &mut Framer::new(LINE_MAX), data, &mut out, &info);
+        assert!(used <= data.len());
+        assert!(out.is_empty() || out.ends_with(b"\r\n"));
+        for s in shards.iter_mut() {
+            if s.snapshot_stats().keys > 0 {
+                s.flush();
+            }
+        }
+    });
+});
 
-fn run(shards: &mut [Shard], data: &[u8]) {
-    let mut batch = Batch::new(1);
+fn check_set_round_trip(data: &[u8]) {
+    let mut framer = Framer::new(LINE_MAX);
     let mut at = 0;
     loop {
-        match next_line(&data[at..], LINE_MAX) {
-            Frame::Line(line, used) => {
-                let parsed = parse(line);
-                if let Ok(Some(Command::Set(k, v))) = parsed {
+        match framer.next(&data[at..]) {
+            Step::Line(line, used) => {
+                if let Ok(Some(Command::Set(k, v))) = parse(line) {
                     let again = [b"SET ", k, b" ", v].concat();
                     assert_eq!(parse(&again), Ok(Some(Command::Set(k, v))));
                 }
-                if let Some(p) = parsed.transpose() {
-                    batch.push(p, data);
-                }
                 at += used;
             }
-            Frame::Incomplete | Frame::TooLong => break,
-        }
-        if batch.stopped() {
-            break;
+            Step::Skip(n) => at += n,
+            Step::TooLong => {}
+            Step::NeedMore => return,
         }
     }
-    let mut results = Results::default();
-    execute_all(shards, &batch, data, &mut results);
-    let mut out = Vec::new();
-    batch.assemble(data, &results, &info, &mut out);
-    assert!(out.is_empty() || out.ends_with(b"\r\n"));
 }
