@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # A/B-compare MerkleKV node settings under the same load, alternating variants so
 # drift on a shared machine hits both alike. Each variant is a space-separated list
-# of environment overrides for the node (see docs/CONFIGURATION.md).
+# of environment overrides for the node (see docs/CONFIGURATION.md); MKV_BIN=PATH in a
+# variant runs another merkle-kv binary (to compare builds: before/after a change).
 #
 # usage: loadtest/ab.sh [--reps N] [--duration SECS] [--pipelines "1 16"] VARIANT...
 # e.g.:  loadtest/ab.sh 'MERKLE_KV_NETWORK_IO_THREADS=0' 'MERKLE_KV_NETWORK_IO_THREADS=2'
 #        loadtest/ab.sh 'MERKLE_KV_STORAGE_PIN_THREADS=true' 'MERKLE_KV_STORAGE_PIN_THREADS=false'
+#        loadtest/ab.sh 'MKV_BIN=/tmp/before/merkle-kv' 'MKV_BIN=target/release/merkle-kv'
 set -euo pipefail
 reps=3 duration=8 pipelines="1 16"
 while [[ $# -gt 0 && "$1" == --* ]]; do
@@ -27,8 +29,9 @@ echo "| variant | pipeline | run | ops/s | p50 µs | p99 µs | errors |"
 echo "|---|---:|---:|---:|---:|---:|---:|"
 for rep in $(seq "$reps"); do
   for variant in "$@"; do
+    bin=$(sed -n 's/.*MKV_BIN=\([^ ]*\).*/\1/p' <<<"$variant")
     env $variant MERKLE_KV_NETWORK_BIND_PORT="$port" MERKLE_KV_MQTT_ENABLED=false \
-      MERKLE_KV_ANTI_ENTROPY_ENABLED=false "$target/release/merkle-kv" 2>/dev/null &
+      MERKLE_KV_ANTI_ENTROPY_ENABLED=false "${bin:-$target/release/merkle-kv}" 2>/dev/null &
     node=$!
     for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
     for p in $pipelines; do

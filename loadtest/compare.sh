@@ -72,11 +72,17 @@ enabled = false
 TOML
 "$target/release/merkle-kv" --config "$tmp/node.toml" >"$tmp/merkle-kv.log" 2>&1 &
 pids+=($!)
-wait_port "$mc_port"; wait_port "$redis_port"; wait_port "$mkv_port"
+# The same node with one shard: on a 2-core machine that also runs the load generator,
+# leaving a core to the client is worth measuring (see BENCHMARKS.md).
+mkv1_port=$(free_port)
+MERKLE_KV_NETWORK_BIND_PORT=$mkv1_port MERKLE_KV_STORAGE_SHARDS=1 \
+  "$target/release/merkle-kv" --config "$tmp/node.toml" >"$tmp/merkle-kv-1shard.log" 2>&1 &
+pids+=($!)
+wait_port "$mc_port"; wait_port "$redis_port"; wait_port "$mkv_port"; wait_port "$mkv1_port"
 
-servers=(memcached redis merklekv)
-declare -A port=([memcached]=$mc_port [redis]=$redis_port [merklekv]=$mkv_port)
-declare -A proto=([memcached]=memcache [redis]=resp [merklekv]=native)
+servers=(memcached redis merklekv merklekv-1shard)
+declare -A port=([memcached]=$mc_port [redis]=$redis_port [merklekv]=$mkv_port [merklekv-1shard]=$mkv1_port)
+declare -A proto=([memcached]=memcache [redis]=resp [merklekv]=native [merklekv-1shard]=native)
 status=0
 for pipeline in 1 16; do
   for s in "${servers[@]}"; do
@@ -96,17 +102,19 @@ def load(s, p):
 print("| pipeline | server | ops/s | p50 µs | p99 µs | errors |")
 print("|---:|---|---:|---:|---:|---:|")
 for p in (1, 16):
-    for s in ("memcached", "redis", "merklekv"):
+    for s in ("memcached", "redis", "merklekv", "merklekv-1shard"):
         r = load(s, p)
         if r:
             print(f"| {p} | {s} | {r['ops_per_sec']:.0f} | {r['p50_us']:.1f} | {r['p99_us']:.1f} | {r['errors']} |")
 print()
-print("| pipeline | MerkleKV/Redis ops/s | MerkleKV/memcached ops/s |")
-print("|---:|---:|---:|")
+print("| pipeline | node | ops/s vs Redis | ops/s vs memcached | p99 vs Redis |")
+print("|---:|---|---:|---:|---:|")
 for p in (1, 16):
-    m, r, c = load("merklekv", p), load("redis", p), load("memcached", p)
-    if m and r and c:
-        print(f"| {p} | {m['ops_per_sec']/r['ops_per_sec']:.2f} | {m['ops_per_sec']/c['ops_per_sec']:.2f} |")
+    r, c = load("redis", p), load("memcached", p)
+    for node in ("merklekv", "merklekv-1shard"):
+        m = load(node, p)
+        if m and r and c:
+            print(f"| {p} | {node} | {m['ops_per_sec']/r['ops_per_sec']:.2f}x | {m['ops_per_sec']/c['ops_per_sec']:.2f}x | {m['p99_us']/r['p99_us']:.2f}x |")
 PY
 echo "JSON results in $results/" >&2
 exit $status
