@@ -21,7 +21,11 @@ done
 [[ $# -ge 1 ]] || { sed -n '2,9p' "$0"; exit 2; }
 root="$(cd "$(dirname "$0")/.." && pwd)"
 target="${CARGO_TARGET_DIR:-$root/target}"
-[[ -x "$target/release/merkle-kv" && -x "$target/release/loadtest" ]] || cargo build --release -p merkle-kv -p loadtest
+# Always build (quick when up to date) so the binaries match the tree, and say which tree.
+cargo build --release -p merkle-kv -p loadtest >&2
+rev="$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+[[ -z "$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null)" ]] || rev="$rev (dirty tree)"
+echo "commit $rev"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 out="$(mktemp -d)"
 trap 'kill $node 2>/dev/null || true; rm -rf "$out"' EXIT

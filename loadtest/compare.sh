@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Runs the same workloads against memcached, Redis and a MerkleKV node on
-# loopback and prints a markdown table (ops/s, p50, p99 and MerkleKV's ratios).
-# Installs nothing: needs redis-server and memcached on PATH; builds
-# target/release/{merkle-kv,loadtest} if they are missing.
+# Runs the same workloads against memcached, Redis and MerkleKV nodes on
+# loopback, REPS times in alternating server order, and prints a markdown table
+# of medians (ops/s, p50, p99 and MerkleKV's ratios). Installs nothing: needs
+# redis-server and memcached on PATH; builds target/release/{merkle-kv,loadtest}.
 #
-# usage: loadtest/compare.sh [--duration SECS] [--results DIR]
+# usage: loadtest/compare.sh [--reps N] [--duration SECS] [--results DIR]
 set -euo pipefail
 
+reps=3
 duration=10
 results=loadtest-results
 while [[ $# -gt 0 ]]; do
   case "$1" in
+    --reps) reps="$2"; shift 2 ;;
     --duration) duration="$2"; shift 2 ;;
     --results) results="$2"; shift 2 ;;
     -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
@@ -24,9 +26,11 @@ for tool in redis-server memcached python3; do
   command -v "$tool" >/dev/null || { echo "compare.sh: $tool not found (apt-get install -y redis-server memcached)" >&2; exit 2; }
 done
 target="${CARGO_TARGET_DIR:-$root/target}"
-if [[ ! -x "$target/release/merkle-kv" || ! -x "$target/release/loadtest" ]]; then
-  cargo build --release -p merkle-kv -p loadtest
-fi
+# Always build (quick when up to date) so the binaries match the tree, and say which tree.
+cargo build --release -p merkle-kv -p loadtest >&2
+rev="$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+[[ -z "$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null)" ]] || rev="$rev (dirty tree)"
+echo "commit $rev"
 loadtest="$target/release/loadtest"
 mkdir -p "$results"
 tmp="$(mktemp -d)"
@@ -85,20 +89,35 @@ declare -A port=([memcached]=$mc_port [redis]=$redis_port [merklekv]=$mkv_port [
 declare -A proto=([memcached]=memcache [redis]=resp [merklekv]=native [merklekv-1shard]=native)
 status=0
 for pipeline in 1 16; do
-  for s in "${servers[@]}"; do
-    echo "== $s, pipeline $pipeline, $duration s" >&2
-    "$loadtest" --addr "127.0.0.1:${port[$s]}" --protocol "${proto[$s]}" \
-      --connections 50 --pipeline "$pipeline" --ratio 1:10 --keys 100000 --value-size 32 \
-      --prefill --duration "$duration" --quiet --json "$results/$s-p$pipeline.json" >&2 || status=1
+  for rep in $(seq "$reps"); do
+    # Alternate the order so drift during the reps hits every server alike.
+    order=("${servers[@]}")
+    (( rep % 2 == 0 )) && order=($(printf '%s\n' "${servers[@]}" | tac))
+    for s in "${order[@]}"; do
+      echo "== $s, pipeline $pipeline, rep $rep/$reps, $duration s" >&2
+      "$loadtest" --addr "127.0.0.1:${port[$s]}" --protocol "${proto[$s]}" \
+        --connections 50 --pipeline "$pipeline" --ratio 1:10 --keys 100000 --value-size 32 \
+        --prefill --duration "$duration" --quiet --json "$results/$s-p$pipeline-r$rep.json" >&2 || status=1
+    done
   done
 done
 
-python3 - "$results" <<'PY'
-import json, sys, os
-d = sys.argv[1]
+python3 - "$results" "$reps" <<'PY'
+import json, sys, os, statistics
+d, reps = sys.argv[1], int(sys.argv[2])
 def load(s, p):
-    path = os.path.join(d, f"{s}-p{p}.json")
-    return json.load(open(path)) if os.path.exists(path) else None
+    """Medians over the reps of this run, or None if a rep is missing."""
+    runs = []
+    for r in range(1, reps + 1):
+        path = os.path.join(d, f"{s}-p{p}-r{r}.json")
+        if not os.path.exists(path):
+            return None
+        runs.append(json.load(open(path)))
+    med = lambda k: statistics.median(x[k] for x in runs)
+    return {"ops_per_sec": med("ops_per_sec"), "p50_us": med("p50_us"), "p99_us": med("p99_us"),
+            "errors": sum(x["errors"] for x in runs)}
+print(f"Medians over {reps} runs; errors summed over the runs.")
+print()
 print("| pipeline | server | ops/s | p50 µs | p99 µs | errors |")
 print("|---:|---|---:|---:|---:|---:|")
 for p in (1, 16):

@@ -3,15 +3,27 @@
 #  1. RSS growth per key after writing 1,000,000 keys of 13 bytes with 32-byte values
 #     (fresh server each; RSS from /proc/PID/status before and after the prefill);
 #  2. SET-only throughput (pipeline 16, 50 connections) over 10,000 and 1,000,000 keys.
-# Needs redis-server and memcached on PATH; builds the release binaries if missing.
+#     With --reps N (default 1) each throughput run is done N times, alternating the
+#     server order, and the medians are printed.
+# Needs redis-server and memcached on PATH; builds the release binaries.
 #
-# usage: loadtest/scaling.sh [--duration SECS]
+# usage: loadtest/scaling.sh [--reps N] [--duration SECS]
 set -euo pipefail
-duration=8
-[[ "${1:-}" == "--duration" ]] && duration="$2"
+duration=8 reps=1
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --reps) reps="$2"; shift 2 ;;
+    --duration) duration="$2"; shift 2 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
 root="$(cd "$(dirname "$0")/.." && pwd)"
 target="${CARGO_TARGET_DIR:-$root/target}"
-[[ -x "$target/release/merkle-kv" && -x "$target/release/loadtest" ]] || cargo build --release -p merkle-kv -p loadtest
+# Always build (quick when up to date) so the binaries match the tree, and say which tree.
+cargo build --release -p merkle-kv -p loadtest >&2
+rev="$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+[[ -z "$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null)" ]] || rev="$rev (dirty tree)"
+echo "commit $rev"
 lt="$target/release/loadtest"
 out="$(mktemp -d)"
 pid=""
@@ -45,15 +57,32 @@ for s in merklekv redis memcached; do
   echo "| $s | $before | $after | $(( (after - before) * 1024 / 1000000 )) |"
   stop
 done
-echo
-echo "| server | keys | SET ops/s | p99 µs | errors |"
-echo "|---|---:|---:|---:|---:|"
-for s in merklekv redis memcached; do
-  for keys in 10000 1000000; do
-    port=$(free_port); start $s "$port"
-    "$lt" --addr "127.0.0.1:$port" --protocol "${proto[$s]}" --keys $keys --key-width 9 --value-size 32 \
-      --prefill --ratio 1:0 --connections 50 --pipeline 16 --duration "$duration" --quiet --json "$out/r.json" >/dev/null
-    python3 -c "import json; d=json.load(open('$out/r.json')); print(f\"| $s | $keys | {d['ops_per_sec']:.0f} | {d['p99_us']:.0f} | {d['errors']} |\")"
-    stop
+servers=(merklekv redis memcached)
+for keys in 10000 1000000; do
+  for rep in $(seq "$reps"); do
+    # Alternate the order so drift during the reps hits every server alike.
+    order=("${servers[@]}")
+    (( rep % 2 == 0 )) && order=($(printf '%s\n' "${servers[@]}" | tac))
+    for s in "${order[@]}"; do
+      port=$(free_port); start $s "$port"
+      "$lt" --addr "127.0.0.1:$port" --protocol "${proto[$s]}" --keys $keys --key-width 9 --value-size 32 \
+        --prefill --ratio 1:0 --connections 50 --pipeline 16 --duration "$duration" --quiet \
+        --json "$out/$s-$keys-$rep.json" >/dev/null || true
+      stop
+    done
   done
 done
+echo
+python3 - "$out" "$reps" <<'PY'
+import json, sys, os, statistics
+d, reps = sys.argv[1], int(sys.argv[2])
+print(f"SET throughput: medians over {reps} run(s); errors summed over the runs.")
+print()
+print("| server | keys | SET ops/s | p99 µs | errors |")
+print("|---|---:|---:|---:|---:|")
+for s in ("merklekv", "redis", "memcached"):
+    for keys in (10000, 1000000):
+        runs = [json.load(open(os.path.join(d, f"{s}-{keys}-{r}.json"))) for r in range(1, reps + 1)]
+        med = lambda k: statistics.median(x[k] for x in runs)
+        print(f"| {s} | {keys} | {med('ops_per_sec'):.0f} | {med('p99_us'):.0f} | {sum(x['errors'] for x in runs)} |")
+PY

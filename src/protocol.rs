@@ -467,7 +467,7 @@ mod tests {
 
     #[test]
     fn framer_resynchronises_after_an_over_long_line() {
-        let mut f = Framer::new(4);
+        let mut f = Framer::new(5);
         let input = b"GET a\nTOO LONG LINE\nGET b\n";
         assert_eq!(f.next(input), Step::Line(b"GET a", 6));
         assert_eq!(f.next(&input[6..]), Step::TooLong);

@@ -7,9 +7,9 @@
 //! written into reused scratch buffers, and the in-flight queue is a
 //! `VecDeque` sized up front.
 
-use crate::keyspace::{Chooser, Keyspace, Rng};
+use crate::keyspace::{Chooser, Keyspace, Owned, Rng};
 use crate::options::{Options, Protocol};
-use crate::protocol::{self, Check, ErrorKind, Expect, Fault, Op};
+use crate::protocol::{self, Check, ErrorKind, Expect, Fault, Op, Presence};
 use crate::stats::ThreadStats;
 use crate::Error;
 use mio::net::TcpStream;
@@ -37,19 +37,19 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Where a connection's requests come from.
 #[derive(Clone, Debug)]
 pub enum Source {
-    /// SET every key in `next..end`, in order.
-    Prefill { next: u64, end: u64 },
+    /// SET every key the connection owns, from slot `next` on.
+    Prefill { next: u64 },
     /// Random operations; `left` requests remain if the run is request-bounded.
     Mixed { rng: Rng, left: Option<u64> },
 }
 
 impl Source {
-    fn next(&mut self, chooser: &Chooser) -> Option<(Op, u64)> {
+    fn next(&mut self, chooser: &Chooser, owned: &Owned) -> Option<(Op, u64)> {
         match self {
-            Source::Prefill { next, end } => {
-                if next < end {
+            Source::Prefill { next } => {
+                if *next < owned.len() {
                     *next += 1;
-                    Some((Op::Set, *next - 1))
+                    Some((Op::Set, owned.key(*next - 1)))
                 } else {
                     None
                 }
@@ -61,7 +61,7 @@ impl Source {
                     }
                     *left -= 1;
                 }
-                Some(chooser.next(rng))
+                Some(chooser.next(rng, owned))
             }
         }
     }
@@ -84,7 +84,6 @@ pub struct Phase<'a> {
     pub keyspace: &'a Keyspace,
     pub chooser: &'a Chooser,
     pub pacing: Pacing,
-    pub absent_ok: bool,
     /// Stop issuing requests at this time (duration-bounded runs).
     pub deadline: Option<Instant>,
     pub start: Instant,
@@ -114,6 +113,8 @@ impl Phase<'_> {
 struct Inflight {
     op: Op,
     key: u64,
+    /// The key's state before this request (see `Owned::on_encode`).
+    expect: Presence,
     /// Send time (closed loop) or intended send time (open loop), ns since start.
     t_ns: u64,
 }
@@ -134,6 +135,8 @@ pub struct Conn {
     inflight: VecDeque<Inflight>,
     key: Vec<u8>,
     value: Vec<u8>,
+    /// The keys this connection owns and their expected state.
+    owned: Owned,
     pub source: Source,
     /// Requests sent in this phase (open loop: position in the schedule).
     sent: u64,
@@ -176,7 +179,8 @@ impl Conn {
             })),
             key: Vec::with_capacity(ks.key_len()),
             value: Vec::with_capacity(opts.value_size.max),
-            source: Source::Prefill { next: 0, end: 0 },
+            owned: Owned::new(index as u64, opts.connections as u64, opts.keys),
+            source: Source::Prefill { next: 0 },
             sent: 0,
             exhausted: false,
         })
@@ -198,8 +202,19 @@ impl Conn {
         self.alive() && (!self.inflight.is_empty() || !(stopping || self.exhausted))
     }
 
+    /// Closes the connection after the reply to its oldest request failed
+    /// (or never came): the error names that request's key.
+    fn fail_oldest(&mut self, ks: &Keyspace, poll: &Poll, stats: &mut ThreadStats, fault: Fault) {
+        let op = self.inflight.front().map(|req| {
+            ks.write_key(req.key, &mut self.key);
+            req.op
+        });
+        self.fail(poll, stats, fault, op);
+    }
+
     /// Closes the connection after a failure: one error of `kind`, plus one
-    /// `Unanswered` per request still in flight.
+    /// `Unanswered` per request still in flight. With `op`, the failure is
+    /// that of the oldest request, whose key is in `self.key`.
     fn fail(&mut self, poll: &Poll, stats: &mut ThreadStats, fault: Fault, op: Option<Op>) {
         stats.error(fault, op, &self.key, self.addr);
         // The request whose reply failed (if any) was counted just now.
@@ -247,7 +262,7 @@ impl Conn {
 
     /// Encodes the next request; false when the source is exhausted.
     fn push_request(&mut self, phase: &Phase<'_>, t_ns: u64) -> bool {
-        let Some((op, key)) = self.source.next(phase.chooser) else {
+        let Some((op, key)) = self.source.next(phase.chooser, &self.owned) else {
             self.exhausted = true;
             return false;
         };
@@ -256,7 +271,13 @@ impl Conn {
             phase.keyspace.write_value(key, &mut self.value);
         }
         protocol::encode(phase.protocol, op, &self.key, &self.value, &mut self.wbuf);
-        self.inflight.push_back(Inflight { op, key, t_ns });
+        let expect = self.owned.on_encode(op, key);
+        self.inflight.push_back(Inflight {
+            op,
+            key,
+            expect,
+            t_ns,
+        });
         self.sent += 1;
         true
     }
@@ -292,8 +313,7 @@ impl Conn {
                         kind: ErrorKind::Desync,
                         what: "reply larger than the read buffer",
                     };
-                    let op = self.inflight.front().map(|i| i.op);
-                    return self.fail(poll, stats, f, op);
+                    return self.fail_oldest(phase.keyspace, poll, stats, f);
                 }
                 self.rbuf.copy_within(self.rstart..self.rend, 0);
                 self.rend -= self.rstart;
@@ -344,7 +364,7 @@ impl Conn {
                 op: req.op,
                 key: &self.key,
                 value: &self.value,
-                absent_ok: phase.absent_ok,
+                presence: req.expect,
             };
             match protocol::check(phase.protocol, &expect, &self.rbuf[self.rstart..self.rend]) {
                 Check::Incomplete => break,
@@ -358,6 +378,7 @@ impl Conn {
                 }
                 Check::Desync(f) => {
                     stats.reply(req.op, now_ns, now_ns.saturating_sub(req.t_ns));
+                    // `self.key` holds this request's key.
                     self.fail(poll, stats, f, Some(req.op));
                     return false;
                 }
@@ -382,25 +403,40 @@ impl Conn {
             return;
         };
         if now_ns.saturating_sub(oldest.t_ns) > phase.reply_timeout.as_nanos() as u64 {
-            let op = Some(oldest.op);
             let f = Fault {
                 kind: ErrorKind::Timeout,
                 what: "no reply within --reply-timeout",
             };
-            self.fail(poll, stats, f, op);
+            self.fail_oldest(phase.keyspace, poll, stats, f);
         }
     }
 
-    /// Open loop: requests due before the deadline that were never sent.
-    fn unsent_at(&self, phase: &Phase<'_>, deadline_ns: u64) -> u64 {
+    /// Open loop: records each request due before the deadline that was
+    /// never sent (for whatever reason, a dead connection included) as an
+    /// `Unsent` error with latency `end_ns - due`: hiding them would let a
+    /// client that fell behind report the latency of the requests it managed
+    /// to send only. The operation is drawn as if the request had been sent.
+    fn record_unsent(
+        &mut self,
+        phase: &Phase<'_>,
+        deadline_ns: u64,
+        end_ns: u64,
+        stats: &mut ThreadStats,
+    ) {
         let Pacing::Open { rate, conns } = phase.pacing else {
-            return 0;
+            return;
         };
         let due_total = (deadline_ns as f64 * rate / 1e9).ceil() as u64;
         let mine = due_total
             .saturating_sub(self.index as u64)
             .div_ceil(conns as u64);
-        mine.saturating_sub(self.sent)
+        for k in self.sent..mine {
+            let Some((op, _)) = self.source.next(phase.chooser, &self.owned) else {
+                break;
+            };
+            let due = phase.due_ns(self.index, k);
+            stats.unsent(op, end_ns.saturating_sub(due), self.addr);
+        }
     }
 }
 
@@ -443,20 +479,11 @@ pub fn run_thread(conns: &mut [Conn], phase: &Phase<'_>) -> Result<ThreadStats, 
         }
     }
     let deadline_ns = phase.deadline.map(|d| phase.ns(d));
-    let mut stopped = false;
+    stats.deadline_ns = deadline_ns.unwrap_or(u64::MAX);
     let (mut ops_published, mut errors_published) = (0, 0);
     loop {
         let now_ns = phase.ns(Instant::now());
         let stopping = deadline_ns.is_some_and(|d| now_ns >= d);
-        if stopping && !stopped {
-            stopped = true;
-            let d = deadline_ns.expect("stopping implies a deadline");
-            stats.unsent += conns
-                .iter()
-                .filter(|c| c.alive())
-                .map(|c| c.unsent_at(phase, d))
-                .sum::<u64>();
-        }
         let mut busy = false;
         let mut next_due = u64::MAX;
         for c in conns.iter_mut() {
@@ -505,6 +532,11 @@ pub fn run_thread(conns: &mut [Conn], phase: &Phase<'_>) -> Result<ThreadStats, 
         }
     }
     stats.end_ns = phase.ns(Instant::now());
+    if let Some(d) = deadline_ns {
+        for c in conns.iter_mut() {
+            c.record_unsent(phase, d, stats.end_ns, &mut stats);
+        }
+    }
     Ok(stats)
 }
 

@@ -1,5 +1,5 @@
-//! Key names, the value of each key, and the seeded random choice of key and
-//! operation.
+//! Key names, the value of each key, which connection owns which key, and
+//! the seeded random choice of key and operation.
 //!
 //! Key `n` is `<prefix><n zero-padded to width>`, so all keys have the same
 //! length (`key:00042` for 100 000 keys). The value of key `n` depends only on
@@ -7,7 +7,7 @@
 //! GET reply can be checked byte for byte, by any run, with no shared state.
 
 use crate::options::{Distribution, Options, Ratio, SizeRange};
-use crate::protocol::Op;
+use crate::protocol::{Op, Presence};
 
 /// Characters of generated values: lowercase letters and digits 2-7 (the
 /// base32 alphabet). None of the protocols' reply words (`OK`, `ERROR`,
@@ -149,25 +149,85 @@ impl Zipf {
     }
 }
 
+/// The keys one connection owns and what it knows about each.
+///
+/// Connection `c` of `C` only ever touches keys `k` with `k % C == c`, so no
+/// other client changes them and the connection can tell exactly whether
+/// each key must exist: the server answers a connection's requests in
+/// order, so a request sees the effect of every earlier request on it.
+#[derive(Clone, Debug)]
+pub struct Owned {
+    conn: u64,
+    conns: u64,
+    /// Indexed by slot `k / C`.
+    states: Vec<Presence>,
+}
+
+impl Owned {
+    /// Keys of connection `conn` of `conns` among `keys` (`conn < keys`).
+    pub fn new(conn: u64, conns: u64, keys: u64) -> Self {
+        let len = (keys - conn).div_ceil(conns);
+        Owned {
+            conn,
+            conns,
+            states: vec![Presence::Unknown; len as usize],
+        }
+    }
+
+    /// Number of keys owned.
+    pub fn len(&self) -> u64 {
+        self.states.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty()
+    }
+
+    /// The key in `slot` (`slot < len()`).
+    pub fn key(&self, slot: u64) -> u64 {
+        slot * self.conns + self.conn
+    }
+
+    /// Called when a request is encoded: returns what its reply must show
+    /// (the state after all earlier requests) and records the request's effect.
+    pub fn on_encode(&mut self, op: Op, key: u64) -> Presence {
+        debug_assert_eq!(key % self.conns, self.conn, "key of another connection");
+        let state = &mut self.states[(key / self.conns) as usize];
+        let before = *state;
+        match op {
+            Op::Set => *state = Presence::Present,
+            Op::Del => *state = Presence::Absent,
+            Op::Get => {}
+        }
+        before
+    }
+}
+
 /// Chooses the operation and key of each request of the measured phase.
 #[derive(Clone, Copy, Debug)]
 pub struct Chooser {
-    keys: u64,
+    /// Slots per connection, `ceil(keys / connections)`; the last slot does
+    /// not exist for some connections.
+    slots: u64,
     ratio: Ratio,
+    /// Over slots, so every connection's key popularity is skewed alike:
+    /// its own lowest key is its hottest.
     zipf: Option<Zipf>,
 }
 
 impl Chooser {
     pub fn new(opts: &Options) -> Self {
+        let slots = opts.keys.div_ceil(opts.connections as u64);
         Chooser {
-            keys: opts.keys,
+            slots,
             ratio: opts.ratio,
             zipf: (opts.distribution == Distribution::Zipfian)
-                .then(|| Zipf::new(opts.keys, opts.zipf_theta)),
+                .then(|| Zipf::new(slots, opts.zipf_theta)),
         }
     }
 
-    pub fn next(&self, rng: &mut Rng) -> (Op, u64) {
+    /// An operation and one of `owned`'s keys.
+    pub fn next(&self, rng: &mut Rng, owned: &Owned) -> (Op, u64) {
         let r = self.ratio;
         let total = r.set as u64 + r.get as u64 + r.del as u64;
         let pick = rng.below(total);
@@ -178,11 +238,18 @@ impl Chooser {
         } else {
             Op::Del
         };
-        let key = match &self.zipf {
-            Some(z) => z.sample(rng),
-            None => rng.below(self.keys),
+        // Redraw a slot past the end of `owned` (only the last slot can be,
+        // and slot 0 always exists), so the draw stays in the distribution.
+        let slot = loop {
+            let slot = match &self.zipf {
+                Some(z) => z.sample(rng),
+                None => rng.below(self.slots),
+            };
+            if slot < owned.len() {
+                break slot;
+            }
         };
-        (op, key)
+        (op, owned.key(slot))
     }
 }
 
@@ -251,16 +318,57 @@ mod tests {
 
     #[test]
     fn mix_follows_the_ratio() {
-        let c = Chooser::new(&opts(&["--ratio", "1:2:1", "--keys", "10"]));
+        let o = opts(&["--ratio", "1:2:1", "--keys", "10", "--connections", "1"]);
+        let c = Chooser::new(&o);
+        let owned = Owned::new(0, 1, 10);
         let mut rng = Rng::new(9);
         let mut per_op = [0u32; 3];
         for _ in 0..40_000 {
-            let (op, key) = c.next(&mut rng);
+            let (op, key) = c.next(&mut rng, &owned);
             assert!(key < 10);
             per_op[op.index()] += 1;
         }
         for (got, want) in per_op.iter().zip([10_000, 20_000, 10_000]) {
             assert!(got.abs_diff(want) < 800, "{per_op:?}");
         }
+    }
+
+    #[test]
+    fn connections_own_disjoint_keys_covering_the_keyspace() {
+        for dist in ["uniform", "zipfian"] {
+            let o = opts(&["--keys", "10", "--connections", "4", "--distribution", dist]);
+            let c = Chooser::new(&o);
+            let mut seen = std::collections::BTreeSet::new();
+            for conn in 0..4 {
+                let owned = Owned::new(conn, 4, 10);
+                assert_eq!(owned.len(), [3, 3, 2, 2][conn as usize]);
+                let mut rng = Rng::new(conn);
+                for _ in 0..2000 {
+                    let (_, key) = c.next(&mut rng, &owned);
+                    assert_eq!(key % 4, conn, "{dist}: key {key} not owned by {conn}");
+                    assert!(key < 10);
+                    seen.insert(key);
+                }
+            }
+            assert_eq!(seen.len(), 10, "{dist}: every key is drawn: {seen:?}");
+        }
+    }
+
+    #[test]
+    fn expectation_is_the_state_after_earlier_requests() {
+        use Presence::*;
+        let mut owned = Owned::new(1, 3, 10); // keys 1, 4, 7
+        assert_eq!(owned.on_encode(Op::Get, 4), Unknown);
+        assert_eq!(owned.on_encode(Op::Del, 4), Unknown);
+        assert_eq!(owned.on_encode(Op::Get, 4), Absent);
+        assert_eq!(owned.on_encode(Op::Del, 4), Absent);
+        assert_eq!(owned.on_encode(Op::Set, 4), Absent);
+        assert_eq!(owned.on_encode(Op::Get, 4), Present);
+        assert_eq!(owned.on_encode(Op::Set, 4), Present);
+        assert_eq!(owned.on_encode(Op::Del, 4), Present);
+        assert_eq!(owned.on_encode(Op::Get, 4), Absent);
+        // Other keys are untouched.
+        assert_eq!(owned.on_encode(Op::Get, 1), Unknown);
+        assert_eq!(owned.on_encode(Op::Get, 7), Unknown);
     }
 }

@@ -81,13 +81,10 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     let conns = opts.connections as u64;
 
     let prefill = if opts.prefill {
+        // Each key is written by the connection that owns it, so through
+        // that connection's node only (see `keyspace::Owned`).
         for c in groups.iter_mut().flatten() {
-            let part = |i: u64| (opts.keys as u128 * i as u128 / conns as u128) as u64;
-            let i = c.index as u64;
-            c.begin(Source::Prefill {
-                next: part(i),
-                end: part(i + 1),
-            });
+            c.begin(Source::Prefill { next: 0 });
         }
         let start = Instant::now();
         let pacing = Pacing::Closed {
@@ -203,7 +200,6 @@ fn run_phase(
         keyspace,
         chooser,
         pacing,
-        absent_ok: opts.absent_ok(),
         deadline,
         start,
         reply_timeout: Duration::from_secs_f64(opts.reply_timeout),

@@ -128,7 +128,7 @@ pub struct Options {
     /// Skew of the zipfian distribution, in (0, 1).
     #[arg(long, default_value_t = 0.99)]
     pub zipf_theta: f64,
-    /// Write every key once (pipelined) before the measured phase.
+    /// Write every key once (pipelined, each through its owning connection) before the measured phase.
     #[arg(long)]
     pub prefill: bool,
     /// Client threads; each runs one event loop over its share of connections.
@@ -191,8 +191,11 @@ impl Options {
         if self.threads == 0 {
             return bad("--threads must be at least 1".into());
         }
-        if self.keys == 0 {
-            return bad("--keys must be at least 1".into());
+        // Each connection owns the keys k with k % connections == its index.
+        if self.keys < self.connections as u64 {
+            return bad(
+                "--keys must be at least --connections (each connection owns its keys)".into(),
+            );
         }
         if self.requests.is_none() && !(self.duration > 0.0 && self.duration.is_finite()) {
             return bad("--duration must be a positive number of seconds".into());
@@ -225,11 +228,6 @@ impl Options {
     /// Threads actually used: never more than connections.
     pub fn threads_used(&self) -> usize {
         self.threads.min(self.connections)
-    }
-
-    /// Whether a GET or DEL may find its key absent without that being an error.
-    pub fn absent_ok(&self) -> bool {
-        !self.prefill || self.ratio.del > 0 || self.addr.len() > 1
     }
 }
 
@@ -290,7 +288,6 @@ mod tests {
         );
         assert_eq!(o.value_size, SizeRange { min: 10, max: 20 });
         assert_eq!(o.requests, Some(5));
-        assert!(o.absent_ok());
         assert!(
             Options::try_parse_from(["loadtest", "--requests", "5", "--duration", "1"]).is_err()
         );
@@ -309,6 +306,7 @@ mod tests {
         };
         assert!(with(&["--pipeline", "0"]).is_err());
         assert!(with(&["--connections", "0"]).is_err());
+        assert!(with(&["--connections", "10", "--keys", "9"]).is_err());
         assert!(with(&["--keys", "1000", "--key-width", "2"]).is_err());
         assert!(with(&["--keys", "1000", "--key-width", "9"]).is_ok());
         assert!(with(&["--zipf-theta", "1"]).is_err());

@@ -50,6 +50,8 @@ pub enum ErrorKind {
     WrongContent,
     /// "Absent" (or NOT_FOUND) for a key that must exist.
     Missing,
+    /// A value (or DELETED) for a key that must not exist.
+    Unexpected,
     /// Bytes that are not a reply of the protocol; the connection is closed.
     Desync,
     /// The server closed the connection or a socket call failed.
@@ -59,19 +61,23 @@ pub enum ErrorKind {
     /// Requests still in flight on a connection that was closed for one of
     /// the reasons above.
     Unanswered,
+    /// Open loop: requests due before the deadline that were never sent.
+    Unsent,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 9] = [
+    pub const ALL: [ErrorKind; 11] = [
         ErrorKind::ServerError,
         ErrorKind::WrongType,
         ErrorKind::WrongLength,
         ErrorKind::WrongContent,
         ErrorKind::Missing,
+        ErrorKind::Unexpected,
         ErrorKind::Desync,
         ErrorKind::Dropped,
         ErrorKind::Timeout,
         ErrorKind::Unanswered,
+        ErrorKind::Unsent,
     ];
 
     pub fn index(self) -> usize {
@@ -85,10 +91,12 @@ impl ErrorKind {
             ErrorKind::WrongLength => "wrong_length",
             ErrorKind::WrongContent => "wrong_content",
             ErrorKind::Missing => "missing",
+            ErrorKind::Unexpected => "unexpected",
             ErrorKind::Desync => "desync",
             ErrorKind::Dropped => "dropped",
             ErrorKind::Timeout => "timeout",
             ErrorKind::Unanswered => "unanswered",
+            ErrorKind::Unsent => "unsent",
         }
     }
 }
@@ -121,6 +129,18 @@ pub enum Reply<'a> {
     Other,
 }
 
+/// Whether a key exists on the server when a request reaches it, as far as
+/// the connection that owns the key knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Presence {
+    /// Not touched yet in this run and no prefill: absent or the key's value.
+    Unknown,
+    /// Written (by the owner's SET or the prefill).
+    Present,
+    /// Deleted by the owner's DEL.
+    Absent,
+}
+
 /// What the request in flight expects.
 #[derive(Clone, Copy, Debug)]
 pub struct Expect<'a> {
@@ -128,8 +148,8 @@ pub struct Expect<'a> {
     pub key: &'a [u8],
     /// The key's value (only looked at for GET).
     pub value: &'a [u8],
-    /// Whether the key may legitimately not exist.
-    pub absent_ok: bool,
+    /// The key's state after all earlier requests of the connection.
+    pub presence: Presence,
 }
 
 /// Result of checking the start of the read buffer.
@@ -160,18 +180,20 @@ pub fn check(protocol: Protocol, expect: &Expect<'_>, buf: &[u8]) -> Check {
 
 /// Compares a classified reply with the expectation.
 pub fn validate(expect: &Expect<'_>, reply: Reply<'_>) -> Result<(), Fault> {
-    let absent = |what| {
-        if expect.absent_ok {
-            Ok(())
-        } else {
-            Err(fault(ErrorKind::Missing, what))
-        }
+    let absent = |what| match expect.presence {
+        Presence::Present => Err(fault(ErrorKind::Missing, what)),
+        Presence::Unknown | Presence::Absent => Ok(()),
+    };
+    let present = |what| match expect.presence {
+        Presence::Absent => Err(fault(ErrorKind::Unexpected, what)),
+        Presence::Unknown | Presence::Present => Ok(()),
     };
     match (expect.op, reply) {
         (_, Reply::ServerError) => Err(fault(ErrorKind::ServerError, "server error reply")),
         (Op::Set, Reply::Stored) => Ok(()),
         (Op::Get, Reply::Absent) => absent("GET found no value for a key that must exist"),
         (Op::Get, Reply::Value { key, data }) => {
+            present("GET found a value for a key that must not exist")?;
             if key.is_some_and(|k| k != expect.key) {
                 Err(fault(ErrorKind::WrongContent, "value for another key"))
             } else if data.len() != expect.value.len() {
@@ -182,7 +204,7 @@ pub fn validate(expect: &Expect<'_>, reply: Reply<'_>) -> Result<(), Fault> {
                 Ok(())
             }
         }
-        (Op::Del, Reply::Deleted) => Ok(()),
+        (Op::Del, Reply::Deleted) => present("DEL deleted a key that must not exist"),
         (Op::Del, Reply::NotFound) => absent("DEL found no key that must exist"),
         _ => Err(fault(ErrorKind::WrongType, "reply of the wrong type")),
     }
@@ -452,17 +474,17 @@ mod tests {
     const KEY: &[u8] = b"key:042";
     const VALUE: &[u8] = b"abcdefgh";
 
-    fn expect(op: Op, absent_ok: bool) -> Expect<'static> {
+    fn expect(op: Op, presence: Presence) -> Expect<'static> {
         Expect {
             op,
             key: KEY,
             value: VALUE,
-            absent_ok,
+            presence,
         }
     }
 
-    fn kind(protocol: Protocol, op: Op, absent_ok: bool, bytes: &[u8]) -> Result<(), ErrorKind> {
-        match check(protocol, &expect(op, absent_ok), bytes) {
+    fn kind(protocol: Protocol, op: Op, p: Presence, bytes: &[u8]) -> Result<(), ErrorKind> {
+        match check(protocol, &expect(op, p), bytes) {
             Check::Reply { consumed, result } => {
                 assert_eq!(
                     consumed,
@@ -476,77 +498,89 @@ mod tests {
         }
     }
 
-    /// (protocol, op, absent_ok, reply, expected outcome).
-    type Case = (Protocol, Op, bool, &'static [u8], Result<(), ErrorKind>);
+    /// (protocol, op, presence expected, reply, expected outcome).
+    type Case = (Protocol, Op, Presence, &'static [u8], Result<(), ErrorKind>);
 
     /// One table for all three protocols.
     #[rustfmt::skip]
     fn cases() -> Vec<Case> {
         use ErrorKind::*;
         use Op::*;
+        use Presence::*;
         use Protocol::*;
         vec![
             // native
-            (Native, Set, false, b"OK\r\n", Ok(())),
-            (Native, Set, false, b"DELETED\r\n", Err(WrongType)),
-            (Native, Set, false, b"ERROR: Storage full\r\n", Err(ServerError)),
-            (Native, Get, false, b"abcdefgh\r\n", Ok(())),
-            (Native, Get, false, b"abcdefg\r\n", Err(WrongLength)),
-            (Native, Get, false, b"abcdefgX\r\n", Err(WrongContent)),
-            (Native, Get, false, b"(null)\r\n", Err(Missing)),
-            (Native, Get, true, b"(null)\r\n", Ok(())),
-            (Native, Get, false, b"ERROR: unknown command\r\n", Err(ServerError)),
-            (Native, Get, false, b"abcdefgh\n", Err(Desync)),
-            (Native, Del, false, b"DELETED\r\n", Ok(())),
-            (Native, Del, false, b"NOT_FOUND\r\n", Err(Missing)),
-            (Native, Del, true, b"NOT_FOUND\r\n", Ok(())),
-            (Native, Del, true, b"OK\r\n", Err(WrongType)),
+            (Native, Set, Present, b"OK\r\n", Ok(())),
+            (Native, Set, Present, b"DELETED\r\n", Err(WrongType)),
+            (Native, Set, Present, b"ERROR: Storage full\r\n", Err(ServerError)),
+            (Native, Get, Present, b"abcdefgh\r\n", Ok(())),
+            (Native, Get, Present, b"abcdefg\r\n", Err(WrongLength)),
+            (Native, Get, Present, b"abcdefgX\r\n", Err(WrongContent)),
+            (Native, Get, Present, b"(null)\r\n", Err(Missing)),
+            (Native, Get, Unknown, b"(null)\r\n", Ok(())),
+            (Native, Get, Present, b"ERROR: unknown command\r\n", Err(ServerError)),
+            (Native, Get, Present, b"abcdefgh\n", Err(Desync)),
+            (Native, Del, Present, b"DELETED\r\n", Ok(())),
+            (Native, Del, Present, b"NOT_FOUND\r\n", Err(Missing)),
+            (Native, Del, Unknown, b"NOT_FOUND\r\n", Ok(())),
+            (Native, Del, Unknown, b"OK\r\n", Err(WrongType)),
+            (Native, Get, Absent, b"(null)\r\n", Ok(())),
+            (Native, Get, Absent, b"abcdefgh\r\n", Err(Unexpected)),
+            (Native, Get, Unknown, b"abcdefgX\r\n", Err(WrongContent)),
+            (Native, Del, Absent, b"NOT_FOUND\r\n", Ok(())),
+            (Native, Del, Absent, b"DELETED\r\n", Err(Unexpected)),
+            (Native, Del, Unknown, b"DELETED\r\n", Ok(())),
             // memcache
-            (Memcache, Set, false, b"STORED\r\n", Ok(())),
-            (Memcache, Set, false, b"NOT_STORED\r\n", Err(WrongType)),
-            (Memcache, Set, false, b"SERVER_ERROR out of memory\r\n", Err(ServerError)),
-            (Memcache, Set, false, b"ERROR\r\n", Err(ServerError)),
-            (Memcache, Set, false, b"VALUE key:042 0 8\r\nabcdefgh\r\nEND\r\n", Err(WrongType)),
-            (Memcache, Get, false, b"VALUE key:042 0 8\r\nabcdefgh\r\nEND\r\n", Ok(())),
-            (Memcache, Get, false, b"VALUE key:043 0 8\r\nabcdefgh\r\nEND\r\n", Err(WrongContent)),
-            (Memcache, Get, false, b"VALUE key:042 0 7\r\nabcdefg\r\nEND\r\n", Err(WrongLength)),
-            (Memcache, Get, false, b"VALUE key:042 0 8\r\nabcdXfgh\r\nEND\r\n", Err(WrongContent)),
-            (Memcache, Get, false, b"VALUE key:042 0 7\r\nabcdefgh\r\nEND\r\n", Err(Desync)),
-            (Memcache, Get, false, b"VALUE key:042 0 x\r\n", Err(Desync)),
-            (Memcache, Get, false, b"END\r\n", Err(Missing)),
-            (Memcache, Get, true, b"END\r\n", Ok(())),
-            (Memcache, Get, false, b"STORED\r\n", Err(WrongType)),
-            (Memcache, Del, false, b"DELETED\r\n", Ok(())),
-            (Memcache, Del, false, b"NOT_FOUND\r\n", Err(Missing)),
-            (Memcache, Del, false, b"CLIENT_ERROR bad command line format\r\n", Err(ServerError)),
+            (Memcache, Set, Present, b"STORED\r\n", Ok(())),
+            (Memcache, Set, Present, b"NOT_STORED\r\n", Err(WrongType)),
+            (Memcache, Set, Present, b"SERVER_ERROR out of memory\r\n", Err(ServerError)),
+            (Memcache, Set, Present, b"ERROR\r\n", Err(ServerError)),
+            (Memcache, Set, Present, b"VALUE key:042 0 8\r\nabcdefgh\r\nEND\r\n", Err(WrongType)),
+            (Memcache, Get, Present, b"VALUE key:042 0 8\r\nabcdefgh\r\nEND\r\n", Ok(())),
+            (Memcache, Get, Present, b"VALUE key:043 0 8\r\nabcdefgh\r\nEND\r\n", Err(WrongContent)),
+            (Memcache, Get, Present, b"VALUE key:042 0 7\r\nabcdefg\r\nEND\r\n", Err(WrongLength)),
+            (Memcache, Get, Present, b"VALUE key:042 0 8\r\nabcdXfgh\r\nEND\r\n", Err(WrongContent)),
+            (Memcache, Get, Present, b"VALUE key:042 0 7\r\nabcdefgh\r\nEND\r\n", Err(Desync)),
+            (Memcache, Get, Present, b"VALUE key:042 0 x\r\n", Err(Desync)),
+            (Memcache, Get, Present, b"END\r\n", Err(Missing)),
+            (Memcache, Get, Unknown, b"END\r\n", Ok(())),
+            (Memcache, Get, Present, b"STORED\r\n", Err(WrongType)),
+            (Memcache, Del, Present, b"DELETED\r\n", Ok(())),
+            (Memcache, Del, Present, b"NOT_FOUND\r\n", Err(Missing)),
+            (Memcache, Get, Absent, b"VALUE key:042 0 8\r\nabcdefgh\r\nEND\r\n", Err(Unexpected)),
+            (Memcache, Del, Absent, b"DELETED\r\n", Err(Unexpected)),
+            (Memcache, Del, Present, b"CLIENT_ERROR bad command line format\r\n", Err(ServerError)),
             // resp
-            (Resp, Set, false, b"+OK\r\n", Ok(())),
-            (Resp, Set, false, b"+QUEUED\r\n", Err(WrongType)),
-            (Resp, Set, false, b"-ERR wrong number of arguments\r\n", Err(ServerError)),
-            (Resp, Set, false, b"*2\r\n$1\r\na\r\n:1\r\n", Err(WrongType)),
-            (Resp, Get, false, b"$8\r\nabcdefgh\r\n", Ok(())),
-            (Resp, Get, false, b"$7\r\nabcdefg\r\n", Err(WrongLength)),
-            (Resp, Get, false, b"$8\r\nabcdefgX\r\n", Err(WrongContent)),
-            (Resp, Get, false, b"$7\r\nabcdefgh\r\n", Err(Desync)),
-            (Resp, Get, false, b"$-1\r\n", Err(Missing)),
-            (Resp, Get, true, b"$-1\r\n", Ok(())),
-            (Resp, Get, false, b":8\r\n", Err(WrongType)),
-            (Resp, Get, false, b"?what\r\n", Err(Desync)),
-            (Resp, Del, false, b":1\r\n", Ok(())),
-            (Resp, Del, false, b":0\r\n", Err(Missing)),
-            (Resp, Del, true, b":0\r\n", Ok(())),
-            (Resp, Del, true, b":2\r\n", Err(WrongType)),
-            (Resp, Del, true, b":x\r\n", Err(Desync)),
+            (Resp, Set, Present, b"+OK\r\n", Ok(())),
+            (Resp, Set, Present, b"+QUEUED\r\n", Err(WrongType)),
+            (Resp, Set, Present, b"-ERR wrong number of arguments\r\n", Err(ServerError)),
+            (Resp, Set, Present, b"*2\r\n$1\r\na\r\n:1\r\n", Err(WrongType)),
+            (Resp, Get, Present, b"$8\r\nabcdefgh\r\n", Ok(())),
+            (Resp, Get, Present, b"$7\r\nabcdefg\r\n", Err(WrongLength)),
+            (Resp, Get, Present, b"$8\r\nabcdefgX\r\n", Err(WrongContent)),
+            (Resp, Get, Present, b"$7\r\nabcdefgh\r\n", Err(Desync)),
+            (Resp, Get, Present, b"$-1\r\n", Err(Missing)),
+            (Resp, Get, Unknown, b"$-1\r\n", Ok(())),
+            (Resp, Get, Present, b":8\r\n", Err(WrongType)),
+            (Resp, Get, Present, b"?what\r\n", Err(Desync)),
+            (Resp, Del, Present, b":1\r\n", Ok(())),
+            (Resp, Del, Present, b":0\r\n", Err(Missing)),
+            (Resp, Del, Unknown, b":0\r\n", Ok(())),
+            (Resp, Get, Absent, b"$-1\r\n", Ok(())),
+            (Resp, Get, Absent, b"$8\r\nabcdefgh\r\n", Err(Unexpected)),
+            (Resp, Del, Absent, b":1\r\n", Err(Unexpected)),
+            (Resp, Del, Unknown, b":2\r\n", Err(WrongType)),
+            (Resp, Del, Unknown, b":x\r\n", Err(Desync)),
         ]
     }
 
     #[test]
     fn replies_are_classified_and_validated() {
-        for (protocol, op, absent_ok, bytes, want) in cases() {
+        for (protocol, op, presence, bytes, want) in cases() {
             assert_eq!(
-                kind(protocol, op, absent_ok, bytes),
+                kind(protocol, op, presence, bytes),
                 want,
-                "{protocol:?} {op:?} absent_ok={absent_ok} {:?}",
+                "{protocol:?} {op:?} {presence:?} {:?}",
                 String::from_utf8_lossy(bytes)
             );
         }
@@ -556,10 +590,10 @@ mod tests {
     /// reply: a reply split across reads at any byte is handled.
     #[test]
     fn every_prefix_of_a_reply_is_incomplete() {
-        for (protocol, op, absent_ok, bytes, _) in cases() {
+        for (protocol, op, presence, bytes, _) in cases() {
             for cut in 0..bytes.len() {
                 let prefix = &bytes[..cut];
-                let got = check(protocol, &expect(op, absent_ok), prefix);
+                let got = check(protocol, &expect(op, presence), prefix);
                 // A desync may be seen early (e.g. a bad type byte) but never
                 // a complete reply.
                 assert!(
@@ -574,13 +608,13 @@ mod tests {
     /// Extra bytes after a reply are left for the next request, not swallowed.
     #[test]
     fn extra_bytes_after_a_reply_are_not_consumed() {
-        for (protocol, op, absent_ok, bytes, want) in cases() {
+        for (protocol, op, presence, bytes, want) in cases() {
             if want == Err(ErrorKind::Desync) {
                 continue;
             }
             let mut long = bytes.to_vec();
             long.extend_from_slice(b"+garbage\r\n");
-            match check(protocol, &expect(op, absent_ok), &long) {
+            match check(protocol, &expect(op, presence), &long) {
                 Check::Reply { consumed, .. } => assert_eq!(consumed, bytes.len()),
                 other => panic!(
                     "{protocol:?} {:?} gave {other:?}",

@@ -20,9 +20,14 @@ fn histogram() -> Histogram<u64> {
 
 /// What one client thread measured in one phase.
 pub struct ThreadStats {
-    /// Latency in ns per operation type (indexed by `Op::index`).
+    /// Latency in ns per operation type (indexed by `Op::index`), of the
+    /// replies and of the open-loop requests never sent.
     pub latency: [Histogram<u64>; 3],
+    /// Replies per operation type.
     pub ops: [u64; 3],
+    /// Replies per operation type received by the deadline (all of them
+    /// without a deadline): the measured phase's throughput.
+    pub in_time: [u64; 3],
     pub op_errors: [u64; 3],
     /// Error counts indexed by `ErrorKind::index`.
     pub kinds: [u64; ErrorKind::ALL.len()],
@@ -33,7 +38,10 @@ pub struct ThreadStats {
     pub lag: Histogram<u64>,
     /// Open loop: requests due before the deadline that were never sent.
     pub unsent: u64,
-    /// When the thread finished, ns since the phase start.
+    /// End of the measured phase, ns since the phase start; `u64::MAX` for
+    /// a request-bounded phase (measured until the last reply).
+    pub deadline_ns: u64,
+    /// When the thread finished (after draining replies), ns since the phase start.
     pub end_ns: u64,
 }
 
@@ -48,12 +56,14 @@ impl ThreadStats {
         ThreadStats {
             latency: [histogram(), histogram(), histogram()],
             ops: [0; 3],
+            in_time: [0; 3],
             op_errors: [0; 3],
             kinds: [0; ErrorKind::ALL.len()],
             samples: Vec::new(),
             per_second: Vec::with_capacity(64),
             lag: histogram(),
             unsent: 0,
+            deadline_ns: u64::MAX,
             end_ns: 0,
         }
     }
@@ -61,6 +71,9 @@ impl ThreadStats {
     /// Records one reply (valid or not) received at `now_ns`.
     pub fn reply(&mut self, op: Op, now_ns: u64, latency_ns: u64) {
         self.ops[op.index()] += 1;
+        if now_ns <= self.deadline_ns {
+            self.in_time[op.index()] += 1;
+        }
         self.latency[op.index()].saturating_record(latency_ns.max(1));
         let second = (now_ns / 1_000_000_000) as usize;
         if second >= self.per_second.len() {
@@ -88,6 +101,19 @@ impl ThreadStats {
         }
     }
 
+    /// Records an open-loop request that was due but never sent.
+    pub fn unsent(&mut self, op: Op, latency_ns: u64, addr: SocketAddr) {
+        self.unsent += 1;
+        self.latency[op.index()].saturating_record(latency_ns.max(1));
+        self.op_errors[op.index()] += 1;
+        self.kinds[ErrorKind::Unsent.index()] += 1;
+        if self.unsent == 1 && self.samples.len() < ERROR_SAMPLES_MAX {
+            self.samples.push(format!(
+                "unsent: requests on {addr} were due before the deadline but never sent"
+            ));
+        }
+    }
+
     pub fn error_kind_only(&mut self, kind: ErrorKind) {
         self.kinds[kind.index()] += 1;
     }
@@ -111,6 +137,7 @@ impl ThreadStats {
                 .add(&other.latency[i])
                 .expect("histograms share bounds");
             self.ops[i] += other.ops[i];
+            self.in_time[i] += other.in_time[i];
             self.op_errors[i] += other.op_errors[i];
         }
         for (a, b) in self.kinds.iter_mut().zip(other.kinds) {
@@ -127,6 +154,7 @@ impl ThreadStats {
         }
         self.lag.add(&other.lag).expect("histograms share bounds");
         self.unsent += other.unsent;
+        self.deadline_ns = self.deadline_ns.min(other.deadline_ns);
         self.end_ns = self.end_ns.max(other.end_ns);
     }
 
@@ -146,7 +174,9 @@ fn us(ns: u64) -> f64 {
 /// Throughput and latency of a set of requests.
 #[derive(Clone, Debug, Serialize)]
 pub struct OpStats {
+    /// Replies, drained ones included.
     pub ops: u64,
+    /// Replies received by the deadline per second of the measured phase.
     pub ops_per_sec: f64,
     pub p50_us: f64,
     pub p90_us: f64,
@@ -157,12 +187,12 @@ pub struct OpStats {
 }
 
 impl OpStats {
-    fn new(h: &Histogram<u64>, errors: u64, secs: f64) -> Self {
+    fn new(h: &Histogram<u64>, ops: u64, in_time: u64, errors: u64, secs: f64) -> Self {
         let q = |p: f64| us(h.value_at_quantile(p));
         OpStats {
-            ops: h.len(),
+            ops,
             ops_per_sec: if secs > 0.0 {
-                h.len() as f64 / secs
+                in_time as f64 / secs
             } else {
                 0.0
             },
@@ -187,7 +217,8 @@ pub struct Schedule {
     pub lag_p50_us: f64,
     pub lag_p99_us: f64,
     pub lag_max_us: f64,
-    /// Requests due before the end of the run that were never sent.
+    /// Requests due before the end of the run that were never sent (also
+    /// errors of kind `unsent`, in the latency histograms).
     pub unsent: u64,
 }
 
@@ -202,7 +233,7 @@ pub struct Prefill {
 /// The result of a run.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
-    /// Replies per second over the measured phase.
+    /// Replies received by the deadline per second of the measured phase.
     pub ops_per_sec: f64,
     pub p50_us: f64,
     pub p90_us: f64,
@@ -211,8 +242,13 @@ pub struct Report {
     pub max_us: f64,
     /// All errors of the run, prefill included.
     pub errors: u64,
+    /// Replies of the measured phase, drained ones included.
     pub ops: u64,
+    /// Length of the measured phase (`--duration`, or until the last reply
+    /// of a `--requests` run).
     pub elapsed_secs: f64,
+    /// Time after the deadline spent waiting for replies still in flight.
+    pub drain_secs: f64,
     /// `set`, `get`, `del`.
     pub per_op: BTreeMap<String, OpStats>,
     /// Count per error kind (every kind listed, zeros included).
@@ -254,7 +290,9 @@ impl Report {
         prefill: Option<(&ThreadStats, f64)>,
         connections_alive: usize,
     ) -> Report {
-        let secs = measured.end_ns as f64 / 1e9;
+        let measured_ns = measured.deadline_ns.min(measured.end_ns);
+        let secs = measured_ns as f64 / 1e9;
+        let drain_secs = (measured.end_ns - measured_ns) as f64 / 1e9;
         let mut all = histogram();
         for h in &measured.latency {
             all.add(h).expect("histograms share bounds");
@@ -265,12 +303,26 @@ impl Report {
             totals.merge(p);
         }
         let errors = totals.errors_total();
-        let overall = OpStats::new(&all, errors, secs);
+        let sum = |a: &[u64; 3]| a.iter().sum::<u64>();
+        let overall = OpStats::new(
+            &all,
+            sum(&measured.ops),
+            sum(&measured.in_time),
+            errors,
+            secs,
+        );
         let per_op = Op::ALL
             .iter()
             .map(|&op| {
                 let i = op.index();
-                let s = OpStats::new(&measured.latency[i], measured.op_errors[i], secs);
+                let h = &measured.latency[i];
+                let s = OpStats::new(
+                    h,
+                    measured.ops[i],
+                    measured.in_time[i],
+                    measured.op_errors[i],
+                    secs,
+                );
                 (op.name().to_ascii_lowercase(), s)
             })
             .collect();
@@ -296,6 +348,7 @@ impl Report {
             errors,
             ops: overall.ops,
             elapsed_secs: secs,
+            drain_secs,
             per_op,
             error_kinds: ErrorKind::ALL
                 .iter()
@@ -325,20 +378,23 @@ impl Report {
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let o = &self.options;
+        // --pipeline does not apply in open loop.
+        let pacing = match o.rate {
+            Some(r) => format!("open loop {r} ops/s"),
+            None => format!("pipeline {}", o.pipeline),
+        };
         writeln!(
             f,
-            "{} x{} conns, pipeline {}, {:?} keys {}, ratio {}:{}:{}, {:.2} s{}",
+            "{} x{} conns, {pacing}, {:?} keys {}, ratio {}:{}:{}, {:.2} s (+{:.2} s drain)",
             format!("{:?}", o.protocol).to_lowercase(),
             o.connections,
-            o.pipeline,
             o.distribution,
             o.keys,
             o.ratio.set,
             o.ratio.get,
             o.ratio.del,
             self.elapsed_secs,
-            o.rate
-                .map_or(String::new(), |r| format!(", open loop {r} ops/s")),
+            self.drain_secs,
         )?;
         if let Some(p) = &self.prefill {
             writeln!(
@@ -410,6 +466,7 @@ impl fmt::Display for Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
     #[test]
     fn merged_stats_add_up() {
@@ -440,5 +497,36 @@ mod tests {
         assert!(r.error_samples[0].contains("GET key:1"));
         let table = r.to_string();
         assert!(table.contains("ERRORS: 1 (wrong_length 1)"), "{table}");
+    }
+
+    #[test]
+    fn throughput_is_over_the_measured_phase_and_unsent_are_errors() {
+        let mut t = ThreadStats::new();
+        t.deadline_ns = 1_000_000_000;
+        t.reply(Op::Get, 500_000_000, 1_000);
+        t.reply(Op::Get, 1_000_000_000, 1_000);
+        t.reply(Op::Get, 1_200_000_000, 1_000); // drained after the deadline
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        t.unsent(Op::Set, 700_000_000, addr);
+        t.end_ns = 1_250_000_000;
+        let opts = Options::parse_from(["loadtest", "--rate", "10", "--duration", "1"]);
+        let r = Report::build(&opts, &t, None, 1);
+        assert_eq!(r.elapsed_secs, 1.0);
+        assert!((r.drain_secs - 0.25).abs() < 1e-9);
+        assert_eq!(r.ops, 3, "replies, drained ones included");
+        assert!((r.ops_per_sec - 2.0).abs() < 1e-9, "by the deadline only");
+        assert_eq!(r.errors, 1);
+        assert_eq!(r.error_kinds["unsent"], 1);
+        assert_eq!(r.per_op["set"].errors, 1);
+        assert_eq!(r.per_op["set"].ops, 0);
+        assert!(
+            (r.max_us - 700_000.0).abs() < 1_000.0,
+            "unsent latency recorded"
+        );
+        let table = r.to_string();
+        assert!(
+            table.contains("open loop 10 ops/s") && !table.contains("pipeline"),
+            "{table}"
+        );
     }
 }
