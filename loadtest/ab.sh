@@ -19,14 +19,9 @@ while [[ $# -gt 0 && "$1" == --* ]]; do
   esac
 done
 [[ $# -ge 1 ]] || { sed -n '2,9p' "$0"; exit 2; }
-root="$(cd "$(dirname "$0")/.." && pwd)"
-target="${CARGO_TARGET_DIR:-$root/target}"
-# Always build (quick when up to date) so the binaries match the tree, and say which tree.
-cargo build --release -p merkle-kv -p loadtest >&2
-rev="$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-[[ -z "$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null)" ]] || rev="$rev (dirty tree)"
-echo "commit $rev"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+source "$(dirname "$0")/common.sh"
+build_release
+port=$(free_port)
 out="$(mktemp -d)"
 trap 'kill $node 2>/dev/null || true; rm -rf "$out"' EXIT
 echo "| variant | pipeline | run | ops/s | p50 µs | p99 µs | errors |"
@@ -37,7 +32,7 @@ for rep in $(seq "$reps"); do
     env $variant MERKLE_KV_NETWORK_BIND_PORT="$port" MERKLE_KV_MQTT_ENABLED=false \
       MERKLE_KV_ANTI_ENTROPY_ENABLED=false "${bin:-$target/release/merkle-kv}" 2>/dev/null &
     node=$!
-    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+    wait_port "$port" || { echo "ab.sh: node did not start ($variant)" >&2; exit 1; }
     for p in $pipelines; do
       "$target/release/loadtest" --addr "127.0.0.1:$port" --connections 50 --pipeline "$p" \
         --duration "$duration" --ratio 1:10 --keys 100000 --value-size 32 --prefill --quiet \

@@ -20,17 +20,12 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-root="$(cd "$(dirname "$0")/.." && pwd)"
+source "$(dirname "$0")/common.sh"
 cd "$root"
 for tool in redis-server memcached python3; do
   command -v "$tool" >/dev/null || { echo "compare.sh: $tool not found (apt-get install -y redis-server memcached)" >&2; exit 2; }
 done
-target="${CARGO_TARGET_DIR:-$root/target}"
-# Always build (quick when up to date) so the binaries match the tree, and say which tree.
-cargo build --release -p merkle-kv -p loadtest >&2
-rev="$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-[[ -z "$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null)" ]] || rev="$rev (dirty tree)"
-echo "commit $rev"
+build_release
 loadtest="$target/release/loadtest"
 mkdir -p "$results"
 tmp="$(mktemp -d)"
@@ -42,17 +37,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_port() { # port
-  for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "compare.sh: nothing listening on port $1 after 10 s" >&2
-  exit 1
-}
 
 mc_port=$(free_port)
 memcached -t 2 -p "$mc_port" -l 127.0.0.1 -U 0 -m 1024 -u "$(id -un)" &
@@ -82,7 +66,9 @@ mkv1_port=$(free_port)
 MERKLE_KV_NETWORK_BIND_PORT=$mkv1_port MERKLE_KV_STORAGE_SHARDS=1 \
   "$target/release/merkle-kv" --config "$tmp/node.toml" >"$tmp/merkle-kv-1shard.log" 2>&1 &
 pids+=($!)
-wait_port "$mc_port"; wait_port "$redis_port"; wait_port "$mkv_port"; wait_port "$mkv1_port"
+for p in "$mc_port" "$redis_port" "$mkv_port" "$mkv1_port"; do
+  wait_port "$p" || { echo "compare.sh: nothing listening on port $p after 10 s" >&2; exit 1; }
+done
 
 servers=(memcached redis merklekv merklekv-1shard)
 declare -A port=([memcached]=$mc_port [redis]=$redis_port [merklekv]=$mkv_port [merklekv-1shard]=$mkv1_port)

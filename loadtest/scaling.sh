@@ -17,18 +17,12 @@ while [[ $# -gt 0 ]]; do
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
-root="$(cd "$(dirname "$0")/.." && pwd)"
-target="${CARGO_TARGET_DIR:-$root/target}"
-# Always build (quick when up to date) so the binaries match the tree, and say which tree.
-cargo build --release -p merkle-kv -p loadtest >&2
-rev="$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-[[ -z "$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null)" ]] || rev="$rev (dirty tree)"
-echo "commit $rev"
+source "$(dirname "$0")/common.sh"
+build_release
 lt="$target/release/loadtest"
 out="$(mktemp -d)"
 pid=""
 trap '[[ -n "$pid" ]] && kill $pid 2>/dev/null; rm -rf "$out"' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
 start() { # server port
@@ -39,8 +33,7 @@ start() { # server port
     memcached) memcached -t 2 -p "$2" -l 127.0.0.1 -U 0 -m 4096 -u "$(id -un)" & ;;
   esac
   pid=$!
-  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null && return; sleep 0.1; done
-  echo "scaling.sh: $1 did not start" >&2; exit 1
+  wait_port "$2" || { echo "scaling.sh: $1 did not start" >&2; exit 1; }
 }
 stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""; }
 declare -A proto=([merklekv]=native [redis]=resp [memcached]=memcache)
