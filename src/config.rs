@@ -406,6 +406,7 @@ impl Config {
 
         // Env after the file: env wins. A bad file value is still reported,
         // because the file should be valid on its own.
+        let mut from_env = Vec::new();
         for field in SCHEMA {
             let var = field.env_var();
             let Some(raw) = env(&var) else { continue };
@@ -413,6 +414,7 @@ impl Config {
                 Some(v) => {
                     node_id_set |= field.name == "node_id" && field.section.is_empty();
                     (field.set)(&mut cfg, v);
+                    from_env.push((field.key(), var));
                 }
                 None => problems.push(format!("{var}: {}, found {:?}", field.kind.expected(), raw)),
             }
@@ -432,7 +434,17 @@ impl Config {
         if cfg.mqtt.client_id.is_empty() {
             cfg.mqtt.client_id = cfg.node_id.clone();
         }
+        let checked = problems.len();
         cfg.validate(&mut problems);
+        // A rule broken by an environment value names the variable, not just the key.
+        for problem in &mut problems[checked..] {
+            if let Some((_, var)) = from_env
+                .iter()
+                .find(|(key, _)| problem.starts_with(&format!("{key}:")))
+            {
+                problem.push_str(&format!(" (set by {var})"));
+            }
+        }
         cfg.storage.shards = resolve_shards(cfg.storage.shards, cores);
 
         if problems.is_empty() {
@@ -932,6 +944,25 @@ logging.format = "xml" => logging.format: expected one of text, json
         let port = [("MERKLE_KV_NETWORK_BIND_PORT", "9000")];
         let cfg = Config::load(None, &env_of(&port), 4).unwrap();
         assert_eq!(cfg.node_id, format!("{}-9000", hostname()));
+    }
+
+    #[test]
+    fn rules_broken_by_env_values_name_the_variable() {
+        let env = |k: &str| (k == "MERKLE_KV_STORAGE_SHARDS").then(|| "6".to_string());
+        let Err(ConfigError::Invalid(problems)) = Config::from_toml_str("", false, &env, 4) else {
+            panic!("shards = 6 accepted")
+        };
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].starts_with("storage.shards:"),
+            "{}",
+            problems[0]
+        );
+        assert!(
+            problems[0].ends_with("(set by MERKLE_KV_STORAGE_SHARDS)"),
+            "{}",
+            problems[0]
+        );
     }
 
     #[test]
