@@ -5,84 +5,9 @@
 use loadtest::{serde_json, Options};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-/// How long the node may take to accept connections.
-const NODE_START_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A free loopback port: bind port 0, read the port, release it.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().unwrap().port()
-}
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let dir = std::env::temp_dir().join(format!("{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The node process; killed and reaped on drop, also when the test fails.
-struct Node(Child);
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_node(dir: &TempDir, port: u16) -> Node {
-    let config = dir.0.join("node.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "node_id = \"bench\"\n\n[network]\nbind_address = \"127.0.0.1\"\nbind_port = {port}\n\n\
-             [mqtt]\nenabled = false\n\n[anti_entropy]\nenabled = false\n"
-        ),
-    )
-    .unwrap();
-    let mut node = Node(
-        Command::new(env!("CARGO_BIN_EXE_merkle-kv"))
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start merkle-kv"),
-    );
-    let deadline = Instant::now() + NODE_START_TIMEOUT;
-    loop {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return node;
-        }
-        if let Some(status) = node.0.try_wait().unwrap() {
-            panic!("merkle-kv exited before accepting connections: {status}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "merkle-kv did not accept connections on {port} within {NODE_START_TIMEOUT:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+mod common;
+use common::{temp_path, Node};
 
 fn options(port: u16, extra: &[&str]) -> Options {
     let addr = format!("127.0.0.1:{port}");
@@ -106,10 +31,9 @@ fn options(port: u16, extra: &[&str]) -> Options {
 
 #[test]
 fn native_run_against_a_real_node_has_no_errors() {
-    let dir = TempDir::new("loadtest-native");
-    let port = free_port();
-    let _node = start_node(&dir, port);
-    let json = dir.0.join("result.json");
+    let node = Node::start("");
+    let port = node.port;
+    let json = temp_path("result.json");
     let json_arg = json.to_str().unwrap().to_string();
     let opts = options(
         port,
@@ -141,13 +65,13 @@ fn native_run_against_a_real_node_has_no_errors() {
     );
     assert!(v["per_op"]["get"]["ops"].as_u64().unwrap() > 0, "{text}");
     assert_eq!(v["prefill"]["errors"].as_u64(), Some(0), "{text}");
+    let _ = std::fs::remove_file(&json);
 }
 
 #[test]
 fn native_run_with_deletes_has_no_errors() {
-    let dir = TempDir::new("loadtest-native-del");
-    let port = free_port();
-    let _node = start_node(&dir, port);
+    let node = Node::start("");
+    let port = node.port;
     let opts = options(
         port,
         &[

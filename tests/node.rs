@@ -82,10 +82,15 @@ fn extra_connections_are_refused_with_an_error() {
     let node = Node::start("network.max_connections = 2");
     let mut a = node.client();
     // Wait until the start-up probe connection is gone, so `a` is alone.
+    let deadline = Instant::now() + Duration::from_secs(5);
     while !a
         .cmd("STATS")
         .contains(&"connections_current:1".to_string())
     {
+        assert!(
+            Instant::now() < deadline,
+            "probe connection never went away"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let mut b = node.client();
