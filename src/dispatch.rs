@@ -412,6 +412,7 @@ impl Batch {
                     ("del_commands", s.dels),
                     ("storage_full_errors", s.storage_full),
                     ("keys", s.keys),
+                    ("tombstones", s.tombstones),
                     ("memory_used_bytes", s.bytes_used),
                 ];
                 let fields = fields.map(|(k, v)| (k, v.to_string()));

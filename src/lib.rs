@@ -5,6 +5,7 @@
 //! - [`keyspace`]: key → hash → Merkle bucket → shard. The only place that routes.
 //! - [`merkle`]: the fixed 2^16-bucket tree, leaf digests and incremental roots. Pure.
 //! - [`shard`]: one shard's entries and Merkle subtree. Owned by one thread; no I/O.
+//! - [`version`]: entry versions (hybrid logical clock + origin) and the LWW rule. Pure.
 //! - [`ops`]: the op messages a shard executes and what they return.
 //! - [`dispatch`]: commands → per-shard ops → replies in order. Pure.
 //! - [`connection`]: a client connection's read/execute/write loop (I/O edge).
@@ -24,3 +25,4 @@ pub mod ops;
 pub mod protocol;
 pub mod server;
 pub mod shard;
+pub mod version;

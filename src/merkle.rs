@@ -23,33 +23,46 @@ pub type Digest = [u8; 32];
 /// The leaf of an empty bucket.
 pub const EMPTY_LEAF: Digest = [0; 32];
 
-/// The digest of one stored entry. The encoding is unambiguous (lengths first) and
-/// leaves room for what replication adds: a state byte (1 = live value) that a
-/// tombstone state can take, after which version fields can follow.
+/// The digest of one stored entry: a live value, or a tombstone (`None`). The
+/// encoding is unambiguous (lengths first):
 ///
-/// `u32 LE key length | key | u8 state = 1 | u64 LE value length | value`
-pub fn entry_digest(key: &[u8], value: &[u8]) -> Digest {
+/// `u32 LE key length | key | u8 state | (state 1 only) u64 LE value length | value`
+///
+/// with state 1 = live value, 0 = tombstone. The version is deliberately not part of
+/// the digest: two replicas holding the same value (or both a tombstone) agree however
+/// the data got there, and they still converge, because any later write reaches both
+/// with the same last-write-wins rule (docs/MERKLE.md).
+pub fn entry_digest(key: &[u8], value: Option<&[u8]>) -> Digest {
     // Small entries (the common case) are encoded on the stack and hashed in one call:
     // `blake3::Hasher` carries a 1.7 KB chaining-value stack that costs more to set up
     // than hashing 60 bytes does.
     const SMALL: usize = 192;
-    let len = 4 + key.len() + 1 + 8 + value.len();
+    let k = key.len();
+    let len = 4 + k + 1 + value.map_or(0, |v| 8 + v.len());
     if len <= SMALL {
         let mut buf = [0u8; SMALL];
-        let k = key.len();
         buf[..4].copy_from_slice(&(k as u32).to_le_bytes());
         buf[4..4 + k].copy_from_slice(key);
-        buf[4 + k] = 1;
-        buf[5 + k..13 + k].copy_from_slice(&(value.len() as u64).to_le_bytes());
-        buf[13 + k..len].copy_from_slice(value);
+        if let Some(value) = value {
+            buf[4 + k] = 1;
+            buf[5 + k..13 + k].copy_from_slice(&(value.len() as u64).to_le_bytes());
+            buf[13 + k..len].copy_from_slice(value);
+        }
         return *blake3::hash(&buf[..len]).as_bytes();
     }
     let mut h = blake3::Hasher::new();
-    h.update(&(key.len() as u32).to_le_bytes());
+    h.update(&(k as u32).to_le_bytes());
     h.update(key);
-    h.update(&[1]);
-    h.update(&(value.len() as u64).to_le_bytes());
-    h.update(value);
+    match value {
+        Some(value) => {
+            h.update(&[1]);
+            h.update(&(value.len() as u64).to_le_bytes());
+            h.update(value);
+        }
+        None => {
+            h.update(&[0]);
+        }
+    }
     *h.finalize().as_bytes()
 }
 
@@ -184,7 +197,10 @@ mod tests {
     fn leaves_of(entries: &[(Vec<u8>, Vec<u8>)]) -> Vec<Digest> {
         let mut leaves = vec![EMPTY_LEAF; BUCKETS];
         for (k, v) in entries {
-            xor_into(&mut leaves[KeyHash::of(k).bucket()], &entry_digest(k, v));
+            xor_into(
+                &mut leaves[KeyHash::of(k).bucket()],
+                &entry_digest(k, Some(v)),
+            );
         }
         leaves
     }
@@ -196,7 +212,7 @@ mod tests {
         for (k, v) in entries {
             let h = KeyHash::of(k);
             let per = 1usize << height;
-            trees[h.shard(shard_bits)].toggle(h.bucket() % per, &entry_digest(k, v));
+            trees[h.shard(shard_bits)].toggle(h.bucket() % per, &entry_digest(k, Some(v)));
         }
         let roots: Vec<Digest> = trees.iter_mut().map(Subtree::root).collect();
         combine_roots(&roots)
@@ -215,7 +231,7 @@ mod tests {
         let data = entries(5_000);
         let mut tree = Subtree::new(BUCKET_BITS);
         for (i, (k, v)) in data.iter().enumerate() {
-            tree.toggle(KeyHash::of(k).bucket(), &entry_digest(k, v));
+            tree.toggle(KeyHash::of(k).bucket(), &entry_digest(k, Some(v)));
             if i % 997 == 0 {
                 tree.root(); // interleave reads with writes
             }
@@ -243,7 +259,7 @@ mod tests {
     fn removing_an_entry_restores_the_previous_root() {
         let mut tree = Subtree::new(BUCKET_BITS);
         let before = tree.root();
-        let d = entry_digest(b"a", b"1");
+        let d = entry_digest(b"a", Some(b"1"));
         tree.toggle(7, &d);
         assert_ne!(tree.root(), before);
         tree.toggle(7, &d);
@@ -261,7 +277,7 @@ mod tests {
             h.update(&(v as u64).to_le_bytes());
             h.update(&value);
             assert_eq!(
-                entry_digest(&key, &value),
+                entry_digest(&key, Some(&value)),
                 *h.finalize().as_bytes(),
                 "{k} {v}"
             );
@@ -270,8 +286,22 @@ mod tests {
 
     #[test]
     fn digest_encoding_is_unambiguous() {
-        assert_ne!(entry_digest(b"ab", b"c"), entry_digest(b"a", b"bc"));
-        assert_ne!(entry_digest(b"", b"x"), entry_digest(b"x", b""));
+        assert_ne!(
+            entry_digest(b"ab", Some(b"c")),
+            entry_digest(b"a", Some(b"bc"))
+        );
+        assert_ne!(entry_digest(b"", Some(b"x")), entry_digest(b"x", Some(b"")));
+        assert_ne!(entry_digest(b"k", None), entry_digest(b"k", Some(b"")));
+        let mut h = blake3::Hasher::new();
+        h.update(&300u32.to_le_bytes());
+        h.update(&[b'k'; 300]);
+        h.update(&[0]);
+        assert_eq!(entry_digest(&[b'k'; 300], None), *h.finalize().as_bytes());
+        let mut h = blake3::Hasher::new();
+        h.update(&1u32.to_le_bytes());
+        h.update(b"k");
+        h.update(&[0]);
+        assert_eq!(entry_digest(b"k", None), *h.finalize().as_bytes());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use crate::dispatch::{serve_ops, ShardReply};
 use crate::keyspace::shard_bits;
 use crate::ops::ShardOp;
 use crate::shard::{MemoryBudget, Shard};
+use crate::version::{now_us, origin_of};
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -22,6 +23,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 /// Messages queued per thread inbox before senders wait.
 const INBOX_MESSAGES_MAX: usize = 4096;
+/// Buckets the tombstone purge looks at per second and shard.
+const PURGE_BUCKETS_PER_TICK: usize = 4096;
 /// How long shutdown waits for connections to finish their in-flight replies.
 const SHUTDOWN_DRAIN: Duration = Duration::from_millis(1500);
 
@@ -160,8 +163,12 @@ fn spawn_threads(
                 None
             };
             let value_max = shared.config.network.max_line_bytes;
-            let shard =
-                (i < shards).then(|| Shard::new(i, shared.shard_bits, budget.clone(), value_max));
+            let origin = origin_of(&shared.config.node_id);
+            let grace = shared.config.storage.tombstone_grace_seconds;
+            let shard = (i < shards).then(|| {
+                Shard::new(i, shared.shard_bits, budget.clone(), value_max)
+                    .with_identity(origin, grace)
+            });
             let name = if i < shards {
                 format!("shard-{i}")
             } else {
@@ -193,6 +200,9 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
         .build()
         .expect("thread runtime");
     let tasks = tokio::task::LocalSet::new();
+    if let Some((_, shard)) = &local {
+        tasks.spawn_local(purge_tombstones(shard.clone()));
+    }
     tasks.block_on(&rt, async move {
         while let Some(msg) = inbox.recv().await {
             match msg {
@@ -214,6 +224,22 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
             }
         }
     });
+}
+
+/// Walk the shard's buckets for expired tombstones, a slice at a time, so the purge
+/// never holds the shard thread for long: a full pass over 2^16 buckets takes
+/// `BUCKETS / PURGE_BUCKETS_PER_TICK` seconds.
+async fn purge_tombstones(shard: Rc<RefCell<Shard>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let purged = shard
+            .borrow_mut()
+            .purge_tombstones(now_us(), PURGE_BUCKETS_PER_TICK);
+        if purged > 0 {
+            tracing::debug!(purged, "expired tombstones purged");
+        }
+    }
 }
 
 /// Accept until a signal or SHUTDOWN; hand connections round-robin to the serving threads.

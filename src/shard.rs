@@ -6,7 +6,8 @@
 //! write updates its leaf digest incrementally.
 
 use crate::keyspace::{shard_buckets, KeyHash, BUCKET_BITS};
-use crate::merkle::{entry_digest, xor_into, Digest, Subtree};
+use crate::merkle::{entry_digest, xor_into, Digest, Subtree, EMPTY_LEAF};
+use crate::version::{now_us, Clock, Version};
 use hashbrown::hash_table::Entry as Slot;
 use hashbrown::HashTable;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -16,6 +17,9 @@ use std::sync::Arc;
 /// allocation rounding and the share of the Merkle tree. Close to what an entry costs
 /// in RSS, so `memory_limit_mb` means roughly what it says.
 pub const ENTRY_OVERHEAD_BYTES: u64 = 64;
+
+/// Default for `[storage] tombstone_grace_seconds`.
+pub const TOMBSTONE_GRACE_SECONDS_DEFAULT: u64 = 86_400;
 
 /// How many entries one SCAN call may examine, so a prefix that matches little cannot
 /// hold the shard thread for long; the cursor says where to go on.
@@ -34,45 +38,87 @@ pub enum StoreError {
     ValueTooLarge(usize),
 }
 
-/// Key and value in one allocation: `kv = key ++ value`.
+/// Key and value in one allocation (`kv = key ++ value`) and the version of the write
+/// that stored them. A tombstone keeps only the key. 32 bytes: the version fits where
+/// alignment padding would otherwise be.
 struct Entry {
     kv: Box<[u8]>,
+    /// Key length; the top bit marks a tombstone.
     key_len: u32,
+    origin: u32,
+    hlc: u64,
 }
 
+const TOMBSTONE_BIT: u32 = 1 << 31;
+
 impl Entry {
-    fn new(key: &[u8], value: &[u8]) -> Entry {
+    fn new(key: &[u8], value: Option<&[u8]>, v: Version) -> Entry {
+        let value = value.unwrap_or_default();
         let mut kv = Vec::with_capacity(key.len() + value.len());
         kv.extend_from_slice(key);
         kv.extend_from_slice(value);
         Entry {
             kv: kv.into_boxed_slice(),
             key_len: key.len() as u32,
+            origin: v.origin,
+            hlc: v.hlc,
         }
     }
     fn key(&self) -> &[u8] {
-        &self.kv[..self.key_len as usize]
+        &self.kv[..(self.key_len & !TOMBSTONE_BIT) as usize]
     }
-    fn value(&self) -> &[u8] {
-        &self.kv[self.key_len as usize..]
+    /// The value, or `None` for a tombstone.
+    fn value(&self) -> Option<&[u8]> {
+        (self.key_len & TOMBSTONE_BIT == 0).then(|| &self.kv[self.key_len as usize..])
     }
-    fn set_value(&mut self, value: &[u8]) {
-        if self.value().len() == value.len() {
-            // Same size (the common overwrite): no allocation.
-            let k = self.key_len as usize;
-            self.kv[k..].copy_from_slice(value);
-        } else {
-            *self = Entry::new(self.key(), value);
+    fn version(&self) -> Version {
+        Version {
+            hlc: self.hlc,
+            origin: self.origin,
+        }
+    }
+    fn digest(&self) -> Digest {
+        entry_digest(self.key(), self.value())
+    }
+    fn bytes(&self) -> u64 {
+        self.kv.len() as u64 + ENTRY_OVERHEAD_BYTES
+    }
+    fn replace(&mut self, value: Option<&[u8]>, v: Version) {
+        match (self.value(), value) {
+            (Some(old), Some(new)) if old.len() == new.len() => {
+                // Same size (the common overwrite): no allocation.
+                let k = self.key_len as usize;
+                self.kv[k..].copy_from_slice(new);
+                (self.hlc, self.origin) = (v.hlc, v.origin);
+            }
+            _ => {
+                let mut e = Entry::new(self.key(), value, v);
+                if value.is_none() {
+                    e.key_len |= TOMBSTONE_BIT;
+                }
+                *self = e;
+            }
         }
     }
 }
 
-fn entry_bytes(key: &[u8], value: &[u8]) -> u64 {
-    (key.len() + value.len()) as u64 + ENTRY_OVERHEAD_BYTES
+fn entry_bytes(key: &[u8], value: Option<&[u8]>) -> u64 {
+    (key.len() + value.map_or(0, <[u8]>::len)) as u64 + ENTRY_OVERHEAD_BYTES
 }
 
 fn rehash(e: &Entry) -> u64 {
     KeyHash::of(e.key()).table_hash()
+}
+
+/// Charge `n` bytes to the budget. Tombstones are always stored (`force`): a delete
+/// must work when storage is full, and a tombstone is smaller than what it replaces
+/// except for keys that were absent.
+fn charge(budget: &MemoryBudget, n: u64, force: bool) -> bool {
+    if force {
+        budget.used.fetch_add(n, Relaxed);
+        return true;
+    }
+    budget.try_grow(n)
 }
 
 /// The node's `memory_limit_mb`, shared by its shards: each charges the bytes it
@@ -120,7 +166,9 @@ impl MemoryBudget {
 /// Counters a shard keeps about itself (STATS, INFO).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ShardStats {
+    /// Live keys (tombstones are not keys).
     pub keys: u64,
+    pub tombstones: u64,
     pub bytes_used: u64,
     pub gets: u64,
     pub get_hits: u64,
@@ -132,6 +180,7 @@ pub struct ShardStats {
 impl ShardStats {
     pub fn add(&mut self, o: &ShardStats) {
         self.keys += o.keys;
+        self.tombstones += o.tombstones;
         self.bytes_used += o.bytes_used;
         self.gets += o.gets;
         self.get_hits += o.get_hits;
@@ -150,6 +199,14 @@ pub struct Shard {
     bytes_used: u64,
     budget: Arc<MemoryBudget>,
     value_bytes_max: usize,
+    /// Versions of local writes; also moved forward by every remote version applied.
+    clock: Clock,
+    /// This node's origin id (the version tie-break).
+    origin: u32,
+    /// Tombstones are purged, and remote ones ignored, this long after their version.
+    grace_us: u64,
+    /// Next bucket the tombstone purge looks at.
+    purge_cursor: usize,
     pub stats: ShardStats,
 }
 
@@ -170,7 +227,25 @@ impl Shard {
             bytes_used: 0,
             budget,
             value_bytes_max,
+            clock: Clock::default(),
+            origin: 0,
+            grace_us: TOMBSTONE_GRACE_SECONDS_DEFAULT * 1_000_000,
+            purge_cursor: 0,
             stats: ShardStats::default(),
+        }
+    }
+
+    /// Set the node's origin id and the tombstone grace period.
+    pub fn with_identity(mut self, origin: u32, tombstone_grace_seconds: u64) -> Shard {
+        self.origin = origin;
+        self.grace_us = tombstone_grace_seconds.saturating_mul(1_000_000);
+        self
+    }
+
+    fn next_version(&mut self) -> Version {
+        Version {
+            hlc: self.clock.tick(now_us()),
+            origin: self.origin,
         }
     }
 
@@ -181,59 +256,140 @@ impl Shard {
         b
     }
 
+    fn find(&self, h: KeyHash, key: &[u8]) -> Option<&Entry> {
+        self.tables[self.local(h)].find(h.table_hash(), |e| e.key() == key)
+    }
+
+    /// The live value at `key` (a tombstone reads as absent).
     pub fn get(&self, h: KeyHash, key: &[u8]) -> Option<&[u8]> {
-        self.tables[self.local(h)]
-            .find(h.table_hash(), |e| e.key() == key)
-            .map(Entry::value)
+        self.find(h, key).and_then(Entry::value)
+    }
+
+    /// The version of what is stored at `key`, tombstones included.
+    pub fn version_of(&self, h: KeyHash, key: &[u8]) -> Option<Version> {
+        self.find(h, key).map(Entry::version)
     }
 
     pub fn set(&mut self, h: KeyHash, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         if value.len() > self.value_bytes_max {
             return Err(StoreError::ValueTooLarge(self.value_bytes_max));
         }
+        let v = self.next_version();
+        self.put(h, key, Some(value), v)
+    }
+
+    /// Delete `key` by writing a fresh tombstone, whether or not the key exists here (a
+    /// peer may hold a write this delete must win over). True when a live value was
+    /// deleted.
+    pub fn del(&mut self, h: KeyHash, key: &[u8]) -> bool {
+        let existed = self.get(h, key).is_some();
+        let v = self.next_version();
+        self.put(h, key, None, v)
+            .expect("tombstones are always stored");
+        existed
+    }
+
+    /// Apply a write made elsewhere (replication, anti-entropy): it replaces the local
+    /// entry exactly when its version wins (last write wins; the same write twice is a
+    /// no-op). A tombstone already past the grace period is ignored, so purging never
+    /// brings keys back. True when applied.
+    pub fn apply(
+        &mut self,
+        h: KeyHash,
+        key: &[u8],
+        value: Option<&[u8]>,
+        v: Version,
+        now_us: u64,
+    ) -> bool {
+        if value.is_none() && v.hlc.saturating_add(self.grace_us) < now_us {
+            return false;
+        }
+        self.clock.observe(v.hlc);
+        if self
+            .version_of(h, key)
+            .is_some_and(|local| !v.wins_over(local))
+        {
+            return false;
+        }
+        self.put(h, key, value, v).is_ok()
+    }
+
+    /// Store `value` (or a tombstone) with version `v`, updating the leaf incrementally.
+    fn put(
+        &mut self,
+        h: KeyHash,
+        key: &[u8],
+        value: Option<&[u8]>,
+        v: Version,
+    ) -> Result<(), StoreError> {
         let b = self.local(h);
         let mut delta = entry_digest(key, value);
+        let new = entry_bytes(key, value);
+        let tombstone = value.is_none();
         match self.tables[b].entry(h.table_hash(), |e| e.key() == key, rehash) {
             Slot::Occupied(mut slot) => {
                 let e = slot.get_mut();
-                let (old, new) = (e.value().len() as u64, value.len() as u64);
-                if new > old && !self.budget.try_grow(new - old) {
+                let old = e.bytes();
+                if new > old && !charge(&self.budget, new - old, tombstone) {
                     return Err(StoreError::StorageFull);
                 }
                 if new < old {
                     self.budget.shrink(old - new);
                 }
-                xor_into(&mut delta, &entry_digest(key, e.value()));
-                e.set_value(value);
+                xor_into(&mut delta, &e.digest());
+                match (e.value().is_some(), tombstone) {
+                    (true, true) => (self.stats.keys -= 1, self.stats.tombstones += 1),
+                    (false, false) => (self.stats.keys += 1, self.stats.tombstones -= 1),
+                    _ => ((), ()),
+                };
+                e.replace(value, v);
                 self.bytes_used = self.bytes_used - old + new;
             }
             Slot::Vacant(slot) => {
-                let cost = entry_bytes(key, value);
-                if !self.budget.try_grow(cost) {
+                if !charge(&self.budget, new, tombstone) {
                     return Err(StoreError::StorageFull);
                 }
-                slot.insert(Entry::new(key, value));
-                self.bytes_used += cost;
-                self.stats.keys += 1;
+                let mut e = Entry::new(key, value, v);
+                if tombstone {
+                    e.key_len |= TOMBSTONE_BIT;
+                    self.stats.tombstones += 1;
+                } else {
+                    self.stats.keys += 1;
+                }
+                slot.insert(e);
+                self.bytes_used += new;
             }
         }
         self.tree.toggle(b, &delta);
         Ok(())
     }
 
-    /// Remove a key; false when it was absent.
-    pub fn del(&mut self, h: KeyHash, key: &[u8]) -> bool {
-        let b = self.local(h);
-        let Ok(slot) = self.tables[b].find_entry(h.table_hash(), |e| e.key() == key) else {
-            return false;
-        };
-        let (e, _) = slot.remove();
-        self.tree.toggle(b, &entry_digest(e.key(), e.value()));
-        let cost = entry_bytes(e.key(), e.value());
-        self.bytes_used -= cost;
-        self.budget.shrink(cost);
-        self.stats.keys -= 1;
-        true
+    /// Drop tombstones whose version is older than the grace period, looking at up to
+    /// `buckets` buckets from where the last call stopped. Returns how many went.
+    pub fn purge_tombstones(&mut self, now_us: u64, buckets: usize) -> u64 {
+        let cutoff = now_us.saturating_sub(self.grace_us);
+        let mut purged = 0;
+        for _ in 0..buckets.min(self.tables.len()) {
+            let b = self.purge_cursor;
+            self.purge_cursor = (b + 1) % self.tables.len();
+            let (mut delta, mut freed) = (EMPTY_LEAF, 0);
+            self.tables[b].retain(|e| {
+                let expired = e.value().is_none() && e.hlc < cutoff;
+                if expired {
+                    xor_into(&mut delta, &e.digest());
+                    freed += e.bytes();
+                    purged += 1;
+                }
+                !expired
+            });
+            if freed > 0 {
+                self.tree.toggle(b, &delta);
+                self.bytes_used -= freed;
+                self.budget.shrink(freed);
+            }
+        }
+        self.stats.tombstones -= purged;
+        purged
     }
 
     /// Add `delta` to the integer stored at `key` (absent = 0); returns the new value.
@@ -287,7 +443,8 @@ impl Shard {
         while bucket < end && visited < count && examined < SCAN_EXAMINED_MAX {
             let table = &self.tables[bucket - self.first_bucket];
             examined += table.len();
-            for e in table.iter().filter(|e| e.key().starts_with(prefix)) {
+            let live = table.iter().filter(|e| e.value().is_some());
+            for e in live.filter(|e| e.key().starts_with(prefix)) {
                 visit(e.key());
                 visited += 1;
             }
@@ -303,6 +460,7 @@ impl Shard {
         self.budget.shrink(self.bytes_used);
         self.bytes_used = 0;
         self.stats.keys = 0;
+        self.stats.tombstones = 0;
     }
 
     /// The root of this shard's Merkle subtree (recomputes only dirty paths).
@@ -342,24 +500,152 @@ mod tests {
         assert_eq!(s.get(h(b"a"), b"a"), Some(&b"longer"[..]));
         assert!(s.del(h(b"a"), b"a"));
         assert!(!s.del(h(b"a"), b"a"));
-        assert_eq!(s.snapshot_stats().keys, 0);
-        assert_eq!(s.snapshot_stats().bytes_used, 0);
+        assert_eq!(s.get(h(b"a"), b"a"), None);
+        let stats = s.snapshot_stats();
+        assert_eq!((stats.keys, stats.tombstones), (0, 1));
+        assert_eq!(
+            stats.bytes_used,
+            1 + ENTRY_OVERHEAD_BYTES,
+            "the tombstone keeps the key"
+        );
     }
 
     #[test]
-    fn root_returns_to_empty_after_deletes() {
-        let mut s = shard();
+    fn deletes_leave_tombstones_until_the_grace_period_ends() {
+        let mut s = shard().with_identity(1, 10);
         let empty = s.root();
         for i in 0..500 {
             let k = format!("k{i}");
             s.set(h(k.as_bytes()), k.as_bytes(), b"v").unwrap();
         }
-        assert_ne!(s.root(), empty);
         for i in 0..500 {
             let k = format!("k{i}");
             assert!(s.del(h(k.as_bytes()), k.as_bytes()));
         }
+        assert_ne!(s.root(), empty, "tombstones are part of the tree");
+        assert_eq!(s.snapshot_stats().tombstones, 500);
+        // Not yet expired: nothing goes.
+        assert_eq!(s.purge_tombstones(now_us(), usize::MAX), 0);
+        // Past the grace period: all go, the tree and the budget are empty again.
+        let later = now_us() + 11_000_000;
+        assert_eq!(
+            s.purge_tombstones(later, 1 << 15) + s.purge_tombstones(later, 1 << 16),
+            500
+        );
         assert_eq!(s.root(), empty);
+        assert_eq!(s.snapshot_stats().bytes_used, 0);
+        assert_eq!(s.snapshot_stats().tombstones, 0);
+    }
+
+    #[test]
+    fn a_delete_is_not_undone_by_an_older_write() {
+        let mut s = shard().with_identity(1, 3600);
+        s.set(h(b"k"), b"k", b"old").unwrap();
+        let before_delete = s.version_of(h(b"k"), b"k").unwrap();
+        assert!(s.del(h(b"k"), b"k"));
+        let late = Version {
+            hlc: before_delete.hlc + 1,
+            origin: 7,
+        };
+        assert!(late < s.version_of(h(b"k"), b"k").unwrap());
+        assert!(!s.apply(h(b"k"), b"k", Some(b"resurrected"), late, now_us()));
+        assert_eq!(s.get(h(b"k"), b"k"), None);
+        // A delete of a key this node never saw still beats the older write.
+        assert!(!s.del(h(b"x"), b"x"));
+        assert!(!s.apply(
+            h(b"x"),
+            b"x",
+            Some(b"v"),
+            Version { hlc: 1, origin: 9 },
+            now_us()
+        ));
+        assert_eq!(s.get(h(b"x"), b"x"), None);
+    }
+
+    #[test]
+    fn remote_writes_apply_by_last_write_wins() {
+        let mut s = shard().with_identity(1, 3600);
+        let now = now_us();
+        let v1 = Version {
+            hlc: now,
+            origin: 5,
+        };
+        assert!(s.apply(h(b"k"), b"k", Some(b"one"), v1, now));
+        assert!(
+            !s.apply(h(b"k"), b"k", Some(b"one"), v1, now),
+            "the same write twice is a no-op"
+        );
+        let v0 = Version {
+            hlc: now - 1,
+            origin: 9,
+        };
+        assert!(!s.apply(h(b"k"), b"k", Some(b"older"), v0, now));
+        let tie = Version {
+            hlc: now,
+            origin: 6,
+        };
+        assert!(
+            s.apply(h(b"k"), b"k", Some(b"tie"), tie, now),
+            "origin breaks the tie"
+        );
+        assert_eq!(s.get(h(b"k"), b"k"), Some(&b"tie"[..]));
+        // A local write after seeing a remote version gets a higher version.
+        let future = Version {
+            hlc: now + 60_000_000,
+            origin: 2,
+        };
+        assert!(s.apply(h(b"f"), b"f", Some(b"remote"), future, now));
+        s.set(h(b"f"), b"f", b"local").unwrap();
+        assert!(s.version_of(h(b"f"), b"f").unwrap().wins_over(future));
+    }
+
+    #[test]
+    fn expired_remote_tombstones_are_ignored() {
+        let mut s = shard().with_identity(1, 10);
+        let now = now_us();
+        let stale = Version {
+            hlc: now - 11_000_000,
+            origin: 3,
+        };
+        assert!(!s.apply(h(b"k"), b"k", None, stale, now));
+        assert_eq!(s.snapshot_stats().tombstones, 0);
+        let fresh = Version {
+            hlc: now - 1_000_000,
+            origin: 3,
+        };
+        assert!(s.apply(h(b"k"), b"k", None, fresh, now));
+    }
+
+    #[test]
+    fn replicas_with_the_same_data_have_the_same_root_whatever_the_versions() {
+        let (mut a, mut b) = (
+            shard().with_identity(1, 3600),
+            shard().with_identity(2, 3600),
+        );
+        a.set(h(b"k"), b"k", b"v").unwrap();
+        a.del(h(b"gone"), b"gone");
+        let now = now_us();
+        b.apply(
+            h(b"k"),
+            b"k",
+            Some(b"v"),
+            Version {
+                hlc: now - 5,
+                origin: 8,
+            },
+            now,
+        );
+        b.apply(
+            h(b"gone"),
+            b"gone",
+            None,
+            Version {
+                hlc: now - 9,
+                origin: 8,
+            },
+            now,
+        );
+        assert_eq!(a.root(), b.root());
     }
 
     #[test]
@@ -398,23 +684,25 @@ mod tests {
 
     #[test]
     fn memory_limit_rejects_growth_but_allows_shrinking_and_deletes() {
-        let limit = 3 * (ENTRY_OVERHEAD_BYTES + 2 + 10);
+        let value = [b'x'; 100];
+        let limit = 3 * (ENTRY_OVERHEAD_BYTES + 2 + 100);
         let mut s = Shard::new(0, 0, MemoryBudget::new(limit), 1 << 20);
         for k in [b"k1", b"k2", b"k3"] {
-            s.set(h(k), k, b"0123456789").unwrap();
+            s.set(h(k), k, &value).unwrap();
         }
+        assert_eq!(s.set(h(b"k4"), b"k4", &value), Err(StoreError::StorageFull));
         assert_eq!(
-            s.set(h(b"k4"), b"k4", b"0123456789"),
-            Err(StoreError::StorageFull)
-        );
-        assert_eq!(
-            s.set(h(b"k1"), b"k1", b"0123456789+"),
+            s.set(h(b"k1"), b"k1", &[b'x'; 101]),
             Err(StoreError::StorageFull)
         );
         s.set(h(b"k1"), b"k1", b"short").unwrap();
+        // A delete always works and frees the value's bytes (the tombstone keeps the key).
         assert!(s.del(h(b"k2"), b"k2"));
-        s.set(h(b"k4"), b"k4", b"0123456789").unwrap();
+        s.set(h(b"k4"), b"k4", &value).unwrap();
         assert_eq!(s.get(h(b"k1"), b"k1"), Some(&b"short"[..]));
+        // Even a delete of an absent key, when full, stores its tombstone.
+        assert!(!s.del(h(b"absent"), b"absent"));
+        assert_eq!(s.snapshot_stats().tombstones, 2);
     }
 
     #[test]
@@ -431,8 +719,10 @@ mod tests {
         );
         assert!(a.del(h(&ka), &ka));
         b.set(h(&kb), &kb, &[b'x'; 800]).unwrap();
-        assert_eq!(budget.used(), b.snapshot_stats().bytes_used);
+        let used = |s: &Shard| s.snapshot_stats().bytes_used;
+        assert_eq!(budget.used(), used(&a) + used(&b));
         b.flush();
+        a.flush();
         assert_eq!(budget.used(), 0);
     }
 
