@@ -10,6 +10,7 @@ use crate::merkle::{entry_digest, xor_into, Digest, Subtree, EMPTY_LEAF};
 use crate::version::{now_us, Clock, Version};
 use hashbrown::hash_table::Entry as Slot;
 use hashbrown::HashTable;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
@@ -38,38 +39,70 @@ pub enum StoreError {
     ValueTooLarge(usize),
 }
 
-/// Key and value in one allocation (`kv = key ++ value`) and the version of the write
-/// that stored them. A tombstone keeps only the key. 32 bytes: the version fits where
-/// alignment padding would otherwise be.
+/// One stored entry: the version of the write that stored it, and key and value in one
+/// heap allocation `u16 LE key length | key | value` behind a thin pointer. A
+/// `Box<[u8]>` would carry its length in a second word; keeping the length in 31 bits
+/// here keeps the entry at 24 bytes, which is what holds memory per key under Redis's
+/// with versions stored (BENCHMARKS.md). A tombstone keeps only the key.
 struct Entry {
-    kv: Box<[u8]>,
-    /// Key length; the top bit marks a tombstone.
-    key_len: u32,
+    /// Owned allocation of exactly `len & !TOMBSTONE_BIT` bytes, from a `Box<[u8]>`.
+    kv: NonNull<u8>,
+    /// Allocation length; the top bit marks a tombstone.
+    len: u32,
     origin: u32,
     hlc: u64,
 }
 
+// SAFETY: an `Entry` owns its allocation exclusively, like the `Box<[u8]>` it was made
+// from; nothing else points into it. Moving it to another thread is as safe as moving
+// the box (it moves once, with its shard, to the shard's thread).
+unsafe impl Send for Entry {}
+
 const TOMBSTONE_BIT: u32 = 1 << 31;
+const KEY_LEN_BYTES: usize = 2;
 
 impl Entry {
     fn new(key: &[u8], value: Option<&[u8]>, v: Version) -> Entry {
-        let value = value.unwrap_or_default();
-        let mut kv = Vec::with_capacity(key.len() + value.len());
+        assert!(key.len() <= usize::from(u16::MAX), "keys are limited at the edge");
+        let bytes = value.unwrap_or_default();
+        let n = KEY_LEN_BYTES + key.len() + bytes.len();
+        assert!(n < TOMBSTONE_BIT as usize, "entry of {n} bytes");
+        let mut kv = Vec::with_capacity(n);
+        kv.extend_from_slice(&(key.len() as u16).to_le_bytes());
         kv.extend_from_slice(key);
-        kv.extend_from_slice(value);
+        kv.extend_from_slice(bytes);
+        let raw = Box::into_raw(kv.into_boxed_slice()).cast::<u8>();
+        let kv = NonNull::new(raw).expect("Box pointers are never null");
+        let tomb = if value.is_none() { TOMBSTONE_BIT } else { 0 };
         Entry {
-            kv: kv.into_boxed_slice(),
-            key_len: key.len() as u32,
+            kv,
+            len: n as u32 | tomb,
             origin: v.origin,
             hlc: v.hlc,
         }
     }
+    fn raw(&self) -> &[u8] {
+        // SAFETY: `kv` points to the live allocation of `len` bytes this entry owns.
+        unsafe {
+            std::slice::from_raw_parts(self.kv.as_ptr(), (self.len & !TOMBSTONE_BIT) as usize)
+        }
+    }
+    fn raw_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `raw`, and `&mut self` makes the access exclusive.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.kv.as_ptr(), (self.len & !TOMBSTONE_BIT) as usize)
+        }
+    }
+    fn key_len(&self) -> usize {
+        let raw = self.raw();
+        usize::from(u16::from_le_bytes([raw[0], raw[1]]))
+    }
     fn key(&self) -> &[u8] {
-        &self.kv[..(self.key_len & !TOMBSTONE_BIT) as usize]
+        &self.raw()[KEY_LEN_BYTES..KEY_LEN_BYTES + self.key_len()]
     }
     /// The value, or `None` for a tombstone.
     fn value(&self) -> Option<&[u8]> {
-        (self.key_len & TOMBSTONE_BIT == 0).then(|| &self.kv[self.key_len as usize..])
+        (self.len & TOMBSTONE_BIT == 0).then(|| &self.raw()[KEY_LEN_BYTES + self.key_len()..])
     }
     fn version(&self) -> Version {
         Version {
@@ -81,23 +114,31 @@ impl Entry {
         entry_digest(self.key(), self.value())
     }
     fn bytes(&self) -> u64 {
-        self.kv.len() as u64 + ENTRY_OVERHEAD_BYTES
+        entry_bytes(self.key(), self.value())
     }
     fn replace(&mut self, value: Option<&[u8]>, v: Version) {
         match (self.value(), value) {
             (Some(old), Some(new)) if old.len() == new.len() => {
                 // Same size (the common overwrite): no allocation.
-                let k = self.key_len as usize;
-                self.kv[k..].copy_from_slice(new);
+                let at = KEY_LEN_BYTES + self.key_len();
+                self.raw_mut()[at..].copy_from_slice(new);
                 (self.hlc, self.origin) = (v.hlc, v.origin);
             }
-            _ => {
-                let mut e = Entry::new(self.key(), value, v);
-                if value.is_none() {
-                    e.key_len |= TOMBSTONE_BIT;
-                }
-                *self = e;
-            }
+            _ => *self = Entry::new(self.key(), value, v),
+        }
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        let n = (self.len & !TOMBSTONE_BIT) as usize;
+        // SAFETY: `kv` came from `Box::into_raw` of a `Box<[u8]>` of exactly `n` bytes and
+        // is dropped exactly once, here.
+        unsafe {
+            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                self.kv.as_ptr(),
+                n,
+            )))
         }
     }
 }
@@ -349,14 +390,12 @@ impl Shard {
                 if !charge(&self.budget, new, tombstone) {
                     return Err(StoreError::StorageFull);
                 }
-                let mut e = Entry::new(key, value, v);
                 if tombstone {
-                    e.key_len |= TOMBSTONE_BIT;
                     self.stats.tombstones += 1;
                 } else {
                     self.stats.keys += 1;
                 }
-                slot.insert(e);
+                slot.insert(Entry::new(key, value, v));
                 self.bytes_used += new;
             }
         }
@@ -487,6 +526,32 @@ mod tests {
     }
     fn h(k: &[u8]) -> KeyHash {
         KeyHash::of(k)
+    }
+
+    #[test]
+    fn entries_are_24_bytes() {
+        assert_eq!(std::mem::size_of::<Entry>(), 24);
+    }
+
+    #[test]
+    fn entry_round_trips_keys_values_and_tombstones() {
+        let v = Version { hlc: 7, origin: 3 };
+        let long_key = vec![b'k'; crate::protocol::KEY_BYTES_MAX];
+        for (key, value) in [
+            (&b"k"[..], Some(&b"v"[..])),
+            (b"key", Some(b"")),
+            (b"t", None),
+            (&long_key[..], Some(b"x")),
+        ] {
+            let mut e = Entry::new(key, value, v);
+            assert_eq!((e.key(), e.value(), e.version()), (key, value, v));
+            e.replace(Some(b"new value"), Version { hlc: 8, origin: 3 });
+            assert_eq!((e.key(), e.value()), (key, Some(&b"new value"[..])));
+            e.replace(Some(b"NEW VALUE"), v); // same length: in place
+            assert_eq!(e.value(), Some(&b"NEW VALUE"[..]));
+            e.replace(None, v);
+            assert_eq!((e.key(), e.value()), (key, None));
+        }
     }
 
     #[test]

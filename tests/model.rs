@@ -215,7 +215,11 @@ fn same_data_same_root_whatever_the_history() {
     for i in 300..400 {
         assert_eq!(cb.one(&format!("DEL k{i}")), "DELETED");
     }
-    assert_ne!(ca.one("HASH"), cb.one("HASH"), "b holds 100 tombstones a lacks");
+    assert_ne!(
+        ca.one("HASH"),
+        cb.one("HASH"),
+        "b holds 100 tombstones a lacks"
+    );
     for i in 300..400 {
         assert_eq!(ca.one(&format!("DEL k{i}")), "NOT_FOUND");
     }
