@@ -122,11 +122,11 @@ pub fn execute(shard: &mut Shard, op: &ShardOp, data: &[u8], out: &mut Vec<u8>) 
         },
         OpKind::Del => {
             shard.stats.dels += 1;
-            out.extend_from_slice(if shard.del(h, key) {
-                b"DELETED\r\n"
-            } else {
-                b"NOT_FOUND\r\n"
-            });
+            match shard.del(h, key) {
+                Ok(true) => out.extend_from_slice(b"DELETED\r\n"),
+                Ok(false) => out.extend_from_slice(b"NOT_FOUND\r\n"),
+                Err(e) => return error(shard, e, out),
+            }
             Outcome::Done
         }
         OpKind::Exists => Outcome::Count(u64::from(shard.get(h, key).is_some())),

@@ -19,6 +19,17 @@ use std::sync::Arc;
 /// in RSS, so `memory_limit_mb` means roughly what it says.
 pub const ENTRY_OVERHEAD_BYTES: u64 = 64;
 
+/// How far ahead of this node's clock a remote version may be and still be applied.
+pub const CLOCK_SKEW_MAX_US: u64 = 5 * 60 * 1_000_000;
+
+/// The last-write-wins rule between a remote and a local entry, each given as
+/// (version, entry digest): the higher version wins; equal versions with different
+/// contents (an origin-id collision, or a clock reissued after a restart) are decided
+/// by the higher digest, so every replica makes the same choice and converges.
+pub fn remote_wins(remote: (Version, &Digest), local: (Version, &Digest)) -> bool {
+    remote.0.wins_over(local.0) || (remote.0 == local.0 && remote.1 > local.1)
+}
+
 /// Default for `[storage] tombstone_grace_seconds`.
 pub const TOMBSTONE_GRACE_SECONDS_DEFAULT: u64 = 86_400;
 
@@ -63,7 +74,10 @@ const KEY_LEN_BYTES: usize = 2;
 
 impl Entry {
     fn new(key: &[u8], value: Option<&[u8]>, v: Version) -> Entry {
-        assert!(key.len() <= usize::from(u16::MAX), "keys are limited at the edge");
+        assert!(
+            key.len() <= usize::from(u16::MAX),
+            "keys are limited at the edge"
+        );
         let bytes = value.unwrap_or_default();
         let n = KEY_LEN_BYTES + key.len() + bytes.len();
         assert!(n < TOMBSTONE_BIT as usize, "entry of {n} bytes");
@@ -149,17 +163,6 @@ fn entry_bytes(key: &[u8], value: Option<&[u8]>) -> u64 {
 
 fn rehash(e: &Entry) -> u64 {
     KeyHash::of(e.key()).table_hash()
-}
-
-/// Charge `n` bytes to the budget. Tombstones are always stored (`force`): a delete
-/// must work when storage is full, and a tombstone is smaller than what it replaces
-/// except for keys that were absent.
-fn charge(budget: &MemoryBudget, n: u64, force: bool) -> bool {
-    if force {
-        budget.used.fetch_add(n, Relaxed);
-        return true;
-    }
-    budget.try_grow(n)
 }
 
 /// The node's `memory_limit_mb`, shared by its shards: each charges the bytes it
@@ -320,20 +323,24 @@ impl Shard {
     }
 
     /// Delete `key` by writing a fresh tombstone, whether or not the key exists here (a
-    /// peer may hold a write this delete must win over). True when a live value was
-    /// deleted.
-    pub fn del(&mut self, h: KeyHash, key: &[u8]) -> bool {
+    /// peer may hold a write this delete must win over). Returns whether a live value
+    /// was deleted. A tombstone replacing an entry never needs more room, so deleting a
+    /// stored key always works; a delete of an absent key needs room for its tombstone
+    /// and fails with `StorageFull` when there is none (otherwise deletes of made-up
+    /// keys could grow memory past the limit).
+    pub fn del(&mut self, h: KeyHash, key: &[u8]) -> Result<bool, StoreError> {
         let existed = self.get(h, key).is_some();
         let v = self.next_version();
-        self.put(h, key, None, v)
-            .expect("tombstones are always stored");
-        existed
+        self.put(h, key, None, v)?;
+        Ok(existed)
     }
 
     /// Apply a write made elsewhere (replication, anti-entropy): it replaces the local
-    /// entry exactly when its version wins (last write wins; the same write twice is a
-    /// no-op). A tombstone already past the grace period is ignored, so purging never
-    /// brings keys back. True when applied.
+    /// entry exactly when it wins by last-write-wins ([`remote_wins`]); applying the same
+    /// write twice is a no-op. Ignored: a tombstone already past the grace period (so
+    /// purging never brings keys back), a version more than [`CLOCK_SKEW_MAX_US`] ahead
+    /// of this node's clock (one bad peer must not drag every clock into the future),
+    /// and keys or values over this node's limits. True when applied.
     pub fn apply(
         &mut self,
         h: KeyHash,
@@ -342,15 +349,22 @@ impl Shard {
         v: Version,
         now_us: u64,
     ) -> bool {
-        if value.is_none() && v.hlc.saturating_add(self.grace_us) < now_us {
+        let expired = value.is_none() && v.hlc.saturating_add(self.grace_us) < now_us;
+        let from_the_future = v.hlc > now_us.saturating_add(CLOCK_SKEW_MAX_US);
+        let too_big = key.is_empty()
+            || key.len() > crate::protocol::KEY_BYTES_MAX
+            || value.is_some_and(|v| v.len() > self.value_bytes_max);
+        if expired || from_the_future || too_big {
             return false;
         }
         self.clock.observe(v.hlc);
-        if self
-            .version_of(h, key)
-            .is_some_and(|local| !v.wins_over(local))
-        {
-            return false;
+        if let Some(local) = self.find(h, key) {
+            if !remote_wins(
+                (v, &entry_digest(key, value)),
+                (local.version(), &local.digest()),
+            ) {
+                return false;
+            }
         }
         self.put(h, key, value, v).is_ok()
     }
@@ -371,7 +385,7 @@ impl Shard {
             Slot::Occupied(mut slot) => {
                 let e = slot.get_mut();
                 let old = e.bytes();
-                if new > old && !charge(&self.budget, new - old, tombstone) {
+                if new > old && !self.budget.try_grow(new - old) {
                     return Err(StoreError::StorageFull);
                 }
                 if new < old {
@@ -387,7 +401,7 @@ impl Shard {
                 self.bytes_used = self.bytes_used - old + new;
             }
             Slot::Vacant(slot) => {
-                if !charge(&self.budget, new, tombstone) {
+                if !self.budget.try_grow(new) {
                     return Err(StoreError::StorageFull);
                 }
                 if tombstone {
@@ -563,8 +577,8 @@ mod tests {
         s.set(h(b"a"), b"a", b"2").unwrap();
         s.set(h(b"a"), b"a", b"longer").unwrap();
         assert_eq!(s.get(h(b"a"), b"a"), Some(&b"longer"[..]));
-        assert!(s.del(h(b"a"), b"a"));
-        assert!(!s.del(h(b"a"), b"a"));
+        assert_eq!(s.del(h(b"a"), b"a"), Ok(true));
+        assert_eq!(s.del(h(b"a"), b"a"), Ok(false));
         assert_eq!(s.get(h(b"a"), b"a"), None);
         let stats = s.snapshot_stats();
         assert_eq!((stats.keys, stats.tombstones), (0, 1));
@@ -585,7 +599,7 @@ mod tests {
         }
         for i in 0..500 {
             let k = format!("k{i}");
-            assert!(s.del(h(k.as_bytes()), k.as_bytes()));
+            assert_eq!(s.del(h(k.as_bytes()), k.as_bytes()), Ok(true));
         }
         assert_ne!(s.root(), empty, "tombstones are part of the tree");
         assert_eq!(s.snapshot_stats().tombstones, 500);
@@ -607,7 +621,7 @@ mod tests {
         let mut s = shard().with_identity(1, 3600);
         s.set(h(b"k"), b"k", b"old").unwrap();
         let before_delete = s.version_of(h(b"k"), b"k").unwrap();
-        assert!(s.del(h(b"k"), b"k"));
+        assert_eq!(s.del(h(b"k"), b"k"), Ok(true));
         let late = Version {
             hlc: before_delete.hlc + 1,
             origin: 7,
@@ -616,7 +630,7 @@ mod tests {
         assert!(!s.apply(h(b"k"), b"k", Some(b"resurrected"), late, now_us()));
         assert_eq!(s.get(h(b"k"), b"k"), None);
         // A delete of a key this node never saw still beats the older write.
-        assert!(!s.del(h(b"x"), b"x"));
+        assert_eq!(s.del(h(b"x"), b"x"), Ok(false));
         assert!(!s.apply(
             h(b"x"),
             b"x",
@@ -665,6 +679,54 @@ mod tests {
     }
 
     #[test]
+    fn equal_versions_with_different_contents_converge() {
+        let now = now_us();
+        let v = Version {
+            hlc: now,
+            origin: 4,
+        };
+        let (mut a, mut b) = (
+            shard().with_identity(1, 3600),
+            shard().with_identity(2, 3600),
+        );
+        a.apply(h(b"k"), b"k", Some(b"from a"), v, now);
+        b.apply(h(b"k"), b"k", Some(b"from b"), v, now);
+        a.apply(h(b"k"), b"k", Some(b"from b"), v, now);
+        b.apply(h(b"k"), b"k", Some(b"from a"), v, now);
+        assert_eq!(a.get(h(b"k"), b"k"), b.get(h(b"k"), b"k"));
+        assert_eq!(a.root(), b.root());
+    }
+
+    #[test]
+    fn versions_far_in_the_future_and_oversized_entries_are_refused() {
+        let mut s = shard().with_identity(1, 3600);
+        let now = now_us();
+        let future = Version {
+            hlc: now + CLOCK_SKEW_MAX_US + 1,
+            origin: 2,
+        };
+        assert!(!s.apply(h(b"k"), b"k", Some(b"v"), future, now));
+        let max = Version {
+            hlc: u64::MAX,
+            origin: 2,
+        };
+        assert!(!s.apply(h(b"k"), b"k", Some(b"v"), max, now));
+        let big_key = vec![b'k'; crate::protocol::KEY_BYTES_MAX + 1];
+        assert!(!s.apply(
+            h(&big_key),
+            &big_key,
+            Some(b"v"),
+            Version {
+                hlc: now,
+                origin: 2
+            },
+            now
+        ));
+        s.set(h(b"k"), b"k", b"local").unwrap(); // the clock was not dragged forward
+        assert!(s.version_of(h(b"k"), b"k").unwrap().hlc < now + CLOCK_SKEW_MAX_US);
+    }
+
+    #[test]
     fn expired_remote_tombstones_are_ignored() {
         let mut s = shard().with_identity(1, 10);
         let now = now_us();
@@ -688,7 +750,7 @@ mod tests {
             shard().with_identity(2, 3600),
         );
         a.set(h(b"k"), b"k", b"v").unwrap();
-        a.del(h(b"gone"), b"gone");
+        a.del(h(b"gone"), b"gone").unwrap();
         let now = now_us();
         b.apply(
             h(b"k"),
@@ -761,13 +823,14 @@ mod tests {
             Err(StoreError::StorageFull)
         );
         s.set(h(b"k1"), b"k1", b"short").unwrap();
-        // A delete always works and frees the value's bytes (the tombstone keeps the key).
-        assert!(s.del(h(b"k2"), b"k2"));
+        // Deleting a stored key always works and frees the value's bytes (the tombstone
+        // keeps the key).
+        assert_eq!(s.del(h(b"k2"), b"k2"), Ok(true));
         s.set(h(b"k4"), b"k4", &value).unwrap();
         assert_eq!(s.get(h(b"k1"), b"k1"), Some(&b"short"[..]));
-        // Even a delete of an absent key, when full, stores its tombstone.
-        assert!(!s.del(h(b"absent"), b"absent"));
-        assert_eq!(s.snapshot_stats().tombstones, 2);
+        // A delete of an absent key needs room for its tombstone: none is left.
+        assert_eq!(s.del(h(b"absent"), b"absent"), Err(StoreError::StorageFull));
+        assert_eq!(s.snapshot_stats().tombstones, 1);
     }
 
     #[test]
@@ -782,7 +845,7 @@ mod tests {
             b.set(h(&kb), &kb, &[b'x'; 200]),
             Err(StoreError::StorageFull)
         );
-        assert!(a.del(h(&ka), &ka));
+        assert_eq!(a.del(h(&ka), &ka), Ok(true));
         b.set(h(&kb), &kb, &[b'x'; 800]).unwrap();
         let used = |s: &Shard| s.snapshot_stats().bytes_used;
         assert_eq!(budget.used(), used(&a) + used(&b));

@@ -50,7 +50,7 @@ pub struct Clock {
 impl Clock {
     /// The next reading, given the wall clock now.
     pub fn tick(&mut self, now_us: u64) -> u64 {
-        self.last = now_us.max(self.last + 1);
+        self.last = now_us.max(self.last.saturating_add(1));
         self.last
     }
 
