@@ -7,21 +7,6 @@ use merkle_kv::protocol::{parse, Framer};
 use merkle_kv::shard::{MemoryBudget, Shard};
 use std::hint::black_box;
 
-fn info() -> NodeInfo {
-    NodeInfo {
-        node_id: "bench".into(),
-        uptime_seconds: 0,
-        bind: String::new(),
-        io_threads: 0,
-        connections_current: 0,
-        connections_max: 0,
-        connections_total: 0,
-        connections_rejected: 0,
-        protocol_errors: 0,
-        memory_limit_bytes: 0,
-    }
-}
-
 fn parser(c: &mut Criterion) {
     let mut g = c.benchmark_group("parse");
     g.throughput(Throughput::Elements(1));
@@ -69,7 +54,13 @@ fn pipeline(c: &mut Criterion) {
 }
 
 fn run(shards: &mut [Shard], data: &[u8], out: &mut Vec<u8>) {
-    answer_all(shards, &mut Framer::new(1 << 20), data, out, &info);
+    answer_all(
+        shards,
+        &mut Framer::new(1 << 20),
+        data,
+        out,
+        &NodeInfo::default,
+    );
 }
 
 criterion_group!(benches, parser, pipeline);

@@ -65,6 +65,8 @@ enum Fanout {
 }
 
 /// Node-wide facts for INFO and STATS, gathered only when one of them is asked.
+/// `Default` (all zero) serves tests, benches and fuzzing, which run without a node.
+#[derive(Default)]
 pub struct NodeInfo {
     pub node_id: String,
     pub uptime_seconds: u64,
@@ -592,21 +594,6 @@ pub fn answer_all(
 mod tests {
     use super::*;
 
-    fn info() -> NodeInfo {
-        NodeInfo {
-            node_id: "t".into(),
-            uptime_seconds: 0,
-            bind: "127.0.0.1:1".into(),
-            io_threads: 0,
-            connections_current: 1,
-            connections_max: 10,
-            connections_total: 1,
-            connections_rejected: 0,
-            protocol_errors: 0,
-            memory_limit_bytes: 0,
-        }
-    }
-
     /// Run `input` through framing, parsing, planning, execution and assembly.
     fn run(shards: &mut [Shard], input: &str) -> String {
         let mut out = Vec::new();
@@ -615,7 +602,7 @@ mod tests {
             &mut Framer::new(1 << 20),
             input.as_bytes(),
             &mut out,
-            &info,
+            &NodeInfo::default,
         );
         String::from_utf8(out).unwrap()
     }
