@@ -22,12 +22,21 @@ pub const ENTRY_OVERHEAD_BYTES: u64 = 64;
 /// How far ahead of this node's clock a remote version may be and still be applied.
 pub const CLOCK_SKEW_MAX_US: u64 = 5 * 60 * 1_000_000;
 
-/// The last-write-wins rule between a remote and a local entry, each given as
-/// (version, entry digest): the higher version wins; equal versions with different
-/// contents (an origin-id collision, or a clock reissued after a restart) are decided
-/// by the higher digest, so every replica makes the same choice and converges.
-pub fn remote_wins(remote: (Version, &Digest), local: (Version, &Digest)) -> bool {
-    remote.0.wins_over(local.0) || (remote.0 == local.0 && remote.1 > local.1)
+/// The last-write-wins rule between a remote and a local entry: the higher version
+/// wins; equal versions with different contents (an origin-id collision, or a clock
+/// reissued after a restart) are decided by the higher entry digest, so every replica
+/// makes the same choice and converges. `digests` gives (remote, local) and is only
+/// computed on a version tie.
+pub fn remote_wins(
+    remote: Version,
+    local: Version,
+    digests: impl FnOnce() -> (Digest, Digest),
+) -> bool {
+    remote.wins_over(local)
+        || (remote == local && {
+            let (r, l) = digests();
+            r > l
+        })
 }
 
 /// Default for `[storage] tombstone_grace_seconds`.
@@ -319,7 +328,7 @@ impl Shard {
             return Err(StoreError::ValueTooLarge(self.value_bytes_max));
         }
         let v = self.next_version();
-        self.put(h, key, Some(value), v)
+        self.put(h, key, Some(value), v).map(drop)
     }
 
     /// Delete `key` by writing a fresh tombstone, whether or not the key exists here (a
@@ -329,10 +338,8 @@ impl Shard {
     /// and fails with `StorageFull` when there is none (otherwise deletes of made-up
     /// keys could grow memory past the limit).
     pub fn del(&mut self, h: KeyHash, key: &[u8]) -> Result<bool, StoreError> {
-        let existed = self.get(h, key).is_some();
         let v = self.next_version();
-        self.put(h, key, None, v)?;
-        Ok(existed)
+        self.put(h, key, None, v)
     }
 
     /// Apply a write made elsewhere (replication, anti-entropy): it replaces the local
@@ -359,10 +366,9 @@ impl Shard {
         }
         self.clock.observe(v.hlc);
         if let Some(local) = self.find(h, key) {
-            if !remote_wins(
-                (v, &entry_digest(key, value)),
-                (local.version(), &local.digest()),
-            ) {
+            if !remote_wins(v, local.version(), || {
+                (entry_digest(key, value), local.digest())
+            }) {
                 return false;
             }
         }
@@ -370,18 +376,19 @@ impl Shard {
     }
 
     /// Store `value` (or a tombstone) with version `v`, updating the leaf incrementally.
+    /// Returns whether it replaced a live value.
     fn put(
         &mut self,
         h: KeyHash,
         key: &[u8],
         value: Option<&[u8]>,
         v: Version,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let b = self.local(h);
         let mut delta = entry_digest(key, value);
         let new = entry_bytes(key, value);
         let tombstone = value.is_none();
-        match self.tables[b].entry(h.table_hash(), |e| e.key() == key, rehash) {
+        let was_live = match self.tables[b].entry(h.table_hash(), |e| e.key() == key, rehash) {
             Slot::Occupied(mut slot) => {
                 let e = slot.get_mut();
                 let old = e.bytes();
@@ -392,13 +399,21 @@ impl Shard {
                     self.budget.shrink(old - new);
                 }
                 xor_into(&mut delta, &e.digest());
-                match (e.value().is_some(), tombstone) {
-                    (true, true) => (self.stats.keys -= 1, self.stats.tombstones += 1),
-                    (false, false) => (self.stats.keys += 1, self.stats.tombstones -= 1),
-                    _ => ((), ()),
-                };
+                let was_live = e.value().is_some();
+                match (was_live, tombstone) {
+                    (true, true) => {
+                        self.stats.keys -= 1;
+                        self.stats.tombstones += 1;
+                    }
+                    (false, false) => {
+                        self.stats.keys += 1;
+                        self.stats.tombstones -= 1;
+                    }
+                    _ => {}
+                }
                 e.replace(value, v);
                 self.bytes_used = self.bytes_used - old + new;
+                was_live
             }
             Slot::Vacant(slot) => {
                 if !self.budget.try_grow(new) {
@@ -411,10 +426,11 @@ impl Shard {
                 }
                 slot.insert(Entry::new(key, value, v));
                 self.bytes_used += new;
+                false
             }
-        }
+        };
         self.tree.toggle(b, &delta);
-        Ok(())
+        Ok(was_live)
     }
 
     /// Drop tombstones whose version is older than the grace period, looking at up to
