@@ -86,6 +86,11 @@ impl Connection {
             if inbuf.capacity() - inbuf.len() < READ_CHUNK_BYTES / 4 {
                 inbuf.reserve(READ_CHUNK_BYTES);
             }
+            // Replication backpressure: read no new commands while its queue is full
+            // (bounded by `backpressure_max_ms`).
+            if let Some(out) = &self.shared.outbound {
+                out.admit().await;
+            }
             // Nothing read is unanswered here, so stopping now loses no reply.
             let read = tokio::select! {
                 biased;
@@ -194,6 +199,9 @@ impl Connection {
                     }
                 }
             }
+            if let Some((_, shard)) = &mut local {
+                crate::server::ship_changes(shard, &self.shared.outbound);
+            }
         }
         let mut waiting = Vec::new();
         for (s, out) in self.outgoing.iter_mut().enumerate() {
@@ -278,5 +286,11 @@ fn node_info(shared: &Shared) -> NodeInfo {
             .storage
             .memory_limit_mb
             .saturating_mul(1 << 20),
+        peers_online: shared.peers.online().len() as u64,
+        replication: shared
+            .outbound
+            .as_ref()
+            .map(|o| o.stats.snapshot())
+            .unwrap_or_default(),
     }
 }

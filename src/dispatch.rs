@@ -10,6 +10,7 @@
 use crate::keyspace::{shard_buckets, shard_of_bucket, KeyHash};
 use crate::merkle::{combine_roots, to_hex, Digest};
 use crate::ops::{execute, OpKind, Outcome, ShardOp, Span, CRLF};
+use crate::replication::ReplSnapshot;
 use crate::protocol::{parse, Args, Command, Framer, ProtocolError, Step};
 #[cfg(test)]
 use crate::shard::MemoryBudget;
@@ -79,6 +80,8 @@ pub struct NodeInfo {
     pub protocol_errors: u64,
     /// 0 = unlimited.
     pub memory_limit_bytes: u64,
+    pub peers_online: u64,
+    pub replication: crate::replication::ReplSnapshot,
 }
 
 pub struct Batch {
@@ -397,6 +400,8 @@ impl Batch {
                     ("memory_limit_bytes", i.memory_limit_bytes.to_string()),
                     ("connected_clients", i.connections_current.to_string()),
                     ("max_connections", i.connections_max.to_string()),
+                    ("replication", i.replication.state().to_string()),
+                    ("peers_online", i.peers_online.to_string()),
                 ];
                 write_fields(out, "INFO", &fields);
             }
@@ -417,7 +422,12 @@ impl Batch {
                     ("tombstones", s.tombstones),
                     ("memory_used_bytes", s.bytes_used),
                 ];
-                let fields = fields.map(|(k, v)| (k, v.to_string()));
+                let repl = ReplSnapshot::NAMES.iter().zip(i.replication.counters);
+                let fields: Vec<_> = fields
+                    .into_iter()
+                    .chain(repl.map(|(k, v)| (*k, v)))
+                    .map(|(k, v)| (k, v.to_string()))
+                    .collect();
                 write_fields(out, "STATS", &fields);
             }
         }

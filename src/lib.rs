@@ -8,6 +8,10 @@
 //! - [`version`]: entry versions (hybrid logical clock + origin) and the LWW rule. Pure.
 //! - [`ops`]: the op messages a shard executes and what they return.
 //! - [`dispatch`]: commands → per-shard ops → replies in order. Pure.
+//! - [`changes`]: the replication wire format (change events in MQTT payloads). Pure.
+//! - [`peers`]: presence records and the peer table.
+//! - [`replication`]: the MQTT replication thread (I/O edge).
+//! - [`broker`]: the embedded MQTT broker (rumqttd).
 //! - [`connection`]: a client connection's read/execute/write loop (I/O edge).
 //! - [`server`]: threads, accept loop, signals, shutdown (I/O edge).
 //! - [`config`]: TOML + environment configuration and its validation.
@@ -15,6 +19,8 @@
 //!
 //! ARCHITECTURE.md at the repository root has the whole map and the invariants.
 
+pub mod broker;
+pub mod changes;
 pub mod config;
 pub mod connection;
 pub mod dispatch;
@@ -22,7 +28,10 @@ pub mod keyspace;
 pub mod logging;
 pub mod merkle;
 pub mod ops;
+pub mod peers;
 pub mod protocol;
+pub mod replication;
 pub mod server;
 pub mod shard;
 pub mod version;
+pub mod watch;

@@ -26,6 +26,21 @@ struct Args {
     /// Validate the configuration and exit (0 when valid).
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Sub>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Sub {
+    /// Print the cluster's live stream of changes and presence records, decoded.
+    /// Connects to the broker of the configuration (--config), like a node would.
+    Watch,
+    /// Run only the embedded MQTT broker (rumqttd), e.g. for a cluster's nodes to share.
+    Broker {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 fn main() -> ExitCode {
@@ -50,10 +65,12 @@ fn main() -> ExitCode {
         eprintln!("merkle-kv: {e}");
         return ExitCode::from(2);
     }
-    if config.mqtt.enabled {
-        tracing::warn!("replication over MQTT is not built yet: this node runs standalone");
-    }
-    match merkle_kv::server::run(config) {
+    let result = match args.command {
+        None => merkle_kv::server::run(config).map_err(|e| e.to_string()),
+        Some(Sub::Watch) => merkle_kv::watch::run(&config).map_err(|e| e.to_string()),
+        Some(Sub::Broker { listen }) => run_broker(&config, listen),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -61,4 +78,16 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `merkle-kv broker`: the embedded broker alone, until SIGINT or SIGTERM.
+fn run_broker(config: &Config, listen: std::net::SocketAddr) -> Result<(), String> {
+    let max = merkle_kv::replication::payload_bytes_max(config.network.max_line_bytes);
+    merkle_kv::broker::start(listen, max).map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(merkle_kv::server::shutdown_signal());
+    Ok(())
 }

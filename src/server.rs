@@ -11,6 +11,8 @@ use crate::connection::{self, LocalShard};
 use crate::dispatch::{serve_ops, ShardReply};
 use crate::keyspace::shard_bits;
 use crate::ops::ShardOp;
+use crate::peers::Peers;
+use crate::replication::{apply_remote, Outbound, RemoteChanges, Replication};
 use crate::shard::{MemoryBudget, Shard};
 use crate::version::{now_us, origin_of};
 use std::cell::RefCell;
@@ -40,6 +42,8 @@ pub enum ThreadMsg {
     Conn(std::net::TcpStream),
     /// Ops for the shard this thread owns.
     Ops(ShardRequest),
+    /// Changes made on another node, for the shard this thread owns.
+    Apply(RemoteChanges),
     Stop,
 }
 
@@ -55,6 +59,9 @@ pub struct Shared {
     pub connections_total: AtomicU64,
     pub connections_rejected: AtomicU64,
     pub protocol_errors: AtomicU64,
+    /// Where shards send their change events; `None` on a standalone node.
+    pub outbound: Option<Arc<Outbound>>,
+    pub peers: Arc<Peers>,
     /// Set to true once: every task stops reading, answers what it has, and closes.
     pub shutdown: watch::Sender<bool>,
 }
@@ -68,6 +75,10 @@ pub enum ServerError {
     },
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
+    #[error(transparent)]
+    Replication(#[from] crate::replication::ReplError),
 }
 
 /// Run a node until SIGINT, SIGTERM or SHUTDOWN. Returns once its port is released.
@@ -99,6 +110,27 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards + io_threads)
         .map(|_| mpsc::channel(INBOX_MESSAGES_MAX))
         .unzip();
+    let peers = Arc::new(Peers::default());
+    let replication = if config.mqtt.enabled {
+        let embedded = &config.mqtt.embedded_broker;
+        if embedded.enabled {
+            let listen = embedded.listen.parse().expect("validated by the config");
+            let max = crate::replication::payload_bytes_max(config.network.max_line_bytes);
+            crate::broker::start(listen, max)?;
+        }
+        // The replication thread gets a core of its own when there is one to spare.
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let core = (config.storage.pin_threads && cores.len() > shards).then(|| cores[shards]);
+        Some(Replication::start(
+            &config,
+            local_addr.to_string(),
+            senders[..shards].to_vec(),
+            peers.clone(),
+            core,
+        )?)
+    } else {
+        None
+    };
     let shared = Arc::new(Shared {
         shard_bits: shard_bits(shards),
         local_addr,
@@ -108,6 +140,8 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
         connections_total: AtomicU64::new(0),
         connections_rejected: AtomicU64::new(0),
         protocol_errors: AtomicU64::new(0),
+        outbound: replication.as_ref().map(|r| r.outbound.clone()),
+        peers,
         shutdown: watch::Sender::new(false),
         config,
     });
@@ -127,6 +161,10 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
     }
     for t in threads {
         let _ = t.join();
+    }
+    // Shards are stopped, so every change is queued: publish what we can, then leave.
+    if let Some(r) = replication {
+        r.stop();
     }
     tracing::info!("stopped");
     Ok(())
@@ -165,9 +203,15 @@ fn spawn_threads(
             let value_max = shared.config.network.max_line_bytes;
             let origin = origin_of(&shared.config.node_id);
             let grace = shared.config.storage.tombstone_grace_seconds;
+            let replicated = shared.outbound.is_some();
             let shard = (i < shards).then(|| {
-                Shard::new(i, shared.shard_bits, budget.clone(), value_max)
-                    .with_identity(origin, grace)
+                let s = Shard::new(i, shared.shard_bits, budget.clone(), value_max)
+                    .with_identity(origin, grace);
+                if replicated {
+                    s.with_journal()
+                } else {
+                    s
+                }
             });
             let name = if i < shards {
                 format!("shard-{i}")
@@ -217,13 +261,31 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
                     let (_, shard) = local
                         .as_ref()
                         .expect("ops sent to a thread without a shard");
-                    let reply = serve_ops(&mut shard.borrow_mut(), &req.ops, &req.data);
+                    let mut shard = shard.borrow_mut();
+                    let reply = serve_ops(&mut shard, &req.ops, &req.data);
+                    ship_changes(&mut shard, &shared.outbound);
                     let _ = req.reply.send(reply); // the connection may have gone; fine
+                }
+                ThreadMsg::Apply(changes) => {
+                    let (_, shard) = local.as_ref().expect("changes sent to a thread without a shard");
+                    let applied = apply_remote(&mut shard.borrow_mut(), &changes, now_us());
+                    if let Some(out) = &shared.outbound {
+                        out.stats.applied_events.fetch_add(applied, Relaxed);
+                    }
                 }
                 ThreadMsg::Stop => break,
             }
         }
     });
+}
+
+/// Hand the shard's recorded local writes to replication (no-op when standalone).
+pub fn ship_changes(shard: &mut Shard, outbound: &Option<Arc<Outbound>>) {
+    if let Some(out) = outbound {
+        if let Some(journal) = shard.take_journal() {
+            out.push(journal);
+        }
+    }
 }
 
 /// Walk the shard's buckets for expired tombstones, a slice at a time, so the purge
@@ -332,7 +394,8 @@ async fn drop_connections(shared: &Shared) {
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,

@@ -260,7 +260,19 @@ pub struct Shard {
     grace_us: u64,
     /// Next bucket the tombstone purge looks at.
     purge_cursor: usize,
+    /// The wall clock local versions are read from (simulations pass their own).
+    wall_clock: fn() -> u64,
+    /// Local writes since the last [`Shard::take_journal`], encoded as change events
+    /// ([`crate::changes`]) for replication; `None` when nobody replicates.
+    journal: Option<Journal>,
     pub stats: ShardStats,
+}
+
+/// Change events of local writes, in write order, ready to be appended to a payload.
+#[derive(Debug, Default)]
+pub struct Journal {
+    pub bytes: Vec<u8>,
+    pub events: u32,
 }
 
 impl Shard {
@@ -284,8 +296,48 @@ impl Shard {
             origin: 0,
             grace_us: TOMBSTONE_GRACE_SECONDS_DEFAULT * 1_000_000,
             purge_cursor: 0,
+            wall_clock: now_us,
+            journal: None,
             stats: ShardStats::default(),
         }
+    }
+
+    /// Record every local write as a change event, to be collected with
+    /// [`Shard::take_journal`].
+    pub fn with_journal(mut self) -> Shard {
+        self.journal = Some(Journal::default());
+        self
+    }
+
+    /// Read local versions from `wall_clock` (microseconds) instead of the system clock.
+    pub fn with_wall_clock(mut self, wall_clock: fn() -> u64) -> Shard {
+        self.wall_clock = wall_clock;
+        self
+    }
+
+    /// The change events recorded since the last call, if any.
+    pub fn take_journal(&mut self) -> Option<Journal> {
+        let j = self.journal.as_mut().filter(|j| j.events > 0)?;
+        Some(std::mem::take(j))
+    }
+
+    /// Write locally with a fresh version, and journal the resulting state.
+    fn write_local(
+        &mut self,
+        h: KeyHash,
+        key: &[u8],
+        value: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        let v = Version {
+            hlc: self.clock.tick((self.wall_clock)()),
+            origin: self.origin,
+        };
+        let was_live = self.put(h, key, value, v)?;
+        if let Some(j) = &mut self.journal {
+            crate::changes::encode_event(&mut j.bytes, v.hlc, key, value);
+            j.events += 1;
+        }
+        Ok(was_live)
     }
 
     /// Set the node's origin id and the tombstone grace period.
@@ -293,13 +345,6 @@ impl Shard {
         self.origin = origin;
         self.grace_us = tombstone_grace_seconds.saturating_mul(1_000_000);
         self
-    }
-
-    fn next_version(&mut self) -> Version {
-        Version {
-            hlc: self.clock.tick(now_us()),
-            origin: self.origin,
-        }
     }
 
     /// Local index of the key's bucket. The key must belong to this shard.
@@ -327,8 +372,7 @@ impl Shard {
         if value.len() > self.value_bytes_max {
             return Err(StoreError::ValueTooLarge(self.value_bytes_max));
         }
-        let v = self.next_version();
-        self.put(h, key, Some(value), v).map(drop)
+        self.write_local(h, key, Some(value)).map(drop)
     }
 
     /// Delete `key` by writing a fresh tombstone, whether or not the key exists here (a
@@ -338,8 +382,7 @@ impl Shard {
     /// and fails with `StorageFull` when there is none (otherwise deletes of made-up
     /// keys could grow memory past the limit).
     pub fn del(&mut self, h: KeyHash, key: &[u8]) -> Result<bool, StoreError> {
-        let v = self.next_version();
-        self.put(h, key, None, v)
+        self.write_local(h, key, None)
     }
 
     /// Apply a write made elsewhere (replication, anti-entropy): it replaces the local

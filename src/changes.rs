@@ -1,0 +1,430 @@
+//! The replication wire format: change events, and the MQTT payload that carries a
+//! batch of them. Pure: bytes in, bytes or typed errors out. docs/REPLICATION.md draws
+//! the format byte by byte; this module is its only implementation.
+//!
+//! A payload is a header followed by events:
+//!
+//! ```text
+//! u8      format version (FORMAT_VERSION = 1)
+//! u32 LE  origin: the writing node's origin id (the version tie-break)
+//! u8      node id length L (1..=255), then L bytes of node id (UTF-8)
+//! u32 LE  event count N
+//! N × event:
+//!   u8      kind: 1 = set, 2 = delete (tombstone)
+//!   varint  hlc (the version's clock, microseconds)
+//!   varint  key length (1..=KEY_BYTES_MAX), then the key
+//!   set only: varint value length, then the value
+//! ```
+//!
+//! Varints are unsigned LEB128 (7 bits per byte, low first, at most 10 bytes). Every
+//! event carries the resulting state of a write (INCR and APPEND included), never the
+//! operation, so applying an event twice or out of order is harmless under LWW.
+
+use crate::protocol::KEY_BYTES_MAX;
+
+pub const FORMAT_VERSION: u8 = 1;
+/// Longest node id the header can carry.
+pub const NODE_ID_BYTES_MAX: usize = 255;
+const KIND_SET: u8 = 1;
+const KIND_DEL: u8 = 2;
+/// Bytes before the first event, besides the node id.
+const HEADER_FIXED_BYTES: usize = 1 + 4 + 1 + 4;
+
+/// Why a payload was rejected. Every one is counted and logged by the receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("empty payload")]
+    Empty,
+    #[error("unknown format version {0} (this node speaks {FORMAT_VERSION})")]
+    UnknownVersion(u8),
+    #[error("payload of {0} bytes is over the limit")]
+    TooLarge(usize),
+    #[error("truncated at byte {0}")]
+    Truncated(usize),
+    #[error("bad node id")]
+    BadNodeId,
+    #[error("unknown event kind {0}")]
+    BadKind(u8),
+    #[error("malformed varint at byte {0}")]
+    BadVarint(usize),
+    #[error("key length {0} is out of range")]
+    BadKey(u64),
+    #[error("value of {0} bytes is over this node's limit")]
+    ValueTooLarge(u64),
+    #[error("{0} bytes after the last event")]
+    Trailing(usize),
+}
+
+/// One change: the state a key has after a write, at version `hlc` of the payload's origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event<'a> {
+    pub hlc: u64,
+    pub key: &'a [u8],
+    /// `None` is a delete (tombstone).
+    pub value: Option<&'a [u8]>,
+}
+
+/// A decoded payload; events borrow from the payload bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Decoded<'a> {
+    pub origin: u32,
+    pub node_id: &'a str,
+    pub events: Vec<Event<'a>>,
+}
+
+/// What a decoder accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub payload_bytes_max: usize,
+    pub value_bytes_max: usize,
+}
+
+/// Append one event to `out` (a shard's journal, or a payload under construction).
+pub fn encode_event(out: &mut Vec<u8>, hlc: u64, key: &[u8], value: Option<&[u8]>) {
+    out.push(if value.is_some() { KIND_SET } else { KIND_DEL });
+    put_varint(out, hlc);
+    put_varint(out, key.len() as u64);
+    out.extend_from_slice(key);
+    if let Some(v) = value {
+        put_varint(out, v.len() as u64);
+        out.extend_from_slice(v);
+    }
+}
+
+/// Builds one payload: a header, then whole events appended as encoded bytes.
+pub struct PayloadBuilder {
+    buf: Vec<u8>,
+    count_at: usize,
+    events: u32,
+}
+
+impl PayloadBuilder {
+    /// `node_id` must be 1..=255 bytes (the configuration checks it).
+    pub fn new(origin: u32, node_id: &str) -> PayloadBuilder {
+        let id = &node_id.as_bytes()[..node_id.len().min(NODE_ID_BYTES_MAX)];
+        let mut buf = Vec::with_capacity(HEADER_FIXED_BYTES + id.len() + 4096);
+        buf.push(FORMAT_VERSION);
+        buf.extend_from_slice(&origin.to_le_bytes());
+        buf.push(id.len() as u8);
+        buf.extend_from_slice(id);
+        let count_at = buf.len();
+        buf.extend_from_slice(&0u32.to_le_bytes());
+        PayloadBuilder {
+            buf,
+            count_at,
+            events: 0,
+        }
+    }
+
+    /// Append `events` already-encoded events.
+    pub fn extend(&mut self, encoded: &[u8], events: u32) {
+        self.buf.extend_from_slice(encoded);
+        self.events += events;
+    }
+
+    pub fn events(&self) -> u32 {
+        self.events
+    }
+
+    /// Bytes so far, header included.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events == 0
+    }
+
+    /// The payload, ready to publish; the builder starts over with the same header.
+    pub fn take(&mut self) -> Vec<u8> {
+        let header = self.count_at;
+        let mut next = Vec::with_capacity(self.buf.capacity());
+        next.extend_from_slice(&self.buf[..header + 4]);
+        let mut done = std::mem::replace(&mut self.buf, next);
+        done[header..header + 4].copy_from_slice(&self.events.to_le_bytes());
+        self.events = 0;
+        done
+    }
+}
+
+/// Decode and check a whole payload. Nothing is returned unless every byte is valid,
+/// so a corrupt payload is rejected as a whole, never half applied.
+pub fn decode(payload: &[u8], limits: Limits) -> Result<Decoded<'_>, DecodeError> {
+    if payload.len() > limits.payload_bytes_max {
+        return Err(DecodeError::TooLarge(payload.len()));
+    }
+    let mut r = Reader { buf: payload, at: 0 };
+    let version = *payload.first().ok_or(DecodeError::Empty)?;
+    if version != FORMAT_VERSION {
+        return Err(DecodeError::UnknownVersion(version));
+    }
+    r.at = 1;
+    let origin = u32::from_le_bytes(r.array()?);
+    let id_len = r.byte()? as usize;
+    let node_id = std::str::from_utf8(r.bytes(id_len)?)
+        .ok()
+        .filter(|id| !id.is_empty())
+        .ok_or(DecodeError::BadNodeId)?;
+    let count = u32::from_le_bytes(r.array()?) as usize;
+    // Every event takes at least 4 bytes: a count larger than that is a lie, and
+    // must not size an allocation.
+    if count > (payload.len() - r.at) / 4 {
+        return Err(DecodeError::Truncated(payload.len()));
+    }
+    let mut events = Vec::with_capacity(count);
+    for _ in 0..count {
+        events.push(r.event(limits.value_bytes_max)?);
+    }
+    if r.at != payload.len() {
+        return Err(DecodeError::Trailing(payload.len() - r.at));
+    }
+    Ok(Decoded {
+        origin,
+        node_id,
+        events,
+    })
+}
+
+/// Where to cut `encoded` (whole events) for a payload with room for `max_events`
+/// events and `max_bytes` bytes: returns (bytes, events). With `take_one`, the first
+/// event is taken even when it is larger than `max_bytes` (it then travels alone).
+pub fn prefix_len(encoded: &[u8], max_events: usize, max_bytes: usize, take_one: bool) -> (usize, u32) {
+    let mut r = Reader {
+        buf: encoded,
+        at: 0,
+    };
+    let mut taken = 0;
+    while taken < max_events && r.at < encoded.len() {
+        let start = r.at;
+        if r.event(usize::MAX).is_err() {
+            // Our own journal is always well formed; never loop on anything else.
+            return (encoded.len(), taken as u32 + 1);
+        }
+        if r.at > max_bytes && !(take_one && taken == 0) {
+            return (start, taken as u32);
+        }
+        taken += 1;
+    }
+    (r.at, taken as u32)
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn byte(&mut self) -> Result<u8, DecodeError> {
+        let b = *self.buf.get(self.at).ok_or(DecodeError::Truncated(self.at))?;
+        self.at += 1;
+        Ok(b)
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or(DecodeError::Truncated(self.at))?;
+        let s = &self.buf[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        Ok(self.bytes(N)?.try_into().expect("length checked"))
+    }
+
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        let start = self.at;
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            let bits = u64::from(b & 0x7f);
+            if shift == 63 && bits > 1 {
+                return Err(DecodeError::BadVarint(start));
+            }
+            v |= bits << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(DecodeError::BadVarint(start))
+    }
+
+    fn event(&mut self, value_max: usize) -> Result<Event<'a>, DecodeError> {
+        let kind = self.byte()?;
+        if kind != KIND_SET && kind != KIND_DEL {
+            return Err(DecodeError::BadKind(kind));
+        }
+        let hlc = self.varint()?;
+        let key_len = self.varint()?;
+        if key_len == 0 || key_len > KEY_BYTES_MAX as u64 {
+            return Err(DecodeError::BadKey(key_len));
+        }
+        let key = self.bytes(key_len as usize)?;
+        let value = if kind == KIND_SET {
+            let len = self.varint()?;
+            if len > value_max as u64 {
+                return Err(DecodeError::ValueTooLarge(len));
+            }
+            Some(self.bytes(len as usize)?)
+        } else {
+            None
+        };
+        Ok(Event { hlc, key, value })
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const LIMITS: Limits = Limits {
+        payload_bytes_max: 1 << 20,
+        value_bytes_max: 1 << 16,
+    };
+
+    fn payload(events: &[(u64, &[u8], Option<&[u8]>)]) -> Vec<u8> {
+        let mut b = PayloadBuilder::new(7, "node-a");
+        for &(hlc, k, v) in events {
+            let mut e = Vec::new();
+            encode_event(&mut e, hlc, k, v);
+            b.extend(&e, 1);
+        }
+        b.take()
+    }
+
+    #[test]
+    fn the_documented_example_is_byte_exact() {
+        // The example drawn in docs/REPLICATION.md.
+        let p = {
+            let mut b = PayloadBuilder::new(0x0403_0201, "n1");
+            let mut e = Vec::new();
+            encode_event(&mut e, 300, b"k", Some(b"v"));
+            encode_event(&mut e, 1, b"k", None);
+            b.extend(&e, 2);
+            b.take()
+        };
+        let want: &[u8] = &[
+            1, 0x01, 0x02, 0x03, 0x04, 2, b'n', b'1', 2, 0, 0, 0, // header
+            1, 0xac, 0x02, 1, b'k', 1, b'v', // set k=v at hlc 300
+            2, 0x01, 1, b'k', // delete k at hlc 1
+        ];
+        assert_eq!(p, want);
+    }
+
+    #[test]
+    fn round_trip_keeps_every_event_in_order() {
+        let p = payload(&[
+            (1, b"a", Some(b"1")),
+            (u64::MAX, b"b", None),
+            (1 << 52, b"c", Some(b"")),
+        ]);
+        let d = decode(&p, LIMITS).unwrap();
+        assert_eq!((d.origin, d.node_id), (7, "node-a"));
+        assert_eq!(
+            d.events,
+            vec![
+                Event { hlc: 1, key: b"a", value: Some(b"1") },
+                Event { hlc: u64::MAX, key: b"b", value: None },
+                Event { hlc: 1 << 52, key: b"c", value: Some(b"") },
+            ]
+        );
+    }
+
+    #[test]
+    fn builder_starts_over_after_take() {
+        let mut b = PayloadBuilder::new(1, "x");
+        let mut e = Vec::new();
+        encode_event(&mut e, 5, b"k", Some(b"v"));
+        b.extend(&e, 1);
+        let first = b.take();
+        assert!(b.is_empty());
+        b.extend(&e, 1);
+        b.extend(&e, 1);
+        assert_eq!(decode(&first, LIMITS).unwrap().events.len(), 1);
+        assert_eq!(decode(&b.take(), LIMITS).unwrap().events.len(), 2);
+    }
+
+    #[test]
+    fn every_truncation_is_rejected() {
+        let p = payload(&[(300, b"key", Some(b"value")), (301, b"key", None)]);
+        for cut in 0..p.len() {
+            assert!(decode(&p[..cut], LIMITS).is_err(), "cut at {cut}");
+        }
+        let mut extra = p.clone();
+        extra.push(0);
+        assert_eq!(decode(&extra, LIMITS), Err(DecodeError::Trailing(1)));
+    }
+
+    #[test]
+    fn foreign_versions_bad_kinds_and_limits_are_rejected() {
+        let p = payload(&[(1, b"k", Some(b"vv"))]);
+        let mut v2 = p.clone();
+        v2[0] = 2;
+        assert_eq!(decode(&v2, LIMITS), Err(DecodeError::UnknownVersion(2)));
+        let at = p.len() - 7; // the event's kind byte
+        let mut bad = p.clone();
+        bad[at] = 9;
+        assert_eq!(decode(&bad, LIMITS), Err(DecodeError::BadKind(9)));
+        let small = Limits { payload_bytes_max: p.len() - 1, ..LIMITS };
+        assert_eq!(decode(&p, small), Err(DecodeError::TooLarge(p.len())));
+        let tiny_values = Limits { value_bytes_max: 1, ..LIMITS };
+        assert_eq!(decode(&p, tiny_values), Err(DecodeError::ValueTooLarge(2)));
+        let long_key = vec![b'k'; KEY_BYTES_MAX + 1];
+        let p = payload(&[(1, &long_key, None)]);
+        assert!(matches!(decode(&p, LIMITS), Err(DecodeError::BadKey(_))));
+        assert_eq!(decode(&[], LIMITS), Err(DecodeError::Empty));
+    }
+
+    #[test]
+    fn a_huge_event_count_does_not_allocate() {
+        let mut p = payload(&[]);
+        let n = p.len();
+        p[n - 4..].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(decode(&p, LIMITS), Err(DecodeError::Truncated(_))));
+    }
+
+    #[test]
+    fn prefix_len_cuts_at_event_boundaries() {
+        let mut e = Vec::new();
+        encode_event(&mut e, 1, b"a", Some(b"1"));
+        let one = e.len();
+        encode_event(&mut e, 2, b"b", None);
+        assert_eq!(prefix_len(&e, 1, usize::MAX, false), (one, 1));
+        assert_eq!(prefix_len(&e, 5, usize::MAX, false), (e.len(), 2));
+        assert_eq!(prefix_len(&e, 0, usize::MAX, false), (0, 0));
+        assert_eq!(prefix_len(&e, 5, one, false), (one, 1), "byte room for one");
+        assert_eq!(prefix_len(&e, 5, 1, false), (0, 0), "no room");
+        assert_eq!(prefix_len(&e, 5, 1, true), (one, 1), "a large first event goes alone");
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode(&bytes, LIMITS);
+            let _ = prefix_len(&bytes, 3, 64, true);
+        }
+
+        #[test]
+        fn any_event_list_round_trips(events in proptest::collection::vec(
+            (any::<u64>(), proptest::collection::vec(any::<u8>(), 1..40),
+             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40))), 0..20)) {
+            let refs: Vec<_> = events.iter().map(|(h, k, v)| (*h, &k[..], v.as_deref())).collect();
+            let p = payload(&refs);
+            let d = decode(&p, LIMITS).unwrap();
+            let got: Vec<_> = d.events.iter().map(|e| (e.hlc, e.key, e.value)).collect();
+            prop_assert_eq!(got, refs);
+        }
+    }
+}
