@@ -71,16 +71,38 @@ pub fn start(listen: SocketAddr, payload_bytes_max: usize) -> Result<(), BrokerE
             }
         })
         .map_err(|e| BrokerError::Start(e.to_string()))?;
-    // Ready once it accepts a connection.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while std::net::TcpStream::connect(listen).is_err() {
+    while !answers_connect(listen) {
         if std::time::Instant::now() > deadline {
-            return Err(BrokerError::Start(format!("not listening on {listen} after 5 s")));
+            return Err(BrokerError::Start(format!(
+                "not answering on {listen} after 5 s"
+            )));
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     tracing::info!(%listen, "embedded MQTT broker running");
     Ok(())
+}
+
+/// Whether an MQTT broker at `addr` accepts a connection: CONNECT (MQTT 3.1.1, clean
+/// session, client id "merkle-kv-probe"), CONNACK, DISCONNECT. A bare TCP probe would
+/// make rumqttd log an error for every start.
+#[cfg(feature = "embedded-broker")]
+fn answers_connect(addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    const CONNECT: &[u8] = b"\x10\x1b\x00\x04MQTT\x04\x02\x00\x0a\x00\x0fmerkle-kv-probe";
+    let timeout = Some(std::time::Duration::from_secs(1));
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(timeout);
+    let mut ack = [0u8; 4];
+    let ok = s.write_all(CONNECT).is_ok()
+        && s.read_exact(&mut ack).is_ok()
+        && ack[0] == 0x20
+        && ack[3] == 0;
+    let _ = s.write_all(b"\xe0\x00");
+    ok
 }
 
 #[cfg(not(feature = "embedded-broker"))]

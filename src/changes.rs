@@ -153,7 +153,10 @@ pub fn decode(payload: &[u8], limits: Limits) -> Result<Decoded<'_>, DecodeError
     if payload.len() > limits.payload_bytes_max {
         return Err(DecodeError::TooLarge(payload.len()));
     }
-    let mut r = Reader { buf: payload, at: 0 };
+    let mut r = Reader {
+        buf: payload,
+        at: 0,
+    };
     let version = *payload.first().ok_or(DecodeError::Empty)?;
     if version != FORMAT_VERSION {
         return Err(DecodeError::UnknownVersion(version));
@@ -188,7 +191,12 @@ pub fn decode(payload: &[u8], limits: Limits) -> Result<Decoded<'_>, DecodeError
 /// Where to cut `encoded` (whole events) for a payload with room for `max_events`
 /// events and `max_bytes` bytes: returns (bytes, events). With `take_one`, the first
 /// event is taken even when it is larger than `max_bytes` (it then travels alone).
-pub fn prefix_len(encoded: &[u8], max_events: usize, max_bytes: usize, take_one: bool) -> (usize, u32) {
+pub fn prefix_len(
+    encoded: &[u8],
+    max_events: usize,
+    max_bytes: usize,
+    take_one: bool,
+) -> (usize, u32) {
     let mut r = Reader {
         buf: encoded,
         at: 0,
@@ -215,7 +223,10 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn byte(&mut self) -> Result<u8, DecodeError> {
-        let b = *self.buf.get(self.at).ok_or(DecodeError::Truncated(self.at))?;
+        let b = *self
+            .buf
+            .get(self.at)
+            .ok_or(DecodeError::Truncated(self.at))?;
         self.at += 1;
         Ok(b)
     }
@@ -294,7 +305,9 @@ mod tests {
         value_bytes_max: 1 << 16,
     };
 
-    fn payload(events: &[(u64, &[u8], Option<&[u8]>)]) -> Vec<u8> {
+    type Change<'a> = (u64, &'a [u8], Option<&'a [u8]>);
+
+    fn payload(events: &[Change]) -> Vec<u8> {
         let mut b = PayloadBuilder::new(7, "node-a");
         for &(hlc, k, v) in events {
             let mut e = Vec::new();
@@ -335,9 +348,21 @@ mod tests {
         assert_eq!(
             d.events,
             vec![
-                Event { hlc: 1, key: b"a", value: Some(b"1") },
-                Event { hlc: u64::MAX, key: b"b", value: None },
-                Event { hlc: 1 << 52, key: b"c", value: Some(b"") },
+                Event {
+                    hlc: 1,
+                    key: b"a",
+                    value: Some(b"1")
+                },
+                Event {
+                    hlc: u64::MAX,
+                    key: b"b",
+                    value: None
+                },
+                Event {
+                    hlc: 1 << 52,
+                    key: b"c",
+                    value: Some(b"")
+                },
             ]
         );
     }
@@ -377,9 +402,15 @@ mod tests {
         let mut bad = p.clone();
         bad[at] = 9;
         assert_eq!(decode(&bad, LIMITS), Err(DecodeError::BadKind(9)));
-        let small = Limits { payload_bytes_max: p.len() - 1, ..LIMITS };
+        let small = Limits {
+            payload_bytes_max: p.len() - 1,
+            ..LIMITS
+        };
         assert_eq!(decode(&p, small), Err(DecodeError::TooLarge(p.len())));
-        let tiny_values = Limits { value_bytes_max: 1, ..LIMITS };
+        let tiny_values = Limits {
+            value_bytes_max: 1,
+            ..LIMITS
+        };
         assert_eq!(decode(&p, tiny_values), Err(DecodeError::ValueTooLarge(2)));
         let long_key = vec![b'k'; KEY_BYTES_MAX + 1];
         let p = payload(&[(1, &long_key, None)]);
@@ -406,7 +437,11 @@ mod tests {
         assert_eq!(prefix_len(&e, 0, usize::MAX, false), (0, 0));
         assert_eq!(prefix_len(&e, 5, one, false), (one, 1), "byte room for one");
         assert_eq!(prefix_len(&e, 5, 1, false), (0, 0), "no room");
-        assert_eq!(prefix_len(&e, 5, 1, true), (one, 1), "a large first event goes alone");
+        assert_eq!(
+            prefix_len(&e, 5, 1, true),
+            (one, 1),
+            "a large first event goes alone"
+        );
     }
 
     proptest! {

@@ -480,6 +480,16 @@ impl Config {
             ));
         }
 
+        if self.node_id.len() > crate::changes::NODE_ID_BYTES_MAX
+            || self.node_id.contains(['/', '+', '#'])
+        {
+            problems.push(format!(
+                "node_id: at most {} bytes, without `/`, `+` or `#` (it names the node's \
+                 MQTT presence topic), found {:?}",
+                crate::changes::NODE_ID_BYTES_MAX,
+                self.node_id
+            ));
+        }
         let mqtt = &self.mqtt;
         if mqtt.broker_address.is_empty() {
             if mqtt.enabled && !mqtt.embedded_broker.enabled {

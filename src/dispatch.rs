@@ -10,8 +10,8 @@
 use crate::keyspace::{shard_buckets, shard_of_bucket, KeyHash};
 use crate::merkle::{combine_roots, to_hex, Digest};
 use crate::ops::{execute, OpKind, Outcome, ShardOp, Span, CRLF};
-use crate::replication::ReplSnapshot;
 use crate::protocol::{parse, Args, Command, Framer, ProtocolError, Step};
+use crate::replication::ReplSnapshot;
 #[cfg(test)]
 use crate::shard::MemoryBudget;
 use crate::shard::{Shard, ShardStats};

@@ -7,9 +7,8 @@ use tracing_subscriber::EnvFilter;
 /// Install the global subscriber. `RUST_LOG`, when set, refines the configured level.
 pub fn init(cfg: &LoggingConfig) -> Result<(), String> {
     // The MQTT crates log every connection at info: keep them to warnings by default.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new(format!("{},rumqttd=warn,rumqttc=warn", cfg.level))
-    });
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{},rumqttd=warn,rumqttc=warn", cfg.level)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);

@@ -304,8 +304,11 @@ pub fn mqtt_options(config: &Config, client_id: &str) -> Result<MqttOptions, Rep
         .set_clean_session(m.clean_session)
         .set_inflight(UNCONFIRMED_MAX as u16 + 16)
         .set_request_channel_capacity(UNCONFIRMED_MAX * 2 + 16);
+    // Accept packets well past our own payload limit, so an oversized payload on the
+    // topic is rejected and counted by the decoder rather than failing the connection
+    // (rumqttc drops the connection on a packet over its limit).
     let max = payload_bytes_max(config.network.max_line_bytes) + 4096;
-    o.set_max_packet_size(max, max);
+    o.set_max_packet_size(max * 4, max);
     if let Some(user) = &m.username {
         o.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
     }
@@ -502,31 +505,46 @@ fn run_thread(
     let link = Rc::new(RefCell::new(Link::default()));
     let wake = Rc::new(Notify::new());
     tasks.block_on(&rt, async move {
-        tokio::task::spawn_local(drive(ctx.clone(), link.clone(), wake.clone(), client.clone(), eventloop));
+        tokio::task::spawn_local(drive(
+            ctx.clone(),
+            link.clone(),
+            wake.clone(),
+            client.clone(),
+            eventloop,
+        ));
         tokio::task::spawn_local(intake(ctx.clone(), link.clone(), wake.clone(), rx));
-        let publisher = tokio::task::spawn_local(publish(ctx.clone(), link.clone(), wake.clone(), client.clone()));
+        let publisher = tokio::task::spawn_local(publish(
+            ctx.clone(),
+            link.clone(),
+            wake.clone(),
+            client.clone(),
+        ));
         stop.notified().await;
         link.borrow_mut().stopping = true;
         wake.notify_one();
         // Give the publisher a moment to send what it holds, then say goodbye.
         let deadline = Instant::now() + STOP_FLUSH;
-        while Instant::now() < deadline {
-            let l = link.borrow();
-            if !l.connected || (l.buffered() == 0 && l.unconfirmed.is_empty()) {
-                break;
-            }
-            drop(l);
+        let done = |l: &Link| !l.connected || (l.buffered() == 0 && l.unconfirmed.is_empty());
+        while Instant::now() < deadline && !done(&link.borrow()) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         publisher.abort();
         let left = link.borrow().buffered();
         if left > 0 {
-            tracing::warn!(events = left, "stopping with unpublished changes (peers repair them by anti-entropy)");
+            tracing::warn!(
+                events = left,
+                "stopping with unpublished changes (peers repair them by anti-entropy)"
+            );
         }
         if link.borrow().connected {
-            let gone = Presence { online: false, ..ctx.me.clone() };
+            let gone = Presence {
+                online: false,
+                ..ctx.me.clone()
+            };
             let topic = ctx.topics.presence(&ctx.node_id);
-            let _ = client.publish(topic, QoS::AtLeastOnce, true, gone.to_line()).await;
+            let _ = client
+                .publish(topic, QoS::AtLeastOnce, true, gone.to_line())
+                .await;
             let _ = client.disconnect().await;
             tokio::time::sleep(Duration::from_millis(100)).await; // let the loop send both
         }
@@ -574,7 +592,9 @@ async fn drive(
                 let mut l = link.borrow_mut();
                 if let Some(i) = l.unconfirmed.iter().position(|s| s.pkid == Some(ack.pkid)) {
                     let sent = l.unconfirmed.remove(i).expect("index in range");
-                    ctx.stats.published_events.fetch_add(u64::from(sent.events), Relaxed);
+                    ctx.stats
+                        .published_events
+                        .fetch_add(u64::from(sent.events), Relaxed);
                     ctx.stats.published_payloads.fetch_add(1, Relaxed);
                     wake.notify_one();
                 }
@@ -593,7 +613,14 @@ async fn drive(
                 if p.topic == ctx.topics.updates {
                     receive(&ctx, p.payload).await;
                 } else if let Some(node) = ctx.topics.presence_node(&p.topic) {
-                    on_presence(&ctx, &mut link.borrow_mut(), &wake, node, &p.payload, p.retain);
+                    on_presence(
+                        &ctx,
+                        &mut link.borrow_mut(),
+                        &wake,
+                        node,
+                        &p.payload,
+                        p.retain,
+                    );
                 }
             }
             _ => {}
@@ -627,7 +654,14 @@ fn on_connect(ctx: &Context, l: &mut Link, client: &AsyncClient, session_present
     l.settle_until = Some(Instant::now() + RESUBSCRIBE_WAIT);
 }
 
-fn on_presence(ctx: &Context, l: &mut Link, wake: &Notify, node: &str, payload: &[u8], retained: bool) {
+fn on_presence(
+    ctx: &Context,
+    l: &mut Link,
+    wake: &Notify,
+    node: &str,
+    payload: &[u8],
+    retained: bool,
+) {
     if node == ctx.node_id {
         return;
     }
@@ -654,13 +688,19 @@ async fn receive(ctx: &Context, payload: Bytes) {
         Ok(r) => r,
         Err(e) => {
             let n = stats.rejected_payloads.fetch_add(1, Relaxed) + 1;
-            return tracing::warn!(bytes = payload.len(), rejected_total = n, "dropping a replication payload: {e}");
+            return tracing::warn!(
+                bytes = payload.len(),
+                rejected_total = n,
+                "dropping a replication payload: {e}"
+            );
         }
     };
     if routed.node_id == ctx.node_id {
         return; // our own changes, back from the broker
     }
-    stats.received_events.fetch_add(routed.events as u64, Relaxed);
+    stats
+        .received_events
+        .fetch_add(routed.events as u64, Relaxed);
     for (shard, events) in routed.per_shard.into_iter().enumerate() {
         if events.is_empty() {
             continue;
@@ -682,22 +722,16 @@ async fn intake(
     wake: Rc<Notify>,
     mut rx: mpsc::UnboundedReceiver<Journal>,
 ) {
-    let room = Rc::new(Notify::new());
+    // Connected: leave changes in the queue while the outbox is full, so writers feel
+    // backpressure. Disconnected: take them, and drop what does not fit.
+    let hold = |l: &Link| l.connected && l.buffered() >= ctx.offline_max;
     loop {
-        // Connected: leave changes in the queue when the outbox is full, so writers
-        // feel backpressure. Disconnected: take them, and drop what does not fit.
-        loop {
-            let l = link.borrow();
-            if !(l.connected && l.buffered() >= ctx.offline_max) {
-                break;
-            }
-            drop(l);
-            tokio::select! {
-                _ = room.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
-            }
+        while hold(&link.borrow()) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let Some(journal) = rx.recv().await else { return };
+        let Some(journal) = rx.recv().await else {
+            return;
+        };
         ctx.outbound.taken(journal.events as usize);
         let mut l = link.borrow_mut();
         let n = u64::from(journal.events);
@@ -774,7 +808,10 @@ async fn publish(ctx: Rc<Context>, link: Rc<RefCell<Link>>, wake: Rc<Notify>, cl
                 ctx.stats
                     .buffered_events
                     .store(link.borrow().buffered(), Relaxed);
-                if let Err(e) = client.publish_bytes(topic.clone(), QoS::AtLeastOnce, false, payload).await {
+                if let Err(e) = client
+                    .publish_bytes(topic.clone(), QoS::AtLeastOnce, false, payload)
+                    .await
+                {
                     tracing::error!("cannot hand a payload to the MQTT client: {e}");
                 }
             }
@@ -791,7 +828,8 @@ fn next_payload(ctx: &Context, l: &mut Link, builder: &mut PayloadBuilder) -> Se
         if room_events == 0 || (room_bytes == 0 && !builder.is_empty()) {
             break;
         }
-        let (len, n) = crate::changes::prefix_len(&front.bytes, room_events, room_bytes, builder.is_empty());
+        let (len, n) =
+            crate::changes::prefix_len(&front.bytes, room_events, room_bytes, builder.is_empty());
         if n == 0 {
             break; // the next event does not fit: it starts the next payload
         }

@@ -267,7 +267,9 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
                     let _ = req.reply.send(reply); // the connection may have gone; fine
                 }
                 ThreadMsg::Apply(changes) => {
-                    let (_, shard) = local.as_ref().expect("changes sent to a thread without a shard");
+                    let (_, shard) = local
+                        .as_ref()
+                        .expect("changes sent to a thread without a shard");
                     let applied = apply_remote(&mut shard.borrow_mut(), &changes, now_us());
                     if let Some(out) = &shared.outbound {
                         out.stats.applied_events.fetch_add(applied, Relaxed);

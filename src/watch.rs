@@ -58,7 +58,11 @@ pub fn run(config: &Config) -> Result<(), ReplError> {
                         format!("presence {node}: {}\n", String::from_utf8_lossy(&p.payload))
                     };
                     let mut out = std::io::stdout().lock();
-                    if out.write_all(text.as_bytes()).and_then(|_| out.flush()).is_err() {
+                    if out
+                        .write_all(text.as_bytes())
+                        .and_then(|_| out.flush())
+                        .is_err()
+                    {
                         return Ok(()); // stdout closed (piped into head, say)
                     }
                 }

@@ -36,11 +36,25 @@ impl Node {
     /// Start a standalone node. `extra` is TOML appended to a minimal config; it may add
     /// keys to `[network]` and `[storage]` (given as `network.x = ...` dotted keys).
     pub fn start(extra: &str) -> Node {
+        Node::start_with(&format!("mqtt.enabled = false\n{extra}"))
+    }
+
+    /// Start a node replicating through `broker` on topic prefix `prefix`.
+    pub fn replicated(broker: &Broker, prefix: &str, extra: &str) -> Node {
+        Node::start_with(&format!(
+            "mqtt.broker_address = \"tcp://127.0.0.1:{}\"\nmqtt.topic_prefix = \"{prefix}\"\n\
+             storage.pin_threads = false\n{extra}",
+            broker.port
+        ))
+    }
+
+    /// Start a node; `extra` is TOML after `node_id` and the network address.
+    pub fn start_with(extra: &str) -> Node {
         for _ in 0..5 {
             let port = free_port();
             let config = temp_path("node.toml");
             let toml = format!(
-                "node_id = \"test-{port}\"\nnetwork.bind_address = \"127.0.0.1\"\nnetwork.bind_port = {port}\nmqtt.enabled = false\nanti_entropy.enabled = false\n{extra}\n"
+                "node_id = \"test-{port}\"\nnetwork.bind_address = \"127.0.0.1\"\nnetwork.bind_port = {port}\nanti_entropy.enabled = false\n{extra}\n"
             );
             std::fs::write(&config, toml).unwrap();
             let log = std::fs::File::create(config.with_extension("log")).unwrap();
@@ -84,6 +98,26 @@ impl Node {
         Client::connect(self.port)
     }
 
+    /// A field of INFO or STATS, by name.
+    pub fn field(&self, command: &str, name: &str) -> String {
+        let reply = self.client().cmd(command);
+        let prefix = format!("{name}:");
+        reply
+            .iter()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("{command} has no {name}: {reply:?}"))
+            .to_string()
+    }
+
+    pub fn stat(&self, name: &str) -> u64 {
+        self.field("STATS", name).parse().unwrap()
+    }
+
+    /// The node's log so far (stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.config.with_extension("log")).unwrap_or_default()
+    }
+
     /// Wait for the process to exit by itself, up to `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + limit;
@@ -117,6 +151,169 @@ impl Drop for Node {
 
 pub struct Client {
     pub reader: BufReader<TcpStream>,
+}
+
+/// The MQTT brokers the replication tests run against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BrokerKind {
+    Mosquitto,
+    /// `merkle-kv broker` (rumqttd), the embedded broker in a process of its own.
+    Embedded,
+}
+
+/// Set to 1 (as `.ci/run` does) to make a missing Mosquitto a test failure.
+pub const REQUIRE_MOSQUITTO: &str = "MERKLE_KV_TEST_REQUIRE_MOSQUITTO";
+
+fn mosquitto_bin() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/usr/local/sbin".into()])
+        .map(|d| d.join("mosquitto"))
+        .find(|p| p.is_file())
+}
+
+impl BrokerKind {
+    /// Every broker to test against: the embedded one always, Mosquitto when installed
+    /// (required when `MERKLE_KV_TEST_REQUIRE_MOSQUITTO=1`).
+    pub fn all() -> Vec<BrokerKind> {
+        let mut kinds = vec![BrokerKind::Embedded];
+        if mosquitto_bin().is_some() {
+            kinds.push(BrokerKind::Mosquitto);
+        } else if std::env::var(REQUIRE_MOSQUITTO).as_deref() == Ok("1") {
+            panic!("{REQUIRE_MOSQUITTO}=1 but no mosquitto binary was found (apt-get install mosquitto)");
+        } else {
+            eprintln!(
+                "mosquitto not installed: replication tests run against the embedded broker only"
+            );
+        }
+        kinds
+    }
+}
+
+/// An MQTT broker process on a free loopback port; killed when dropped.
+pub struct Broker {
+    pub kind: BrokerKind,
+    pub port: u16,
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl Broker {
+    pub fn start(kind: BrokerKind) -> Broker {
+        let dir = temp_path("broker");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut b = Broker {
+            kind,
+            port: 0,
+            child: None,
+            dir,
+        };
+        for _ in 0..5 {
+            b.port = free_port();
+            if b.spawn() {
+                return b;
+            }
+        }
+        panic!("could not start {kind:?}");
+    }
+
+    /// Start the broker process on `self.port`; true once it accepts connections.
+    fn spawn(&mut self) -> bool {
+        let log = std::fs::File::create(self.dir.join("broker.log")).unwrap();
+        let mut cmd = match self.kind {
+            BrokerKind::Mosquitto => {
+                let conf = self.dir.join("mosquitto.conf");
+                // Queue and in-flight limits raised as docs/DEPLOYMENT.md says: the
+                // defaults drop QoS 1 messages under load.
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                         max_queued_messages 100000\nmax_inflight_messages 0\n",
+                        self.port
+                    ),
+                )
+                .unwrap();
+                let mut c = Command::new(mosquitto_bin().expect("mosquitto"));
+                c.arg("-c").arg(conf);
+                c
+            }
+            BrokerKind::Embedded => {
+                let mut c = Command::new(BIN);
+                c.args(["broker", "--listen", &format!("127.0.0.1:{}", self.port)]);
+                c.env("RUST_LOG", "warn");
+                c
+            }
+        };
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the broker");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return false;
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                self.child = Some(child);
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    /// Kill the broker abruptly (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start it again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.spawn() {
+            assert!(
+                Instant::now() < deadline,
+                "could not restart {:?}",
+                self.kind
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Poll `f` until it returns `Some`, up to `limit`; panics with `what` on timeout.
+pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 impl Client {

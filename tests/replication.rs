@@ -1,0 +1,401 @@
+//! Replication between real node processes through a real MQTT broker: the embedded
+//! one (`merkle-kv broker`) always, and Mosquitto when it is installed (required when
+//! MERKLE_KV_TEST_REQUIRE_MOSQUITTO=1, as `.ci/run` sets).
+
+mod common;
+
+use common::{eventually, Broker, BrokerKind, Client, Node};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// How long replication may take here: generous, the machine is shared and slow.
+const SETTLE: Duration = Duration::from_secs(20);
+
+fn cluster(broker: &Broker, prefix: &str, n: usize, extra: &str) -> Vec<Node> {
+    let nodes: Vec<Node> = (0..n)
+        .map(|_| Node::replicated(broker, prefix, extra))
+        .collect();
+    // Connected, and each sees the others' presence: subscriptions are in place.
+    for node in &nodes {
+        eventually(SETTLE, "nodes connect and see each other", || {
+            let connected = node.field("INFO", "replication") == "connected";
+            let peers: usize = node.field("INFO", "peers_online").parse().unwrap();
+            (connected && peers >= n - 1).then_some(())
+        });
+    }
+    nodes
+}
+
+fn get(node: &Node, key: &str) -> String {
+    node.client().one(&format!("GET {key}"))
+}
+
+fn root(node: &Node) -> String {
+    node.client().one("HASH")
+}
+
+fn wait_equal_roots(nodes: &[Node]) -> String {
+    eventually(SETTLE, "Merkle roots converge", || {
+        let roots: Vec<String> = nodes.iter().map(root).collect();
+        roots
+            .iter()
+            .all(|r| *r == roots[0])
+            .then(|| roots[0].clone())
+    })
+}
+
+fn each_broker(test: impl Fn(&mut Broker, &str)) {
+    for kind in BrokerKind::all() {
+        let mut broker = Broker::start(kind);
+        let prefix = format!("test-{}-{:?}", std::process::id(), kind);
+        eprintln!("--- against {kind:?} on port {}", broker.port);
+        test(&mut broker, &prefix);
+    }
+}
+
+#[test]
+fn a_write_on_each_node_is_read_on_the_others() {
+    each_broker(|broker, prefix| {
+        let nodes = cluster(broker, prefix, 3, "");
+        for (i, node) in nodes.iter().enumerate() {
+            assert_eq!(node.client().one(&format!("SET from:{i} v{i}")), "OK");
+            node.client().one(&format!("INCR counter:{i}"));
+            node.client().one(&format!("APPEND log:{i} x{i}"));
+        }
+        for node in &nodes {
+            for i in 0..nodes.len() {
+                eventually(SETTLE, "every write reaches every node", || {
+                    (get(node, &format!("from:{i}")) == format!("v{i}")).then_some(())
+                });
+                eventually(SETTLE, "INCR and APPEND replicate their result", || {
+                    let ok = get(node, &format!("counter:{i}")) == "1"
+                        && get(node, &format!("log:{i}")) == format!("x{i}");
+                    ok.then_some(())
+                });
+            }
+        }
+        wait_equal_roots(&nodes);
+        let published: u64 = nodes.iter().map(|n| n.stat("repl_published_events")).sum();
+        assert!(published >= 9, "{published}");
+    });
+}
+
+#[test]
+fn concurrent_conflicting_writes_converge_everywhere() {
+    each_broker(|broker, prefix| {
+        let nodes = cluster(broker, prefix, 3, "");
+        // 1,000 writes to 100 keys, from all three nodes at once, pipelined.
+        std::thread::scope(|s| {
+            for (i, node) in nodes.iter().enumerate() {
+                s.spawn(move || {
+                    let mut c = node.client();
+                    let mut batch = String::new();
+                    for j in 0..334 {
+                        let key = (j * 7 + i * 13) % 100;
+                        batch.push_str(&format!("SET conflict:{key} node{i}-write{j}\r\n"));
+                    }
+                    c.send(batch.as_bytes());
+                    for _ in 0..334 {
+                        assert_eq!(c.line(), "OK");
+                    }
+                });
+            }
+        });
+        let root = wait_equal_roots(&nodes);
+        let mut values = HashMap::new();
+        for key in 0..100 {
+            let all: Vec<String> = nodes
+                .iter()
+                .map(|n| get(n, &format!("conflict:{key}")))
+                .collect();
+            assert!(
+                all.iter().all(|v| *v == all[0]),
+                "conflict:{key} differs: {all:?}"
+            );
+            assert_ne!(all[0], "(null)");
+            values.insert(key, all[0].clone());
+        }
+        assert_eq!(root.len(), 64);
+    });
+}
+
+#[test]
+fn a_delete_racing_a_set_ends_the_same_everywhere_and_never_resurrects() {
+    each_broker(|broker, prefix| {
+        let nodes = cluster(broker, prefix, 3, "");
+        // Deterministic order first: set on A, replicated, deleted on B.
+        nodes[0].client().one("SET doomed alive");
+        eventually(SETTLE, "set replicates", || {
+            (get(&nodes[2], "doomed") == "alive").then_some(())
+        });
+        assert_eq!(nodes[1].client().one("DEL doomed"), "DELETED");
+        for n in &nodes {
+            eventually(SETTLE, "delete replicates", || {
+                (get(n, "doomed") == "(null)").then_some(())
+            });
+        }
+        // A delete of a key the deleting node has not seen yet still wins over the
+        // older set when it arrives (a fresh tombstone is written anyway).
+        nodes[0].client().one("SET early v");
+        assert_eq!(nodes[0].client().one("DEL never-here"), "NOT_FOUND");
+        // Races: SET on one node, DEL on another, at the same time, 50 keys.
+        std::thread::scope(|s| {
+            let (a, b) = (&nodes[0], &nodes[2]);
+            s.spawn(move || {
+                let mut c = a.client();
+                for k in 0..50 {
+                    c.one(&format!("SET race:{k} set"));
+                }
+            });
+            s.spawn(move || {
+                let mut c = b.client();
+                for k in 0..50 {
+                    c.one(&format!("DEL race:{k}"));
+                }
+            });
+        });
+        wait_equal_roots(&nodes);
+        let outcome: Vec<String> = (0..50)
+            .map(|k| get(&nodes[1], &format!("race:{k}")))
+            .collect();
+        for n in &nodes {
+            for (k, want) in outcome.iter().enumerate() {
+                assert_eq!(get(n, &format!("race:{k}")), *want, "race:{k}");
+            }
+            assert_eq!(get(n, "doomed"), "(null)", "a deleted key came back");
+        }
+        // Later traffic does not resurrect anything either.
+        nodes[2].client().one("SET unrelated 1");
+        wait_equal_roots(&nodes);
+        assert_eq!(get(&nodes[0], "doomed"), "(null)");
+    });
+}
+
+#[test]
+fn replication_rides_out_a_broker_restart() {
+    each_broker(|broker, prefix| {
+        let nodes = cluster(broker, prefix, 3, "");
+        for i in 0..50 {
+            nodes[i % 3].client().one(&format!("SET before:{i} {i}"));
+        }
+        wait_equal_roots(&nodes);
+
+        broker.kill();
+        for node in &nodes {
+            eventually(SETTLE, "nodes notice the outage", || {
+                (node.field("INFO", "replication") == "disconnected").then_some(())
+            });
+        }
+        // Local reads and writes keep working while the broker is away.
+        for i in 0..100 {
+            let mut c = nodes[i % 2].client();
+            assert_eq!(c.one(&format!("SET during:{i} {i}")), "OK");
+            assert_eq!(c.one(&format!("GET during:{i}")), i.to_string());
+        }
+        assert!(nodes[0].stat("repl_buffered_events") > 0);
+
+        broker.restart();
+        for i in 0..50 {
+            nodes[2].client().one(&format!("SET after:{i} {i}"));
+        }
+        for node in &nodes {
+            for i in 0..100 {
+                eventually(SETTLE, "writes made during the outage arrive", || {
+                    (get(node, &format!("during:{i}")) == i.to_string()).then_some(())
+                });
+            }
+            for i in 0..50 {
+                eventually(SETTLE, "writes after the restart arrive", || {
+                    (get(node, &format!("after:{i}")) == i.to_string()).then_some(())
+                });
+            }
+        }
+        wait_equal_roots(&nodes);
+        assert!(nodes[0].stat("repl_connects") >= 2);
+        assert_eq!(nodes[0].stat("repl_dropped_offline"), 0);
+    });
+}
+
+/// Publish raw payloads on the cluster's update topic, as a misbehaving client would.
+fn publish_raw(broker: &Broker, topic: &str, payloads: &[Vec<u8>]) {
+    let mut opts = rumqttc::MqttOptions::new(
+        format!("raw-{}", std::process::id()),
+        "127.0.0.1",
+        broker.port,
+    );
+    opts.set_max_packet_size(16 << 20, 16 << 20);
+    let (client, mut connection) = rumqttc::Client::new(opts, 64);
+    for p in payloads {
+        client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, p.clone())
+            .unwrap();
+    }
+    let mut acked = 0;
+    for event in connection.iter() {
+        match event {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                acked += 1;
+                if acked == payloads.len() {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => panic!("raw publisher: {e}"),
+        }
+    }
+    let _ = client.disconnect();
+}
+
+#[test]
+fn garbage_payloads_are_rejected_and_counted() {
+    each_broker(|broker, prefix| {
+        // Small values, so the payload limit is small enough to exceed cheaply.
+        let nodes = cluster(broker, prefix, 2, "network.max_line_bytes = 4096");
+        let valid = {
+            let mut b = merkle_kv::changes::PayloadBuilder::new(1, "intruder");
+            let mut e = Vec::new();
+            merkle_kv::changes::encode_event(&mut e, 1, b"k", Some(b"v"));
+            b.extend(&e, 1);
+            b.take()
+        };
+        let mut foreign = valid.clone();
+        foreign[0] = 99;
+        let truncated = valid[..valid.len() - 1].to_vec();
+        let mut oversized = valid.clone();
+        oversized.resize(merkle_kv::replication::payload_bytes_max(4096) + 1, 0);
+        let bad = vec![
+            b"hello, world".to_vec(),
+            Vec::new(),
+            truncated,
+            foreign,
+            oversized,
+            vec![0xff; 1000],
+        ];
+        publish_raw(broker, &format!("{prefix}/updates"), &bad);
+        for node in &nodes {
+            eventually(SETTLE, "every bad payload is counted", || {
+                (node.stat("repl_rejected_payloads") == bad.len() as u64).then_some(())
+            });
+            assert_eq!(
+                get(node, "k"),
+                "(null)",
+                "nothing of a bad payload is applied"
+            );
+            assert!(node.log().contains("dropping a replication payload"));
+        }
+        // A bad presence record is counted too, and the nodes still replicate.
+        publish_raw(
+            broker,
+            &format!("{prefix}/nodes/liar"),
+            &[b"online nonsense".to_vec()],
+        );
+        eventually(SETTLE, "bad presence counted", || {
+            (nodes[0].stat("repl_rejected_presence") >= 1).then_some(())
+        });
+        nodes[0].client().one("SET still works");
+        eventually(SETTLE, "replication still works", || {
+            (get(&nodes[1], "still") == "works").then_some(())
+        });
+        // A well-formed payload from another node is applied.
+        publish_raw(broker, &format!("{prefix}/updates"), &[valid]);
+        eventually(SETTLE, "a valid foreign payload applies", || {
+            (get(&nodes[1], "k") == "v").then_some(())
+        });
+    });
+}
+
+#[test]
+fn a_stuck_broker_slows_writers_briefly_then_drops_and_counts() {
+    // A stopped (SIGSTOP) broker accepts nothing: the node must not stall its clients
+    // beyond backpressure_max_ms, and must count what it could not send.
+    let broker = Broker::start(BrokerKind::Embedded);
+    let prefix = format!("stuck-{}", std::process::id());
+    let node = Node::replicated(
+        &broker,
+        &prefix,
+        "mqtt.offline_buffer_events = 1000\nmqtt.backpressure_max_ms = 200",
+    );
+    eventually(SETTLE, "connected", || {
+        (node.field("INFO", "replication") == "connected").then_some(())
+    });
+    let stop = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(broker.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    stop("STOP");
+    let mut c = node.client();
+    const N: usize = 150_000;
+    let mut sent = 0;
+    while sent < N {
+        let mut batch = String::new();
+        for i in sent..(sent + 1000).min(N) {
+            batch.push_str(&format!("SET stuck:{i} {i}\r\n"));
+        }
+        c.send(batch.as_bytes());
+        for _ in sent..(sent + 1000).min(N) {
+            assert_eq!(c.line(), "OK");
+        }
+        sent += 1000;
+    }
+    assert_eq!(c.one(&format!("GET stuck:{}", N - 1)), (N - 1).to_string());
+    let dropped = node.stat("repl_dropped_overflow") + node.stat("repl_dropped_offline");
+    assert!(
+        dropped > 0,
+        "nothing was dropped, yet the broker took nothing"
+    );
+    stop("CONT");
+    let _ = Client::connect(node.port);
+}
+
+#[test]
+fn the_embedded_broker_runs_without_a_config_file_and_a_taken_port_is_a_clear_error() {
+    // No --config: the node starts the embedded broker and replicates through it.
+    let mqtt = common::free_port();
+    let port = common::free_port();
+    let mut child = std::process::Command::new(common::BIN)
+        .env("MERKLE_KV_NETWORK_BIND_PORT", port.to_string())
+        .env(
+            "MERKLE_KV_MQTT_EMBEDDED_BROKER_LISTEN",
+            format!("127.0.0.1:{mqtt}"),
+        )
+        .env("MERKLE_KV_STORAGE_PIN_THREADS", "false")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let info = eventually(SETTLE, "the default node comes up connected", || {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(|_| Client::connect(port))?;
+        let info = c.cmd("INFO");
+        info.contains(&"replication:connected".to_string())
+            .then_some(info)
+    });
+    assert!(info.iter().any(|l| l.starts_with("node_id:")));
+
+    // A second node told to host a broker on the same port says why it cannot.
+    let out = std::process::Command::new(common::BIN)
+        .env(
+            "MERKLE_KV_NETWORK_BIND_PORT",
+            common::free_port().to_string(),
+        )
+        .env(
+            "MERKLE_KV_MQTT_EMBEDDED_BROKER_LISTEN",
+            format!("127.0.0.1:{mqtt}"),
+        )
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "cannot start the embedded MQTT broker on 127.0.0.1:{mqtt}"
+        )),
+        "{err}"
+    );
+}
