@@ -18,7 +18,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(name = "merkle-kv", version)]
 struct Args {
     /// TOML configuration file (see configs/ and docs/CONFIGURATION.md).
-    #[arg(long, short = 'c', value_name = "FILE")]
+    #[arg(long, short = 'c', value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     /// Print the effective configuration (file + environment + defaults) and exit.
     #[arg(long)]

@@ -735,7 +735,9 @@ async fn intake(
         ctx.outbound.taken(journal.events as usize);
         let mut l = link.borrow_mut();
         let n = u64::from(journal.events);
-        if l.buffered() + n > ctx.offline_max {
+        // Connected, the outbox may pass its bound by this one journal (the hold above
+        // keeps it from growing further); disconnected, it never does.
+        if !l.connected && l.buffered() + n > ctx.offline_max {
             let total = ctx.stats.dropped_offline.fetch_add(n, Relaxed) + n;
             if total == n {
                 tracing::warn!(

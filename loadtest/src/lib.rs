@@ -9,6 +9,8 @@
 //!   native, memcache and RESP protocols. Pure: bytes in, verdict out.
 //! - `client`: connections and the per-thread mio event loop (closed or open
 //!   loop). The only module doing network I/O.
+//! - `cluster`: cluster mode (write on one node, read on others): replication lag,
+//!   replicated throughput, convergence time.
 //! - `stats`: histograms and counters, the `Report`, the final table.
 //! - `chart`: the SVG.
 //!
@@ -17,6 +19,7 @@
 
 pub mod chart;
 pub mod client;
+pub mod cluster;
 pub mod keyspace;
 pub mod options;
 pub mod protocol;
