@@ -85,7 +85,7 @@ pub fn start(listen: SocketAddr, payload_bytes_max: usize) -> Result<(), BrokerE
 }
 
 /// Whether an MQTT broker at `addr` accepts a connection: CONNECT (MQTT 3.1.1, clean
-/// session, client id "merkle-kv-probe"), CONNACK, DISCONNECT. A bare TCP probe would
+/// session, client id "merkle-kv-probe"), CONNACK, close. A bare TCP probe would
 /// make rumqttd log an error for every start.
 #[cfg(feature = "embedded-broker")]
 fn answers_connect(addr: SocketAddr) -> bool {
@@ -101,7 +101,6 @@ fn answers_connect(addr: SocketAddr) -> bool {
         && s.read_exact(&mut ack).is_ok()
         && ack[0] == 0x20
         && ack[3] == 0;
-    let _ = s.write_all(b"\xe0\x00");
     ok
 }
 
