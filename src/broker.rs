@@ -97,11 +97,7 @@ fn answers_connect(addr: SocketAddr) -> bool {
     };
     let _ = s.set_read_timeout(timeout);
     let mut ack = [0u8; 4];
-    let ok = s.write_all(CONNECT).is_ok()
-        && s.read_exact(&mut ack).is_ok()
-        && ack[0] == 0x20
-        && ack[3] == 0;
-    ok
+    s.write_all(CONNECT).is_ok() && s.read_exact(&mut ack).is_ok() && ack[0] == 0x20 && ack[3] == 0
 }
 
 #[cfg(not(feature = "embedded-broker"))]
