@@ -399,3 +399,188 @@ fn the_embedded_broker_runs_without_a_config_file_and_a_taken_port_is_a_clear_er
         "{err}"
     );
 }
+
+#[test]
+fn watch_prints_the_decoded_change_stream() {
+    let broker = Broker::start(BrokerKind::Embedded);
+    let prefix = format!("watch-{}", std::process::id());
+    let node = Node::replicated(&broker, &prefix, "");
+    eventually(SETTLE, "connected", || {
+        (node.field("INFO", "replication") == "connected").then_some(())
+    });
+    let mut watch = std::process::Command::new(common::BIN)
+        .arg("--config")
+        .arg(&node.config)
+        .arg("watch")
+        .env("MERKLE_KV_MQTT_CLIENT_ID", "watcher")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The watcher subscribes some time after it starts: write until it sees a write.
+    let node_id = node.field("INFO", "node_id");
+    let seen = eventually(SETTLE, "watch prints a SET", || {
+        node.client().one("SET watched hello");
+        node.client().one("DEL gone");
+        let lines: Vec<String> = rx.try_iter().collect();
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("{node_id} SET watched \"hello\" hlc=")))
+            .then_some(lines)
+    });
+    let more: Vec<String> = rx
+        .recv_timeout(Duration::from_secs(5))
+        .into_iter()
+        .chain(rx.try_iter())
+        .collect();
+    let all: Vec<&String> = seen.iter().chain(&more).collect();
+    assert!(
+        all.iter()
+            .any(|l| l.starts_with(&format!("{node_id} DEL gone hlc="))),
+        "{all:?}"
+    );
+    let _ = watch.kill();
+    let _ = watch.wait();
+}
+
+/// Run `openssl` with `args` in `dir`; panics with its stderr on failure.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn replication_over_mqtts_with_a_private_ca() {
+    let Some(mosquitto) = common::mosquitto_bin() else {
+        assert_ne!(
+            std::env::var(common::REQUIRE_MOSQUITTO).as_deref(),
+            Ok("1"),
+            "mosquitto is required"
+        );
+        return eprintln!("mosquitto not installed: the mqtts test needs it, not run");
+    };
+    let dir = common::temp_path("tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    // A throwaway CA, and a broker certificate for 127.0.0.1 signed by it.
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-subj",
+            "/CN=merkle-kv test CA",
+            "-days",
+            "2",
+        ],
+    );
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "broker.key",
+            "-out",
+            "broker.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(dir.join("san.ext"), "subjectAltName = IP:127.0.0.1\n").unwrap();
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "broker.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "broker.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+    );
+    // Mosquitto started as root reads its files as the mosquitto user.
+    for f in ["broker.key", "broker.crt", "ca.crt"] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let port = common::free_port();
+    let conf = format!(
+        "listener {port} 127.0.0.1\nallow_anonymous true\ncafile {d}/ca.crt\ncertfile {d}/broker.crt\nkeyfile {d}/broker.key\n",
+        d = dir.display()
+    );
+    std::fs::write(dir.join("mosquitto.conf"), conf).unwrap();
+    let mut broker = std::process::Command::new(mosquitto)
+        .arg("-c")
+        .arg(dir.join("mosquitto.conf"))
+        .stderr(std::fs::File::create(dir.join("broker.log")).unwrap())
+        .spawn()
+        .unwrap();
+    eventually(SETTLE, "TLS broker listens", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    // The nodes trust the private CA through SSL_CERT_FILE (read by the system trust loader).
+    let ca = dir.join("ca.crt").display().to_string();
+    let cfg = format!("mqtt.broker_address = \"mqtts://127.0.0.1:{port}\"\nmqtt.topic_prefix = \"tls\"\nstorage.pin_threads = false");
+    let a = Node::start_with_env(&cfg, &[("SSL_CERT_FILE", &ca)]);
+    let b = Node::start_with_env(&cfg, &[("SSL_CERT_FILE", &ca)]);
+    for n in [&a, &b] {
+        eventually(SETTLE, "connected over TLS", || {
+            (n.field("INFO", "replication") == "connected").then_some(())
+        });
+    }
+    eventually(SETTLE, "a write replicates over TLS", || {
+        a.client().one("SET secure yes");
+        (get(&b, "secure") == "yes").then_some(())
+    });
+    // Without the CA the broker's certificate is not trusted: the node never connects.
+    let untrusting = Node::start_with(&cfg);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(untrusting.field("INFO", "replication"), "disconnected");
+    assert!(
+        untrusting.log().contains("MQTT broker unreachable"),
+        "{}",
+        untrusting.log()
+    );
+    let _ = broker.kill();
+    let _ = broker.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

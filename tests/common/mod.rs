@@ -50,6 +50,11 @@ impl Node {
 
     /// Start a node; `extra` is TOML after `node_id` and the network address.
     pub fn start_with(extra: &str) -> Node {
+        Node::start_with_env(extra, &[])
+    }
+
+    /// As [`Node::start_with`], with extra environment variables.
+    pub fn start_with_env(extra: &str, env: &[(&str, &str)]) -> Node {
         for _ in 0..5 {
             let port = free_port();
             let config = temp_path("node.toml");
@@ -62,6 +67,7 @@ impl Node {
                 .arg("--config")
                 .arg(&config)
                 .env("RUST_LOG", "warn")
+                .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -164,7 +170,7 @@ pub enum BrokerKind {
 /// Set to 1 (as `.ci/run` does) to make a missing Mosquitto a test failure.
 pub const REQUIRE_MOSQUITTO: &str = "MERKLE_KV_TEST_REQUIRE_MOSQUITTO";
 
-fn mosquitto_bin() -> Option<PathBuf> {
+pub fn mosquitto_bin() -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin".into(), "/usr/local/sbin".into()])
