@@ -398,6 +398,7 @@ impl Replication {
             peers,
             outbound: outbound.clone(),
             stats,
+            last_reject_log: std::cell::Cell::new(None),
         };
         let mut options = options;
         let will = Presence {
@@ -451,6 +452,9 @@ struct Context {
     peers: Arc<Peers>,
     outbound: Arc<Outbound>,
     stats: Arc<ReplStats>,
+    /// When a rejected payload or presence record was last logged: one line per second
+    /// at most, so garbage on the topics cannot flood the log (the counters count all).
+    last_reject_log: std::cell::Cell<Option<Instant>>,
 }
 
 /// A published payload awaiting its PUBACK.
@@ -669,7 +673,16 @@ fn on_presence(
         Ok(p) => p,
         Err(why) => {
             ctx.stats.rejected_presence.fetch_add(1, Relaxed);
-            return tracing::warn!(node, "ignoring a bad presence record: {why}");
+            let now = Instant::now();
+            if ctx
+                .last_reject_log
+                .get()
+                .is_none_or(|t| now - t >= Duration::from_secs(1))
+            {
+                ctx.last_reject_log.set(Some(now));
+                tracing::warn!(node, "ignoring a bad presence record: {why}");
+            }
+            return;
         }
     };
     tracing::info!(node, online = p.online, addr = %p.addr, "peer presence");
@@ -688,11 +701,18 @@ async fn receive(ctx: &Context, payload: Bytes) {
         Ok(r) => r,
         Err(e) => {
             let n = stats.rejected_payloads.fetch_add(1, Relaxed) + 1;
-            return tracing::warn!(
-                bytes = payload.len(),
-                rejected_total = n,
-                "dropping a replication payload: {e}"
-            );
+            let now = Instant::now();
+            let last = ctx.last_reject_log.get();
+            if last.is_none_or(|t| now - t >= Duration::from_secs(1)) {
+                ctx.last_reject_log.set(Some(now));
+                let bytes = payload.len();
+                tracing::warn!(
+                    bytes,
+                    rejected_total = n,
+                    "dropping a replication payload: {e}"
+                );
+            }
+            return;
         }
     };
     if routed.node_id == ctx.node_id {

@@ -584,3 +584,23 @@ fn replication_over_mqtts_with_a_private_ca() {
     let _ = broker.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_write_after_an_acknowledged_write_on_another_node_wins() {
+    // Versions come from the clock read at each write: a write that starts after
+    // another was acknowledged, even on another node, gets the higher version.
+    each_broker(|broker, prefix| {
+        let nodes = cluster(broker, prefix, 2, "");
+        let (mut a, mut b) = (nodes[0].client(), nodes[1].client());
+        for k in 0..200 {
+            assert_eq!(a.one(&format!("SET order:{k} first")), "OK");
+            assert_eq!(b.one(&format!("SET order:{k} second")), "OK");
+        }
+        wait_equal_roots(&nodes);
+        for n in &nodes {
+            for k in 0..200 {
+                assert_eq!(get(n, &format!("order:{k}")), "second", "order:{k}");
+            }
+        }
+    });
+}
