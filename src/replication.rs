@@ -36,8 +36,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
-/// Events queued from the shards to the replication thread before connections wait.
-pub const QUEUE_EVENTS_MAX: usize = 64 * 1024;
+/// Events queued from the shards to the replication thread before connections wait:
+/// `offline_buffer_events`, within these bounds (both bound the same path's memory).
+pub const QUEUE_EVENTS: std::ops::RangeInclusive<usize> = 1024..=64 * 1024;
 /// A payload is cut once it holds this many bytes (a single larger event goes alone).
 pub const PAYLOAD_TARGET_BYTES: usize = 64 * 1024;
 /// Payloads published and not yet acknowledged, at most.
@@ -62,6 +63,8 @@ pub struct ReplStats {
     pub connects: AtomicU64,
     pub published_events: AtomicU64,
     pub published_payloads: AtomicU64,
+    /// Times a connection paused reading because the queue was full.
+    pub backpressure_waits: AtomicU64,
     /// Changes dropped because the queue stayed full past `backpressure_max_ms`.
     pub dropped_overflow: AtomicU64,
     /// Changes dropped because the offline buffer was full.
@@ -80,14 +83,15 @@ pub struct ReplStats {
 pub struct ReplSnapshot {
     pub enabled: bool,
     pub connected: bool,
-    pub counters: [u64; 10],
+    pub counters: [u64; 11],
 }
 
 impl ReplSnapshot {
-    pub const NAMES: [&'static str; 10] = [
+    pub const NAMES: [&'static str; 11] = [
         "repl_connects",
         "repl_published_events",
         "repl_published_payloads",
+        "repl_backpressure_waits",
         "repl_dropped_overflow",
         "repl_dropped_offline",
         "repl_buffered_events",
@@ -112,6 +116,7 @@ impl ReplStats {
             &self.connects,
             &self.published_events,
             &self.published_payloads,
+            &self.backpressure_waits,
             &self.dropped_overflow,
             &self.dropped_offline,
             &self.buffered_events,
@@ -133,6 +138,7 @@ pub struct Outbound {
     tx: mpsc::UnboundedSender<Journal>,
     /// Events in the channel: the channel is unbounded by type, bounded by this gate.
     queued: AtomicUsize,
+    capacity: usize,
     /// Set when admission gave up waiting: changes past the bound are dropped.
     overflow: AtomicBool,
     room: Notify,
@@ -145,7 +151,7 @@ impl Outbound {
     /// up waiting) the changes are dropped and counted.
     pub fn push(&self, journal: Journal) {
         let n = journal.events as usize;
-        if self.overflow.load(Relaxed) && self.queued.load(Relaxed) >= QUEUE_EVENTS_MAX {
+        if self.overflow.load(Relaxed) && self.queued.load(Relaxed) >= self.capacity {
             self.stats.dropped_overflow.fetch_add(n as u64, Relaxed);
             return;
         }
@@ -159,13 +165,14 @@ impl Outbound {
     /// Wait, before reading more commands, until the queue has room, at most
     /// `backpressure_max_ms`; then stop waiting (and let [`Outbound::push`] drop).
     pub async fn admit(&self) {
-        if self.queued.load(Relaxed) < QUEUE_EVENTS_MAX || self.overflow.load(Relaxed) {
+        if self.queued.load(Relaxed) < self.capacity || self.overflow.load(Relaxed) {
             return;
         }
+        self.stats.backpressure_waits.fetch_add(1, Relaxed);
         let deadline = tokio::time::Instant::now() + self.backpressure;
         loop {
             let room = self.room.notified();
-            if self.queued.load(Relaxed) < QUEUE_EVENTS_MAX || self.overflow.load(Relaxed) {
+            if self.queued.load(Relaxed) < self.capacity || self.overflow.load(Relaxed) {
                 return;
             }
             if tokio::time::timeout_at(deadline, room).await.is_err() {
@@ -184,10 +191,10 @@ impl Outbound {
     /// Called by the replication thread after taking `n` events off the queue.
     fn taken(&self, n: usize) {
         let left = self.queued.fetch_sub(n, Relaxed) - n;
-        if left < QUEUE_EVENTS_MAX / 2 && self.overflow.swap(false, Relaxed) {
+        if left < self.capacity / 2 && self.overflow.swap(false, Relaxed) {
             tracing::info!("replication queue has room again: no more changes dropped");
         }
-        if left < QUEUE_EVENTS_MAX {
+        if left < self.capacity {
             self.room.notify_waiters();
         }
     }
@@ -369,6 +376,8 @@ impl Replication {
         let outbound = Arc::new(Outbound {
             tx,
             queued: AtomicUsize::new(0),
+            capacity: (config.mqtt.offline_buffer_events)
+                .clamp(*QUEUE_EVENTS.start(), *QUEUE_EVENTS.end()),
             overflow: AtomicBool::new(false),
             room: Notify::new(),
             backpressure: Duration::from_millis(config.mqtt.backpressure_max_ms),

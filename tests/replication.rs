@@ -604,3 +604,37 @@ fn a_write_after_an_acknowledged_write_on_another_node_wins() {
         }
     });
 }
+
+#[test]
+fn a_slow_but_working_broker_slows_writers_and_drops_nothing() {
+    // One event per payload and a small outbox (so a small queue, 1,024 events): the
+    // writer outruns replication, the queue fills, and connections wait (backpressure never gives up here). Every
+    // change must still reach the peer.
+    let broker = Broker::start(BrokerKind::Embedded);
+    let prefix = format!("slow-{}", std::process::id());
+    let extra = "mqtt.batch_max_events = 1\nmqtt.offline_buffer_events = 1000\nmqtt.backpressure_max_ms = 600000";
+    let nodes = cluster(&broker, &prefix, 2, extra);
+    let mut c = nodes[0].client();
+    const N: usize = 20_000;
+    for start in (0..N).step_by(2000) {
+        let batch: String = (start..start + 2000)
+            .map(|i| format!("SET slow:{i} {i}\r\n"))
+            .collect();
+        c.send(batch.as_bytes());
+        for _ in 0..2000 {
+            assert_eq!(c.line(), "OK");
+        }
+    }
+    let converged = Duration::from_secs(120);
+    eventually(converged, "the peer gets every change", || {
+        (nodes[1].client().one("DBSIZE") == N.to_string()).then_some(())
+    });
+    wait_equal_roots(&nodes);
+    assert_eq!(nodes[0].stat("repl_dropped_overflow"), 0);
+    assert_eq!(nodes[0].stat("repl_dropped_offline"), 0);
+    assert_eq!(nodes[0].stat("repl_published_events"), N as u64);
+    assert!(
+        nodes[0].stat("repl_backpressure_waits") > 0,
+        "the writer never had to wait"
+    );
+}
