@@ -638,3 +638,41 @@ fn a_slow_but_working_broker_slows_writers_and_drops_nothing() {
         "the writer never had to wait"
     );
 }
+
+#[test]
+fn the_cluster_load_test_measures_lag_and_convergence() {
+    let broker = Broker::start(BrokerKind::Embedded);
+    let prefix = format!("lt-{}", std::process::id());
+    let nodes = cluster(&broker, &prefix, 2, "");
+    let addr = |n: &Node| format!("127.0.0.1:{}", n.port);
+    let json = common::temp_path("cluster.json");
+    let args = [
+        "loadtest-cluster".to_string(),
+        "--write".into(),
+        addr(&nodes[0]),
+        "--read".into(),
+        addr(&nodes[1]),
+        "--duration".into(),
+        "1".into(),
+        "--connections".into(),
+        "2".into(),
+        "--json".into(),
+        json.display().to_string(),
+    ];
+    let opts = <loadtest::cluster::ClusterOptions as clap::Parser>::parse_from(args);
+    let report = loadtest::cluster::run(&opts).unwrap();
+    assert_eq!(report.errors, 0, "{report}");
+    assert!(report.writes > 0 && report.lag_samples > 0, "{report}");
+    assert!(report.lag_p50_us <= report.lag_p99_us && report.lag_p99_us <= report.lag_max_us);
+    assert!(
+        report.replicated_per_sec > 0.0
+            && report.replicated_per_sec <= report.writes_per_sec * 1.01
+    );
+    // Every write reached the reader: the roots were equal at the end.
+    assert_eq!(root(&nodes[0]), root(&nodes[1]));
+    assert_eq!(nodes[1].client().one("DBSIZE"), report.writes.to_string());
+    let saved: loadtest::serde_json::Value =
+        loadtest::serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(saved["writes"], report.writes);
+    let _ = std::fs::remove_file(json);
+}
