@@ -39,6 +39,9 @@ pub struct NetworkConfig {
     pub max_line_bytes: usize,
     /// 0 = connections run on the shard threads.
     pub io_threads: usize,
+    /// `host:port` peers and clients reach this node on (presence records, anti-entropy);
+    /// `None` = the bound address.
+    pub advertise_address: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -206,6 +209,7 @@ static SCHEMA: &[Field] = &[
     f!("network", "connection_timeout", ANY, |c, v| c.network.connection_timeout = int(&v)),
     f!("network", "max_line_bytes", range(1024, 64 * MIB), |c, v| c.network.max_line_bytes = size(&v)),
     f!("network", "io_threads", range(0, 64), |c, v| c.network.io_threads = size(&v)),
+    f!("network", "advertise_address", Kind::OptStr, |c, v| c.network.advertise_address = opt_text(v)),
     f!("mqtt", "enabled", Kind::Bool, |c, v| c.mqtt.enabled = v.as_bool() == Some(true)),
     f!("mqtt", "broker_address", Kind::Str, |c, v| c.mqtt.broker_address = text(v)),
     f!("mqtt", "topic_prefix", Kind::Str, |c, v| c.mqtt.topic_prefix = text(v)),
@@ -218,7 +222,7 @@ static SCHEMA: &[Field] = &[
     f!("mqtt", "batch_max_events", range(1, 65536), |c, v| c.mqtt.batch_max_events = size(&v)),
     f!("mqtt", "batch_max_delay_us", ANY, |c, v| c.mqtt.batch_max_delay_us = int(&v)),
     f!("mqtt", "backpressure_max_ms", ANY, |c, v| c.mqtt.backpressure_max_ms = int(&v)),
-    f!("mqtt", "offline_buffer_events", ANY, |c, v| c.mqtt.offline_buffer_events = size(&v)),
+    f!("mqtt", "offline_buffer_events", range(1, i64::MAX as u64), |c, v| c.mqtt.offline_buffer_events = size(&v)),
     f!("mqtt.embedded_broker", "enabled", Kind::Bool, |c, v| c.mqtt.embedded_broker.enabled = v.as_bool() == Some(true)),
     f!("mqtt.embedded_broker", "listen", Kind::Str, |c, v| c.mqtt.embedded_broker.listen = text(v)),
     f!("anti_entropy", "enabled", Kind::Bool, |c, v| c.anti_entropy.enabled = v.as_bool() == Some(true)),
@@ -230,7 +234,7 @@ static SCHEMA: &[Field] = &[
     f!("storage", "memory_limit_mb", ANY, |c, v| c.storage.memory_limit_mb = int(&v)),
     f!("storage", "persistence_enabled", Kind::Bool, |c, v| c.storage.persistence_enabled = v.as_bool() == Some(true)),
     f!("storage", "backup_interval_hours", ANY, |c, v| c.storage.backup_interval_hours = int(&v)),
-    f!("storage", "tombstone_grace_seconds", ANY, |c, v| c.storage.tombstone_grace_seconds = int(&v)),
+    f!("storage", "tombstone_grace_seconds", range(60, i64::MAX as u64), |c, v| c.storage.tombstone_grace_seconds = int(&v)),
     f!("storage", "pin_threads", Kind::Bool, |c, v| c.storage.pin_threads = v.as_bool() == Some(true)),
     f!("logging", "level", Kind::Choice(LEVELS), |c, v| c.logging.level = text(v)),
     f!("logging", "format", Kind::Choice(FORMATS), |c, v| c.logging.format = if text(v) == "json" { LogFormat::Json } else { LogFormat::Text }),
@@ -324,6 +328,7 @@ impl Config {
                 connection_timeout: 30,
                 max_line_bytes: MIB as usize,
                 io_threads: 0,
+                advertise_address: None,
             },
             mqtt: MqttConfig {
                 enabled: true,
@@ -491,6 +496,13 @@ impl Config {
             ));
         }
         let mqtt = &self.mqtt;
+        if mqtt.offline_buffer_events < mqtt.batch_max_events {
+            problems.push(format!(
+                "mqtt.offline_buffer_events: must be at least mqtt.batch_max_events ({}), \
+                 or no batch could ever fill, found {}",
+                mqtt.batch_max_events, mqtt.offline_buffer_events
+            ));
+        }
         if mqtt.broker_address.is_empty() {
             if mqtt.enabled && !mqtt.embedded_broker.enabled {
                 problems.push(
@@ -522,6 +534,13 @@ impl Config {
             ));
         }
 
+        if let Some(a) = &self.network.advertise_address {
+            if let Err(why) = check_host_port(a) {
+                problems.push(format!(
+                    "network.advertise_address: {why}, found {a:?} (expected host:port)"
+                ));
+            }
+        }
         for (i, peer) in self.anti_entropy.peer_list.iter().enumerate() {
             if let Err(why) = check_host_port(peer) {
                 problems.push(format!(

@@ -86,11 +86,6 @@ impl Connection {
             if inbuf.capacity() - inbuf.len() < READ_CHUNK_BYTES / 4 {
                 inbuf.reserve(READ_CHUNK_BYTES);
             }
-            // Replication backpressure: read no new commands while its queue is full
-            // (bounded by `backpressure_max_ms`).
-            if let Some(out) = &self.shared.outbound {
-                out.admit().await;
-            }
             // Nothing read is unanswered here, so stopping now loses no reply.
             let read = tokio::select! {
                 biased;
@@ -134,6 +129,11 @@ impl Connection {
                     break;
                 }
                 chunk = inbuf.split_to(used).freeze();
+            }
+            // Replication backpressure, per segment: a segment adds at most
+            // SEGMENT_OPS_MAX changes (or one multi-key command's) past the check.
+            if let Some(out) = &self.shared.outbound {
+                out.admit().await;
             }
             self.execute(&chunk).await?;
             let shared = &self.shared;

@@ -54,7 +54,12 @@ fn main() -> ExitCode {
         }
     };
     if args.print_config {
-        print!("{}", config.to_toml());
+        // The password stays out of terminals and logs that capture this output.
+        let mut shown = config.clone();
+        if shown.mqtt.password.is_some() {
+            shown.mqtt.password = Some("<redacted>".into());
+        }
+        print!("{}", shown.to_toml());
         return ExitCode::SUCCESS;
     }
     if args.check_config {

@@ -84,6 +84,13 @@ impl Peers {
         self.table.insert(node_id.to_string(), peer);
     }
 
+    /// Mark a peer offline (it stopped announcing itself).
+    pub fn mark_offline(&self, node_id: &str) {
+        if let Some(mut p) = self.table.get_mut(node_id) {
+            p.presence.online = false;
+        }
+    }
+
     /// Node ids of the peers currently online.
     pub fn online(&self) -> Vec<String> {
         let live = self.table.iter().filter(|p| p.presence.online);

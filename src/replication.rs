@@ -77,6 +77,8 @@ pub struct ReplStats {
     pub received_events: AtomicU64,
     /// Remote changes that won by LWW and were applied.
     pub applied_events: AtomicU64,
+    /// Remote changes that won but could not be stored (memory limit).
+    pub apply_failed: AtomicU64,
     pub rejected_payloads: AtomicU64,
     pub rejected_presence: AtomicU64,
 }
@@ -86,11 +88,11 @@ pub struct ReplStats {
 pub struct ReplSnapshot {
     pub enabled: bool,
     pub connected: bool,
-    pub counters: [u64; 11],
+    pub counters: [u64; 12],
 }
 
 impl ReplSnapshot {
-    pub const NAMES: [&'static str; 11] = [
+    pub const NAMES: [&'static str; 12] = [
         "repl_connects",
         "repl_published_events",
         "repl_published_payloads",
@@ -100,6 +102,7 @@ impl ReplSnapshot {
         "repl_buffered_events",
         "repl_received_events",
         "repl_applied_events",
+        "repl_apply_failed",
         "repl_rejected_payloads",
         "repl_rejected_presence",
     ];
@@ -125,6 +128,7 @@ impl ReplStats {
             &self.buffered_events,
             &self.received_events,
             &self.applied_events,
+            &self.apply_failed,
             &self.rejected_payloads,
             &self.rejected_presence,
         ];
@@ -217,10 +221,28 @@ pub struct RemoteEvent {
     pub hlc: u64,
 }
 
-/// Apply remote changes with the LWW merge; returns how many won.
-pub fn apply_remote(shard: &mut Shard, changes: &RemoteChanges, now_us: u64) -> u64 {
+/// What applying a batch of remote changes did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Changes that won the merge and were stored.
+    pub applied: u64,
+    /// Changes that would have won but found no room (`StorageFull`).
+    pub failed: u64,
+}
+
+/// Apply replicated changes with the LWW merge. Changes older than the tombstone grace
+/// period are ignored, sets as well as deletes: the delete that may have followed an
+/// old set could already be purged everywhere, and applying the set alone would bring
+/// the key back. (Anti-entropy, which compares states rather than replaying changes,
+/// does apply old sets.)
+pub fn apply_remote(shard: &mut Shard, changes: &RemoteChanges, now_us: u64) -> Applied {
+    let grace = shard.tombstone_grace_us();
+    let full_before = shard.stats.storage_full;
     let mut applied = 0;
     for e in &changes.events {
+        if e.hlc.saturating_add(grace) < now_us {
+            continue;
+        }
         let key = e.key.get(&changes.data);
         let value = e.value.map(|v| v.get(&changes.data));
         let v = Version {
@@ -229,7 +251,10 @@ pub fn apply_remote(shard: &mut Shard, changes: &RemoteChanges, now_us: u64) -> 
         };
         applied += u64::from(shard.apply(e.hash, key, value, v, now_us));
     }
-    applied
+    Applied {
+        applied,
+        failed: shard.stats.storage_full - full_before,
+    }
 }
 
 /// Split a decoded payload into per-shard batches (index = shard).
@@ -651,6 +676,20 @@ async fn drive(
                 let was = std::mem::replace(&mut link.borrow_mut().connected, false);
                 ctx.stats.connected.store(false, Relaxed);
                 failures += 1;
+                if let rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+                    rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
+                )) = e
+                {
+                    // rumqttc drops the connection on a packet over its limit; with a
+                    // persistent session the broker sends it again on every reconnect.
+                    ctx.stats.rejected_payloads.fetch_add(1, Relaxed);
+                    tracing::error!(
+                        bytes = n,
+                        limit = ctx.limits.payload_bytes_max,
+                        "a message far over the payload limit arrived and cost the connection; \
+                         set the broker's message size limit (docs/DEPLOYMENT.md)"
+                    );
+                }
                 if was || failures == 1 {
                     tracing::warn!("MQTT broker unreachable ({e}); retrying, changes are buffered");
                 } else {
@@ -686,14 +725,7 @@ async fn drive(
                 if p.topic == ctx.topics.updates {
                     receive(&ctx, p.payload).await;
                 } else if let Some(node) = ctx.topics.presence_node(&p.topic) {
-                    on_presence(
-                        &ctx,
-                        &mut link.borrow_mut(),
-                        &wake,
-                        node,
-                        &p.payload,
-                        p.retain,
-                    );
+                    on_presence(&ctx, &mut link.borrow_mut(), &wake, node, &p.payload);
                 }
             }
             _ => {}
@@ -723,18 +755,17 @@ fn on_connect(ctx: &Context, l: &mut Link, client: &AsyncClient, session_present
             l.retry.push_front(s);
         }
     }
-    l.awaiting = ctx.peers.online().into_iter().collect();
+    // Hold publishing until the peers that were online show up again. Not needed when
+    // the broker kept our session: it kept theirs, and queues for them.
+    l.awaiting = if session_present {
+        HashSet::new()
+    } else {
+        ctx.peers.online().into_iter().collect()
+    };
     l.settle_until = Some(Instant::now() + RESUBSCRIBE_WAIT);
 }
 
-fn on_presence(
-    ctx: &Context,
-    l: &mut Link,
-    wake: &Notify,
-    node: &str,
-    payload: &[u8],
-    retained: bool,
-) {
+fn on_presence(ctx: &Context, l: &mut Link, wake: &Notify, node: &str, payload: &[u8]) {
     if node == ctx.node_id {
         return;
     }
@@ -755,9 +786,10 @@ fn on_presence(
         }
     };
     tracing::info!(node, online = p.online, addr = %p.addr, "peer presence");
-    // A live record (not a retained replay) is published after its node subscribed.
-    if !retained || !p.online {
-        l.awaiting.remove(node);
+    // A record that arrives after our reconnect settles its node: a live one is
+    // published after that node re-subscribed; a retained one means the broker kept
+    // its state (it did not restart), so the node's subscription is there too.
+    if l.awaiting.remove(node) {
         wake.notify_one();
     }
     ctx.peers.update(node, p);
@@ -863,6 +895,20 @@ async fn publish(ctx: Rc<Context>, link: Rc<RefCell<Link>>, wake: Rc<Notify>, cl
                 Next::Idle
             } else if !l.settled(now) {
                 Next::WaitUntil(l.settle_until.unwrap_or(now))
+            } else if !l.awaiting.is_empty() {
+                // Waited long enough: peers that never showed up are gone (their last
+                // will may have been lost with the broker); the next reconnect will
+                // not wait for them.
+                drop(l);
+                let gone: Vec<String> = link.borrow_mut().awaiting.drain().collect();
+                for node in gone {
+                    tracing::warn!(
+                        node,
+                        "peer did not reappear after the reconnect: marked offline"
+                    );
+                    ctx.peers.mark_offline(&node);
+                }
+                continue;
             } else if !l.retry.is_empty() {
                 Next::Publish
             } else if l.outbox_events == 0 {

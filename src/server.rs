@@ -121,9 +121,22 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
         // The replication thread gets a core of its own when there is one to spare.
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let core = (config.storage.pin_threads && cores.len() > shards).then(|| cores[shards]);
+        let advertised = match &config.network.advertise_address {
+            Some(a) => a.clone(),
+            None => {
+                if local_addr.ip().is_unspecified() {
+                    tracing::warn!(
+                        %local_addr,
+                        "bound to all interfaces: peers are told {local_addr}, which they \
+                         cannot dial; set [network] advertise_address"
+                    );
+                }
+                local_addr.to_string()
+            }
+        };
         Some(Replication::start(
             &config,
-            local_addr.to_string(),
+            advertised,
             senders[..shards].to_vec(),
             peers.clone(),
             core,
@@ -270,9 +283,20 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
                     let (_, shard) = local
                         .as_ref()
                         .expect("changes sent to a thread without a shard");
-                    let applied = apply_remote(&mut shard.borrow_mut(), &changes, now_us());
+                    let done = apply_remote(&mut shard.borrow_mut(), &changes, now_us());
                     if let Some(out) = &shared.outbound {
-                        out.stats.applied_events.fetch_add(applied, Relaxed);
+                        out.stats.applied_events.fetch_add(done.applied, Relaxed);
+                        if done.failed > 0 {
+                            let total = out.stats.apply_failed.fetch_add(done.failed, Relaxed);
+                            // Log the first failure and then every 1,000th, not each one.
+                            if total == 0 || total / 1000 != (total + done.failed) / 1000 {
+                                tracing::warn!(
+                                    failed_total = total + done.failed,
+                                    "remote changes dropped: memory limit reached \
+                                     (storage.memory_limit_mb); this replica now differs"
+                                );
+                            }
+                        }
                     }
                 }
                 ThreadMsg::Stop => break,

@@ -415,7 +415,16 @@ impl Shard {
                 return false;
             }
         }
-        self.put(h, key, value, v).is_ok()
+        let stored = self.put(h, key, value, v).is_ok();
+        if !stored {
+            self.stats.storage_full += 1; // the caller sees it in STATS and logs it
+        }
+        stored
+    }
+
+    /// How long tombstones live, counted from their version (microseconds).
+    pub fn tombstone_grace_us(&self) -> u64 {
+        self.grace_us
     }
 
     /// Store `value` (or a tombstone) with version `v`, updating the leaf incrementally.

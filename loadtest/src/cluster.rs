@@ -399,7 +399,7 @@ mod tests {
         for bad in [
             &["x", "--write", "a:1", "--read", "b:2", "--connections", "0"][..],
             &["x", "--write", "a:1", "--read", "b:2", "--pipeline", "0"],
-            &["x", "--write", "a:1", "--read", "b:2", "--rate", "-1"],
+            &["x", "--write", "a:1", "--read", "b:2", "--rate=-1"],
             &[
                 "x",
                 "--write",
