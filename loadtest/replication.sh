@@ -92,11 +92,28 @@ cluster() {
   local a b
   a=$(free_port); start_node "a$run" "$a" "$extra"
   b=$(free_port); start_node "b$run" "$b" "$extra"
-  sleep 1 # both subscribed before the first write
+  # Both subscribed (each sees the other online) before the first write.
+  for _ in $(seq 100); do
+    [[ "$(info_field "$a" peers_online)" == 1 && "$(info_field "$b" peers_online)" == 1 ]] && break
+    sleep 0.1
+  done
   "$bin/loadtest-cluster" --write "127.0.0.1:$a" --read "127.0.0.1:$b" \
     --duration "$duration" --json "$results/$name.json" "$@" | sed "s/^/  [$name] /"
-  echo "  [$name] writer: $(repl_counters "$a")"
+  local counters
+  counters="$(repl_counters "$a")"
+  echo "  [$name] writer: $counters"
+  if grep -Eq 'repl_dropped_(overflow|offline):[1-9]' <<<"$counters"; then
+    echo "replication.sh: the writer dropped changes: this run's numbers are not valid" >&2
+    exit 1
+  fi
   stop_nodes
+}
+# info_field PORT NAME: one INFO field of the node on PORT.
+info_field() {
+  exec 4<>"/dev/tcp/127.0.0.1/$1"
+  printf 'INFO\r\nQUIT\r\n' >&4
+  tr -d '\r' <&4 | sed -n "s/^$2://p"
+  exec 4<&-
 }
 # The write node's replication counters (dropped must be 0 for a fair number).
 repl_counters() {
