@@ -709,6 +709,21 @@ async fn drive(
                 on_connect(&ctx, &mut link.borrow_mut(), &client, ack.session_present);
                 wake.notify_one();
             }
+            Event::Incoming(Packet::SubAck(ack)) => {
+                // A broker may refuse a subscription (an ACL, say): the node would look
+                // connected and never receive a change. Say so loudly.
+                let refused = ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                if refused {
+                    tracing::error!(
+                        topics = %format!("{}, {}", ctx.topics.updates, ctx.topics.nodes),
+                        "the broker refused a subscription: this node will not receive \
+                         its peers' changes (check the broker's ACL for this user)"
+                    );
+                }
+            }
             Event::Incoming(Packet::PubAck(ack)) => {
                 if let Some(sent) = link.borrow_mut().unconfirmed.ack(ack.pkid) {
                     ctx.stats
