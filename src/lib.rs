@@ -12,6 +12,7 @@
 //! - [`peers`]: presence records and the peer table.
 //! - [`replication`]: the MQTT replication thread (I/O edge).
 //! - [`broker`]: the embedded MQTT broker (rumqttd).
+//! - [`sync`]: anti-entropy messages, their server side and the exchange. Pure.
 //! - [`connection`]: a client connection's read/execute/write loop (I/O edge).
 //! - [`server`]: threads, accept loop, signals, shutdown (I/O edge).
 //! - [`config`]: TOML + environment configuration and its validation.
@@ -33,5 +34,6 @@ pub mod protocol;
 pub mod replication;
 pub mod server;
 pub mod shard;
+pub mod sync;
 pub mod version;
 pub mod watch;

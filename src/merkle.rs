@@ -156,6 +156,18 @@ impl Subtree {
         *self = Subtree::new(self.height);
     }
 
+    /// The digest of node `index` at `depth` below this subtree's root (depth 0 is the
+    /// root, depth `height` the leaves), recomputing only stale nodes under it.
+    pub fn node(&mut self, depth: u32, index: usize) -> Digest {
+        assert!(
+            depth <= self.height && index < 1 << depth,
+            "node outside the subtree"
+        );
+        let i = (1 << depth) + index;
+        self.refresh(i);
+        self.nodes[i]
+    }
+
     /// The subtree root, recomputing only the stale nodes.
     pub fn root(&mut self) -> Digest {
         self.refresh(1);

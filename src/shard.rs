@@ -39,6 +39,20 @@ pub fn remote_wins(
         })
 }
 
+/// The first 8 bytes of a digest, as a number: what anti-entropy sends instead of 32.
+pub fn short_digest(d: &Digest) -> u64 {
+    u64::from_le_bytes(d[..8].try_into().expect("32-byte digest"))
+}
+
+/// An entry copied out of a shard (anti-entropy transfers these).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedEntry {
+    pub key: Vec<u8>,
+    /// `None`: a tombstone.
+    pub value: Option<Vec<u8>>,
+    pub version: Version,
+}
+
 /// Default for `[storage] tombstone_grace_seconds`.
 pub const TOMBSTONE_GRACE_SECONDS_DEFAULT: u64 = 86_400;
 
@@ -420,6 +434,47 @@ impl Shard {
             self.stats.storage_full += 1; // the caller sees it in STATS and logs it
         }
         stored
+    }
+
+    /// The digest of the global Merkle node at `level` (0 = root, 16 = buckets) and
+    /// `index`. The node must lie in this shard's subtree: `level >= shard_bits`.
+    pub fn node_digest(&mut self, level: u32, index: usize) -> Digest {
+        let height = BUCKET_BITS - self.tree_bits();
+        let depth_in_tree = level - (BUCKET_BITS - height);
+        let first = self.first_bucket >> (BUCKET_BITS - level);
+        self.tree.node(depth_in_tree, index - first)
+    }
+
+    /// log2 of the number of shards (from the size of this shard's bucket range).
+    fn tree_bits(&self) -> u32 {
+        BUCKET_BITS - self.tables.len().trailing_zeros()
+    }
+
+    /// A bucket's entries as (key hash, entry digest) pairs sorted by key hash: what
+    /// anti-entropy compares. The digest is the Merkle entry digest (value or
+    /// tombstone, not the version), truncated to 64 bits.
+    pub fn listing(&self, bucket: usize) -> Vec<(u64, u64)> {
+        let table = &self.tables[bucket - self.first_bucket];
+        let mut out: Vec<(u64, u64)> = table
+            .iter()
+            .map(|e| (KeyHash::of(e.key()).0, short_digest(&e.digest())))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// The entries of `bucket` whose key hashes are in `hashes` (sorted), with versions.
+    pub fn entries_by_hash(&self, bucket: usize, hashes: &[u64]) -> Vec<OwnedEntry> {
+        let table = &self.tables[bucket - self.first_bucket];
+        table
+            .iter()
+            .filter(|e| hashes.binary_search(&KeyHash::of(e.key()).0).is_ok())
+            .map(|e| OwnedEntry {
+                key: e.key().to_vec(),
+                value: e.value().map(<[u8]>::to_vec),
+                version: e.version(),
+            })
+            .collect()
     }
 
     /// How long tombstones live, counted from their version (microseconds).
