@@ -463,12 +463,12 @@ impl Shard {
         out
     }
 
-    /// The entries of `bucket` whose key hashes are in `hashes` (sorted), with versions.
-    pub fn entries_by_hash(&self, bucket: usize, hashes: &[u64]) -> Vec<OwnedEntry> {
+    /// The entries of `bucket` whose key hash `wanted` accepts, with versions.
+    pub fn entries_by_hash(&self, bucket: usize, wanted: impl Fn(u64) -> bool) -> Vec<OwnedEntry> {
         let table = &self.tables[bucket - self.first_bucket];
         table
             .iter()
-            .filter(|e| hashes.binary_search(&KeyHash::of(e.key()).0).is_ok())
+            .filter(|e| wanted(KeyHash::of(e.key()).0))
             .map(|e| OwnedEntry {
                 key: e.key().to_vec(),
                 value: e.value().map(<[u8]>::to_vec),
