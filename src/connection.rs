@@ -4,7 +4,7 @@
 //! I/O thread (every op hops). All complete lines of one read are answered with one
 //! write, in order; ops for other shards go out as one message per shard per segment.
 
-use crate::dispatch::{Batch, NodeInfo, Results};
+use crate::dispatch::{Batch, NodeInfo, Results, Special};
 use crate::ops::ShardOp;
 use crate::protocol::Framer;
 use crate::server::{ShardRequest, Shared, ThreadMsg};
@@ -129,6 +129,13 @@ impl Connection {
                     break;
                 }
                 chunk = inbuf.split_to(used).freeze();
+                if let Some(special) = self.batch.special.take() {
+                    self.special(special, &chunk, inbuf, stream).await?;
+                    if self.out.len() >= OUT_FLUSH_BYTES {
+                        self.write_out(stream).await?;
+                    }
+                    continue;
+                }
             }
             // Replication backpressure, per segment: a segment adds at most
             // SEGMENT_OPS_MAX changes (or one multi-key command's) past the check.
@@ -155,6 +162,91 @@ impl Connection {
         }
         self.write_out(stream).await?;
         Ok(self.batch.stopped())
+    }
+
+    /// Carry out a command that is not a shard op: an anti-entropy message (its body
+    /// follows in `inbuf`, read more if needed) or a `SYNC` with a peer.
+    async fn special(
+        &mut self,
+        special: Special,
+        line: &bytes::Bytes,
+        inbuf: &mut BytesMut,
+        stream: &mut TcpStream,
+    ) -> std::io::Result<()> {
+        match special {
+            Special::SyncMsg(len) => {
+                let len = len as usize;
+                let idle = self.shared.config.network.connection_timeout;
+                while inbuf.len() < len {
+                    inbuf.reserve(len - inbuf.len());
+                    match read_with_timeout(stream, inbuf, idle).await {
+                        Some(Ok(0)) | None => {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                "connection ended inside a SYNC.MSG body",
+                            ))
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return Err(e),
+                    }
+                }
+                let body = inbuf.split_to(len);
+                let reply = match crate::sync::parse(&body) {
+                    Ok(request) => Ok(self.serve_sync(request).await?),
+                    Err(e) => Err(e),
+                };
+                crate::sync::write_reply(&mut self.out, reply);
+            }
+            Special::Sync(peer) => {
+                let peer = String::from_utf8_lossy(peer.get(line)).into_owned();
+                let line = run_sync(&self.shared, peer).await;
+                self.out.extend_from_slice(line.as_bytes());
+                self.out.extend_from_slice(b"\r\n");
+            }
+        }
+        Ok(())
+    }
+
+    /// Every shard answers its share of an anti-entropy request; join them.
+    async fn serve_sync(&mut self, request: crate::sync::Request) -> std::io::Result<Vec<u8>> {
+        let request = Arc::new(request);
+        let shards = 1usize << self.shared.shard_bits;
+        let mut parts = Vec::with_capacity(shards);
+        let mut waiting = Vec::new();
+        for i in 0..shards {
+            match &self.local {
+                Some((id, shard)) if *id == i => {
+                    let part = crate::sync::answer_part(
+                        &mut shard.borrow_mut(),
+                        i,
+                        self.shared.shard_bits,
+                        &request,
+                        crate::version::now_us(),
+                    );
+                    waiting.push((i, None, Some(part)));
+                }
+                _ => {
+                    let (reply, rx) = oneshot::channel();
+                    let msg = ThreadMsg::Sync {
+                        request: request.clone(),
+                        reply,
+                    };
+                    self.shared.inboxes[i]
+                        .send(msg)
+                        .await
+                        .map_err(|_| stopping())?;
+                    waiting.push((i, Some(rx), None));
+                }
+            }
+        }
+        for (_, rx, part) in waiting {
+            parts.push(match (rx, part) {
+                (_, Some(p)) => p,
+                (Some(rx), None) => rx.await.map_err(|_| stopping())?,
+                (None, None) => unreachable!("either inline or awaited"),
+            });
+        }
+        Ok(crate::sync::assemble(&request, parts))
     }
 
     /// Write the pending replies. A client that stops reading is dropped after the idle
@@ -269,6 +361,38 @@ async fn read_with_timeout(
         .ok()
 }
 
+/// Run one exchange with `peer` on a thread of its own; the `SYNC` reply line.
+pub async fn run_sync(shared: &Arc<Shared>, peer: String) -> String {
+    if let Err(why) = crate::antientropy::admit_peer(&peer) {
+        return format!("ERROR: {why}");
+    }
+    let local = crate::antientropy::self_address(shared.local_addr);
+    let (tx, rx) = oneshot::channel();
+    let target = peer.clone();
+    let spawned = std::thread::Builder::new()
+        .name("sync".into())
+        .spawn(move || {
+            let _ = tx.send(crate::antientropy::run_exchange(&local, &target));
+        });
+    if let Err(e) = spawned {
+        return format!("ERROR: cannot start the exchange: {e}");
+    }
+    let result = rx
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::sync::SyncError::Transport(
+                "the exchange thread died".into(),
+            ))
+        })
+        .map_err(|e| e.to_string());
+    let line = match &result {
+        Ok((report, took)) => crate::antientropy::report_line(report, *took),
+        Err(e) => format!("ERROR: {e}"),
+    };
+    shared.sync_log.record(&peer, result);
+    line
+}
+
 fn node_info(shared: &Shared) -> NodeInfo {
     let net = &shared.config.network;
     NodeInfo {
@@ -292,5 +416,6 @@ fn node_info(shared: &Shared) -> NodeInfo {
             .as_ref()
             .map(|o| o.stats.snapshot())
             .unwrap_or_default(),
+        sync_peers: shared.sync_log.info_values(),
     }
 }

@@ -82,6 +82,8 @@ pub struct NodeInfo {
     pub memory_limit_bytes: u64,
     pub peers_online: u64,
     pub replication: crate::replication::ReplSnapshot,
+    /// One `sync_peer` INFO line per peer anti-entropy has run with.
+    pub sync_peers: Vec<String>,
 }
 
 pub struct Batch {
@@ -98,6 +100,18 @@ pub struct Batch {
     /// Keys of an MGET that did not fit this segment: a span of this segment's data,
     /// to be continued by [`Batch::fill_rest`] on the same data.
     rest: Option<Span>,
+    /// A command the connection itself carries out (anti-entropy); it always forms a
+    /// segment of its own.
+    pub special: Option<Special>,
+}
+
+/// Commands that are not shard ops: the connection handles them between segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Special {
+    /// `SYNC.MSG n`: `n` bytes of anti-entropy message follow the line.
+    SyncMsg(u32),
+    /// `SYNC host:port`: the peer's address, in this segment's data.
+    Sync(Span),
 }
 
 impl Batch {
@@ -110,6 +124,7 @@ impl Batch {
             shutdown: false,
             errors: 0,
             rest: None,
+            special: None,
         }
     }
 
@@ -118,6 +133,7 @@ impl Batch {
         self.ops.clear();
         self.errors = 0;
         self.rest = None;
+        self.special = None;
     }
 
     /// Start a new segment from `input` (unconsumed received bytes): frame, parse and
@@ -133,7 +149,21 @@ impl Batch {
         {
             match framer.next(&input[used..]) {
                 Step::Line(line, n) => {
-                    if let Some(parsed) = parse(line).transpose() {
+                    let parsed = parse(line).transpose();
+                    let special = match parsed {
+                        Some(Ok(Command::SyncMsg(len))) => Some(Special::SyncMsg(len)),
+                        Some(Ok(Command::Sync(peer))) => Some(Special::Sync(Span::of(input, peer))),
+                        _ => None,
+                    };
+                    if special.is_some() {
+                        // A segment of its own: end this one before it, or take it alone.
+                        if self.replies.is_empty() {
+                            self.special = special;
+                            used += n;
+                        }
+                        break;
+                    }
+                    if let Some(parsed) = parsed {
                         self.push(parsed, input);
                     }
                     used += n;
@@ -190,7 +220,7 @@ impl Batch {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.replies.is_empty()
+        self.replies.is_empty() && self.special.is_none()
     }
 
     /// True once QUIT or SHUTDOWN was pushed: later commands are not read.
@@ -293,6 +323,10 @@ impl Batch {
                 Command::Quit => {
                     self.quit = true;
                     Reply::Static(b"OK\r\n")
+                }
+                // `fill` takes these out before planning; never planned as ops.
+                Command::SyncMsg(_) | Command::Sync(_) => {
+                    Reply::Error(ProtocolError::InvalidCommand)
                 }
             },
         };
@@ -403,6 +437,8 @@ impl Batch {
                     ("replication", i.replication.state().to_string()),
                     ("peers_online", i.peers_online.to_string()),
                 ];
+                let peers = i.sync_peers.into_iter().map(|v| ("sync_peer", v));
+                let fields: Vec<_> = fields.into_iter().chain(peers).collect();
                 write_fields(out, "INFO", &fields);
             }
             Fanout::Stats => {
@@ -591,6 +627,26 @@ pub fn answer_all(
             if batch.is_empty() {
                 return used;
             }
+        }
+        match batch.special.take() {
+            Some(Special::SyncMsg(len)) => {
+                // The message body follows the line; wait for all of it.
+                let Some(body) = input.get(used..used + len as usize) else {
+                    return segment;
+                };
+                used += len as usize;
+                let mut node = crate::sync::Shards {
+                    shards,
+                    now_us: crate::version::now_us(),
+                };
+                crate::sync::write_reply(out, crate::sync::Peer::call(&mut node, body));
+                continue;
+            }
+            Some(Special::Sync(_)) => {
+                out.extend_from_slice(b"ERROR: SYNC needs a running node\r\n");
+                continue;
+            }
+            None => {}
         }
         execute_all(shards, &batch, &input[segment..], &mut results);
         batch.assemble(&input[segment..], &results, info, out);

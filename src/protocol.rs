@@ -130,7 +130,14 @@ pub enum Command<'a> {
     HashShards,
     Shutdown,
     Quit,
+    /// `SYNC.MSG <bytes>`: an anti-entropy message follows the line (docs/ANTI_ENTROPY.md).
+    SyncMsg(u32),
+    /// `SYNC <host:port>`: run one anti-entropy exchange with that peer now.
+    Sync(&'a [u8]),
 }
+
+/// Largest anti-entropy message accepted after `SYNC.MSG`.
+pub const SYNC_MSG_BYTES_MAX: u32 = 64 << 20;
 
 /// Space-separated tokens (keys, or MSET's key/value pairs), iterated without allocating.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
@@ -191,6 +198,8 @@ pub enum ProtocolError {
     InvalidCount,
     #[error("ERROR: Unknown HASH option (expected SHARDS)")]
     UnknownHashOption,
+    #[error("ERROR: SYNC.MSG length must be 1-{SYNC_MSG_BYTES_MAX}")]
+    InvalidSyncLength,
 }
 
 /// Parse one line (without its line ending). `Ok(None)` for a blank line, which is
@@ -246,6 +255,17 @@ pub fn parse(line: &[u8]) -> Result<Option<Command<'_>>, ProtocolError> {
             Some(msg) if !rest.is_empty() => Command::Echo(msg),
             _ => return Err(ProtocolError::MissingArguments),
         }
+    } else if is("SYNC.MSG") {
+        let (n, tail) = split_token(rest);
+        no_more(tail)?;
+        let len = std::str::from_utf8(n)
+            .ok()
+            .and_then(|n| n.parse::<u32>().ok())
+            .filter(|n| (1..=SYNC_MSG_BYTES_MAX).contains(n))
+            .ok_or(ProtocolError::InvalidSyncLength)?;
+        Command::SyncMsg(len)
+    } else if is("SYNC") {
+        Command::Sync(only_key(rest)?)
     } else if is("HASH") {
         match split_token(rest) {
             (b"", _) => Command::Hash,
@@ -422,6 +442,8 @@ impl fmt::Display for Command<'_> {
             Command::HashShards => "HASH SHARDS",
             Command::Shutdown => "SHUTDOWN",
             Command::Quit => "QUIT",
+            Command::SyncMsg(_) => "SYNC.MSG",
+            Command::Sync(_) => "SYNC",
         };
         f.write_str(name)
     }

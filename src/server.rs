@@ -44,6 +44,11 @@ pub enum ThreadMsg {
     Ops(ShardRequest),
     /// Changes made on another node, for the shard this thread owns.
     Apply(RemoteChanges),
+    /// An anti-entropy request: answer this shard's share.
+    Sync {
+        request: Arc<crate::sync::Request>,
+        reply: oneshot::Sender<crate::sync::Part>,
+    },
     Stop,
 }
 
@@ -62,6 +67,8 @@ pub struct Shared {
     /// Where shards send their change events; `None` on a standalone node.
     pub outbound: Option<Arc<Outbound>>,
     pub peers: Arc<Peers>,
+    /// The last anti-entropy exchange with each peer.
+    pub sync_log: Arc<crate::antientropy::SyncLog>,
     /// Set to true once: every task stops reading, answers what it has, and closes.
     pub shutdown: watch::Sender<bool>,
 }
@@ -155,6 +162,7 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
         protocol_errors: AtomicU64::new(0),
         outbound: replication.as_ref().map(|r| r.outbound.clone()),
         peers,
+        sync_log: Arc::default(),
         shutdown: watch::Sender::new(false),
         config,
     });
@@ -278,6 +286,20 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
                     let reply = serve_ops(&mut shard, &req.ops, &req.data);
                     ship_changes(&mut shard, &shared.outbound);
                     let _ = req.reply.send(reply); // the connection may have gone; fine
+                }
+                ThreadMsg::Sync { request, reply } => {
+                    let (i, shard) = local
+                        .as_ref()
+                        .expect("sync sent to a thread without a shard");
+                    let bits = shared.shard_bits;
+                    let part = crate::sync::answer_part(
+                        &mut shard.borrow_mut(),
+                        *i,
+                        bits,
+                        &request,
+                        now_us(),
+                    );
+                    let _ = reply.send(part);
                 }
                 ThreadMsg::Apply(changes) => {
                     let (_, shard) = local

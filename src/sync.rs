@@ -263,6 +263,17 @@ impl Peer for Shards<'_> {
     }
 }
 
+/// The reply to `SYNC.MSG`: `SYNC.REPLY <n>`, CRLF, then `n` bytes; or an error line.
+pub fn write_reply(out: &mut Vec<u8>, reply: Result<Vec<u8>, SyncError>) {
+    match reply {
+        Ok(bytes) => {
+            out.extend_from_slice(format!("SYNC.REPLY {}\r\n", bytes.len()).as_bytes());
+            out.extend_from_slice(&bytes);
+        }
+        Err(e) => out.extend_from_slice(format!("ERROR: {e}\r\n").as_bytes()),
+    }
+}
+
 /// Buckets whose listings are compared per round trip: bounds every message (a node
 /// that starts empty fills itself in chunks, never one message holding everything).
 pub const BUCKETS_PER_ROUND: usize = 256;
