@@ -101,14 +101,17 @@ pub fn report_line(r: &Report, took: Duration) -> String {
     )
 }
 
+/// An exchange's outcome: the report and how long it took, or why it failed.
+pub type Outcome = Result<(Report, Duration), String>;
+
 /// The last exchange with each peer, for INFO.
 #[derive(Default)]
 pub struct SyncLog {
-    last: DashMap<String, (Instant, Result<(Report, Duration), String>)>,
+    last: DashMap<String, (Instant, Outcome)>,
 }
 
 impl SyncLog {
-    pub fn record(&self, peer: &str, result: Result<(Report, Duration), String>) {
+    pub fn record(&self, peer: &str, result: Outcome) {
         self.last.insert(peer.to_string(), (Instant::now(), result));
     }
 
