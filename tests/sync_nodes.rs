@@ -1,0 +1,119 @@
+//! Anti-entropy between real node processes (replication off): divergent writes,
+//! deletes and conflicting writes on each side; one `SYNC` makes both equal.
+
+mod common;
+
+use common::Node;
+use std::collections::BTreeMap;
+
+fn standalone(extra: &str) -> Node {
+    Node::start(&format!("storage.pin_threads = false\n{extra}"))
+}
+
+fn get(n: &Node, k: &str) -> String {
+    n.client().one(&format!("GET {k}"))
+}
+
+fn sync_fields(line: &str) -> BTreeMap<String, u64> {
+    let rest = line
+        .strip_prefix("OK ")
+        .unwrap_or_else(|| panic!("SYNC failed: {line}"));
+    rest.split(' ')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
+        .collect()
+}
+
+#[test]
+fn one_sync_repairs_both_sides() {
+    let (a, b) = (standalone(""), standalone("storage.shards = 4"));
+    let mut model = BTreeMap::new();
+    // Shared history first (written on both, so equal contents).
+    for i in 0..500 {
+        for n in [&a, &b] {
+            n.client().one(&format!("SET common:{i} {i}"));
+        }
+        model.insert(format!("common:{i}"), i.to_string());
+    }
+    // Then divergence: keys on one side only, deletes, and conflicting writes where the
+    // later write (by wall clock) must win.
+    for i in 0..50 {
+        a.client().one(&format!("SET only-a:{i} a{i}"));
+        model.insert(format!("only-a:{i}"), format!("a{i}"));
+        b.client().one(&format!("SET only-b:{i} b{i}"));
+        model.insert(format!("only-b:{i}"), format!("b{i}"));
+        a.client().one(&format!("DEL common:{i}"));
+        model.insert(format!("common:{i}"), "(null)".into());
+        a.client().one(&format!("SET conflict:{i} first"));
+        b.client().one(&format!("SET conflict:{i} second"));
+        model.insert(format!("conflict:{i}"), "second".into());
+        b.client().one(&format!("SET late-delete:{i} x"));
+        a.client().one(&format!("DEL late-delete:{i}"));
+        model.insert(format!("late-delete:{i}"), "(null)".into());
+    }
+    assert_ne!(a.client().one("HASH"), b.client().one("HASH"));
+    let line = a.client().one(&format!("SYNC 127.0.0.1:{}", b.port));
+    let f = sync_fields(&line);
+    assert!(f["keys_repaired"] >= 250, "{line}");
+    assert!(
+        f["round_trips"] >= 2 && f["bytes_sent"] > 0 && f["bytes_received"] > 0,
+        "{line}"
+    );
+    assert_eq!(a.client().one("HASH"), b.client().one("HASH"));
+    for (k, want) in &model {
+        assert_eq!(&get(&a, k), want, "A {k}");
+        assert_eq!(&get(&b, k), want, "B {k}");
+    }
+    // Nothing left: one round trip, a few bytes.
+    let again = sync_fields(&a.client().one(&format!("SYNC 127.0.0.1:{}", b.port)));
+    assert_eq!((again["round_trips"], again["keys_repaired"]), (1, 0));
+    assert!(again["bytes_sent"] + again["bytes_received"] < 1024);
+    // INFO names the peer and the last result.
+    let info = a.client().cmd("INFO");
+    let peer = format!("sync_peer:127.0.0.1:{} ", b.port);
+    assert!(
+        info.iter()
+            .any(|l| l.starts_with(&peer) && l.contains(" OK keys_repaired=0")),
+        "{info:?}"
+    );
+}
+
+#[test]
+fn sync_errors_are_reported_not_fatal() {
+    let a = standalone("");
+    let port = common::free_port(); // nothing listens there
+    let line = a.client().one(&format!("SYNC 127.0.0.1:{port}"));
+    assert!(line.starts_with("ERROR: "), "{line}");
+    assert!(a
+        .client()
+        .one("SYNC nonsense")
+        .starts_with("ERROR: SYNC needs host:port"));
+    // A malformed message gets an error reply, and the connection goes on.
+    let mut c = a.client();
+    c.send(b"SYNC.MSG 3\r\n\x09\x00\x00PING\r\n");
+    assert!(c.line().starts_with("ERROR: malformed sync message"));
+    assert_eq!(c.line(), "PONG");
+    assert!(c.one("SYNC.MSG 0").starts_with("ERROR: SYNC.MSG length"));
+    let info = a.client().cmd("INFO");
+    assert!(info.iter().any(|l| l.contains("s_ago ERROR")), "{info:?}");
+}
+
+#[test]
+fn a_node_that_starts_empty_fills_itself_from_a_peer() {
+    let (full, empty) = (standalone(""), standalone(""));
+    let mut c = full.client();
+    let batch: String = (0..20_000)
+        .map(|i| format!("SET fill:{i} value-{i}\r\n"))
+        .collect();
+    c.send(batch.as_bytes());
+    for _ in 0..20_000 {
+        assert_eq!(c.line(), "OK");
+    }
+    let f = sync_fields(&empty.client().one(&format!("SYNC 127.0.0.1:{}", full.port)));
+    assert_eq!(f["keys_repaired"], 20_000);
+    assert_eq!(f["entries_received"], 20_000);
+    // In bounded chunks: many round trips, never one message with everything.
+    assert!(f["round_trips"] > 10, "{f:?}");
+    assert_eq!(empty.client().one("DBSIZE"), "20000");
+    assert_eq!(empty.client().one("HASH"), full.client().one("HASH"));
+}
