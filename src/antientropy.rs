@@ -159,3 +159,98 @@ pub fn self_address(bound: SocketAddr) -> String {
         bound.to_string()
     }
 }
+
+/// The periodic anti-entropy loop: every `interval_seconds` (±20% jitter, so nodes do
+/// not all sync at once), exchange with every known peer — `peer_list` plus the peers
+/// presence announces (refreshed every `peer_discovery_interval`) — at most
+/// `max_concurrent_syncs` at a time. A peer that fails is skipped for a while, doubling
+/// from one interval up to an hour.
+pub async fn run_periodic(shared: std::sync::Arc<crate::server::Shared>) {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    let cfg = &shared.config.anti_entropy;
+    let interval = Duration::from_secs(cfg.interval_seconds.max(1));
+    let discovery = Duration::from_secs(cfg.peer_discovery_interval.max(1));
+    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_syncs.max(1)));
+    let me = self_address(shared.local_addr);
+    let advertised = shared.config.network.advertise_address.clone();
+    let mut rng = xxhash_rust::xxh3::xxh3_64(shared.config.node_id.as_bytes()) | 1;
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut discovered: Vec<String> = Vec::new();
+    let mut discovered_at: Option<Instant> = None;
+    let mut backoff: HashMap<String, (u32, Instant)> = HashMap::new();
+    loop {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let jitter = 0.8 + (rng % 401) as f64 / 1000.0; // 0.8 ..= 1.2
+        tokio::select! {
+            _ = tokio::time::sleep(interval.mul_f64(jitter)) => {}
+            _ = shutdown.wait_for(|&s| s) => return,
+        }
+        if discovered_at.is_none_or(|t| t.elapsed() >= discovery) {
+            discovered = shared
+                .peers
+                .snapshot()
+                .into_iter()
+                .filter(|(_, p)| p.presence.online)
+                .map(|(_, p)| p.presence.addr)
+                .collect();
+            discovered_at = Some(Instant::now());
+        }
+        let mut peers: Vec<String> = cfg.peer_list.iter().chain(&discovered).cloned().collect();
+        peers.sort();
+        peers.dedup();
+        peers.retain(|p| *p != me && Some(p) != advertised.as_ref());
+        // Up to max_concurrent_syncs exchanges at once, each on a thread of its own.
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut started = 0;
+        for peer in peers {
+            if backoff
+                .get(&peer)
+                .is_some_and(|(_, until)| Instant::now() < *until)
+            {
+                continue;
+            }
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let (local, done) = (me.clone(), done_tx.clone());
+            let spawned = std::thread::Builder::new()
+                .name("sync".into())
+                .spawn(move || {
+                    let result = run_exchange(&local, &peer);
+                    drop(permit);
+                    let _ = done.send((peer, result));
+                });
+            match spawned {
+                Ok(_) => started += 1,
+                Err(e) => tracing::warn!("cannot start an anti-entropy exchange: {e}"),
+            }
+        }
+        for _ in 0..started {
+            let Some((peer, result)) = done_rx.recv().await else {
+                break;
+            };
+            match &result {
+                Ok((r, took)) => {
+                    backoff.remove(&peer);
+                    if r.keys_repaired > 0 {
+                        tracing::info!(%peer, keys_repaired = r.keys_repaired, ms = took.as_millis() as u64, "anti-entropy repaired differences");
+                    }
+                }
+                Err(e) => {
+                    let failures = backoff.get(&peer).map_or(0, |(n, _)| *n) + 1;
+                    let wait = interval
+                        .saturating_mul(1 << failures.min(10))
+                        .min(Duration::from_secs(3600));
+                    tracing::warn!(%peer, failures, retry_in_s = wait.as_secs(), "anti-entropy exchange failed: {e}");
+                    backoff.insert(peer.clone(), (failures, Instant::now() + wait));
+                }
+            }
+            shared
+                .sync_log
+                .record(&peer, result.map_err(|e| e.to_string()));
+        }
+    }
+}

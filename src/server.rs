@@ -175,6 +175,9 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
         "merkle-kv {} listening", crate::dispatch::VERSION
     );
 
+    if shared.config.anti_entropy.enabled {
+        tokio::spawn(crate::antientropy::run_periodic(shared.clone()));
+    }
     accept_loop(&shared, listener).await;
     drop_connections(&shared).await;
     for inbox in &shared.inboxes {

@@ -58,8 +58,14 @@ impl Node {
         for _ in 0..5 {
             let port = free_port();
             let config = temp_path("node.toml");
+            // Anti-entropy is off unless the test turns it on.
+            let ae = if extra.contains("anti_entropy.enabled") {
+                ""
+            } else {
+                "anti_entropy.enabled = false\n"
+            };
             let toml = format!(
-                "node_id = \"test-{port}\"\nnetwork.bind_address = \"127.0.0.1\"\nnetwork.bind_port = {port}\nanti_entropy.enabled = false\n{extra}\n"
+                "node_id = \"test-{port}\"\nnetwork.bind_address = \"127.0.0.1\"\nnetwork.bind_port = {port}\n{ae}{extra}\n"
             );
             std::fs::write(&config, toml).unwrap();
             let log = std::fs::File::create(config.with_extension("log")).unwrap();
@@ -84,6 +90,31 @@ impl Node {
             // Someone took the port between our probe and the node's bind: try another.
         }
         panic!("could not start a node");
+    }
+
+    /// Kill the process and start it again with the same configuration and port (an
+    /// in-memory node comes back empty).
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.config.with_extension("log"))
+            .unwrap();
+        self.child = Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("restart merkle-kv");
+        assert!(
+            self.wait_ready(),
+            "the node did not come back on port {}",
+            self.port
+        );
     }
 
     fn wait_ready(&mut self) -> bool {
