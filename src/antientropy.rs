@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long one reply may take.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// When the first periodic round runs after start (unless the interval is shorter).
+const FIRST_ROUND_AFTER: Duration = Duration::from_secs(2);
 /// Longest reply accepted (the server's own message limit).
 const REPLY_BYTES_MAX: usize = crate::protocol::SYNC_MSG_BYTES_MAX as usize;
 
@@ -179,15 +181,19 @@ pub async fn run_periodic(shared: std::sync::Arc<crate::server::Shared>) {
     let mut discovered: Vec<String> = Vec::new();
     let mut discovered_at: Option<Instant> = None;
     let mut backoff: HashMap<String, (u32, Instant)> = HashMap::new();
+    // The first round comes soon after start: a node that starts empty (new, or
+    // restarted without persistence) fills itself from its peers right away.
+    let mut wait = interval.min(FIRST_ROUND_AFTER);
     loop {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
         let jitter = 0.8 + (rng % 401) as f64 / 1000.0; // 0.8 ..= 1.2
         tokio::select! {
-            _ = tokio::time::sleep(interval.mul_f64(jitter)) => {}
+            _ = tokio::time::sleep(wait.mul_f64(jitter)) => {}
             _ = shutdown.wait_for(|&s| s) => return,
         }
+        wait = interval;
         if discovered_at.is_none_or(|t| t.elapsed() >= discovery) {
             discovered = shared
                 .peers
