@@ -110,11 +110,49 @@ pub type Outcome = Result<(Report, Duration), String>;
 #[derive(Default)]
 pub struct SyncLog {
     last: DashMap<String, (Instant, Outcome)>,
+    /// `SYNC` commands running now.
+    running: std::sync::atomic::AtomicUsize,
 }
+
+/// A running `SYNC`'s slot; released when dropped.
+pub struct Running(std::sync::Arc<SyncLog>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0
+            .running
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Peers whose last exchange INFO keeps.
+const PEERS_LOGGED_MAX: usize = 256;
+/// `SYNC` commands running at once, node-wide (each has a thread).
+const SYNC_COMMANDS_MAX: usize = 8;
 
 impl SyncLog {
     pub fn record(&self, peer: &str, result: Outcome) {
+        // Bounded: `SYNC` accepts any address, so forget the oldest beyond the limit.
+        if self.last.len() >= PEERS_LOGGED_MAX && !self.last.contains_key(peer) {
+            let oldest = self
+                .last
+                .iter()
+                .min_by_key(|e| e.value().0)
+                .map(|e| e.key().clone());
+            if let Some(k) = oldest {
+                self.last.remove(&k);
+            }
+        }
         self.last.insert(peer.to_string(), (Instant::now(), result));
+    }
+
+    /// Take a slot for a `SYNC` exchange; `None` when too many are running.
+    pub fn start(self: &std::sync::Arc<Self>) -> Option<Running> {
+        let n = self
+            .running
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let slot = Running(self.clone());
+        (n < SYNC_COMMANDS_MAX).then_some(slot)
     }
 
     /// One INFO `sync_peer` value per peer, sorted: the address, how long ago, and the

@@ -366,6 +366,9 @@ pub async fn run_sync(shared: &Arc<Shared>, peer: String) -> String {
     if let Err(why) = crate::antientropy::admit_peer(&peer) {
         return format!("ERROR: {why}");
     }
+    let Some(slot) = shared.sync_log.start() else {
+        return "ERROR: too many SYNC commands running; try again".into();
+    };
     let local = crate::antientropy::self_address(shared.local_addr);
     let (tx, rx) = oneshot::channel();
     let target = peer.clone();
@@ -373,6 +376,7 @@ pub async fn run_sync(shared: &Arc<Shared>, peer: String) -> String {
         .name("sync".into())
         .spawn(move || {
             let _ = tx.send(crate::antientropy::run_exchange(&local, &target));
+            drop(slot);
         });
     if let Err(e) = spawned {
         return format!("ERROR: cannot start the exchange: {e}");

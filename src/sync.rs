@@ -35,6 +35,9 @@ fn node32(d: &Digest) -> u32 {
 fn key32(h: u64) -> u32 {
     (h >> (64 - BUCKET_BITS - 32)) as u32
 }
+/// Most bytes of entries one exchange reply (or request) carries: bounds the memory an
+/// exchange needs whatever the value sizes.
+pub const ENTRY_BYTES_PER_REPLY: usize = 16 << 20;
 /// Most node indices, buckets or entries one request may name.
 pub const REQUEST_ITEMS_MAX: usize = BUCKETS;
 
@@ -168,11 +171,22 @@ pub fn answer_part(shard: &mut Shard, index: usize, bits: u32, req: &Request, no
             }
         }
         Request::Exchange { wanted, entries } => {
-            // Ours are read before theirs are applied: each side sends what it held.
+            // Ours are read before theirs are applied: each side sends what it held. A
+            // reply carries at most ENTRY_BYTES_PER_REPLY of entries (shared by the
+            // shards); what does not fit stays different and the next exchange takes it.
+            let (mut budget, mut taken) = (ENTRY_BYTES_PER_REPLY >> bits, 0);
             for (pos, (b, hashes)) in wanted.iter().enumerate() {
-                if owns_bucket(*b) {
-                    let found =
+                if owns_bucket(*b) && budget > 0 {
+                    let mut found =
                         shard.entries_by_hash(*b, |h| hashes.binary_search(&key32(h)).is_ok());
+                    found.retain(|e| {
+                        let size = e.key.len() + e.value.as_ref().map_or(0, Vec::len) + 16;
+                        // The first entry always goes, however large, so it is repaired.
+                        let fits = size <= budget || taken == 0;
+                        budget = budget.saturating_sub(size);
+                        taken += usize::from(fits);
+                        fits
+                    });
                     part.entries.push((pos, found));
                 }
             }

@@ -115,3 +115,51 @@ proptest! {
         prop_assert_eq!(exchange(&mut local, &mut peer).unwrap().round_trips, 1);
     }
 }
+
+#[test]
+fn replies_are_bounded_and_the_next_exchange_takes_the_rest() {
+    let big = |n: usize| -> Vec<Shard> {
+        let bits = n.trailing_zeros();
+        (0..n)
+            .map(|i| Shard::new(i, bits, MemoryBudget::unlimited(), 2 << 20))
+            .collect()
+    };
+    let (mut a, mut b) = (big(1), big(2));
+    // 40 MiB of values on B only: more than one reply may carry.
+    for i in 0..40 {
+        let key = format!("big:{i}").into_bytes();
+        let v = Version {
+            hlc: NOW - 1_000 + i,
+            origin: 2,
+        };
+        put(&mut b, &key, &(v, Some(vec![b'x'; 1 << 20])));
+    }
+    let mut exchanges = 0;
+    let mut received = 0;
+    loop {
+        let mut local = Shards {
+            shards: &mut a,
+            now_us: NOW,
+        };
+        let mut peer = Shards {
+            shards: &mut b,
+            now_us: NOW,
+        };
+        let r = exchange(&mut local, &mut peer).unwrap();
+        exchanges += 1;
+        if r.round_trips == 1 {
+            break; // equal
+        }
+        assert!(
+            r.bytes_received < (merkle_kv::sync::ENTRY_BYTES_PER_REPLY + (2 << 20)) as u64 * 2,
+            "{r:?}"
+        );
+        received += r.entries_received;
+        assert!(exchanges < 10, "no progress: {r:?}");
+    }
+    assert_eq!(received, 40);
+    assert!(
+        exchanges >= 3,
+        "40 MiB cannot fit one 16 MiB reply: {exchanges} exchanges"
+    );
+}
