@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long one reply may take.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a whole exchange may take.
+const EXCHANGE_DEADLINE: Duration = Duration::from_secs(600);
 /// When the first periodic round runs after start (unless the interval is shorter).
 const FIRST_ROUND_AFTER: Duration = Duration::from_secs(2);
 /// Longest reply accepted (the server's own message limit).
@@ -25,6 +27,8 @@ const REPLY_BYTES_MAX: usize = crate::protocol::SYNC_MSG_BYTES_MAX as usize;
 pub struct TcpPeer {
     addr: String,
     reader: BufReader<TcpStream>,
+    /// The whole exchange must be over by then (a peer trickling bytes cannot hold it).
+    deadline: Instant,
     pub bytes_sent: u64,
     pub bytes_received: u64,
 }
@@ -44,6 +48,7 @@ impl TcpPeer {
         Ok(TcpPeer {
             addr: addr.to_string(),
             reader: BufReader::with_capacity(64 * 1024, stream),
+            deadline: Instant::now() + EXCHANGE_DEADLINE,
             bytes_sent: 0,
             bytes_received: 0,
         })
@@ -58,8 +63,18 @@ impl Peer for TcpPeer {
         stream.write_all(header.as_bytes()).map_err(err)?;
         stream.write_all(request).map_err(err)?;
         self.bytes_sent += (header.len() + request.len()) as u64;
+        // The reply header is short; a peer that never ends it must not grow memory.
         let mut line = String::new();
-        self.reader.read_line(&mut line).map_err(err)?;
+        (&mut self.reader)
+            .take(64)
+            .read_line(&mut line)
+            .map_err(err)?;
+        if Instant::now() > self.deadline {
+            return Err(SyncError::Transport(format!(
+                "{}: exchange took too long",
+                self.addr
+            )));
+        }
         self.bytes_received += line.len() as u64;
         let line = line.trim_end();
         let n = match line.strip_prefix("SYNC.REPLY ") {
@@ -79,6 +94,7 @@ impl Peer for TcpPeer {
 /// One exchange between the node at `local` (this one) and `peer`. The report's bytes
 /// are the peer connection's, framing included.
 pub fn run_exchange(local: &str, peer: &str) -> Result<(Report, Duration), SyncError> {
+    admit_peer(peer).map_err(SyncError::Transport)?;
     let started = Instant::now();
     let mut mine = TcpPeer::connect(local)?;
     let mut theirs = TcpPeer::connect(peer)?;
@@ -175,15 +191,27 @@ impl SyncLog {
     }
 }
 
-/// The one place a peer is admitted to an exchange. Every well-formed `host:port` is,
-/// today; the security issue adds authentication here.
+/// The one place a peer is admitted to an exchange, both ways: every exchange this node
+/// starts (`SYNC`, the periodic loop) checks the peer it dials, and every `SYNC.MSG` it
+/// serves checks the connection's address ([`admit_incoming`]). Every well-formed
+/// `host:port` is admitted today; the security issue adds authentication here.
 pub fn admit_peer(peer: &str) -> Result<(), String> {
     match peer.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            let ip = host.trim_matches(['[', ']']).parse::<std::net::IpAddr>();
+            if ip.is_ok_and(|ip| ip.is_unspecified()) {
+                return Err(format!("{peer} is not an address a peer can be reached on"));
+            }
             Ok(())
         }
         _ => Err(format!("SYNC needs host:port, found {peer:?}")),
     }
+}
+
+/// Whether a connection from `from` may send anti-entropy messages (see [`admit_peer`]).
+pub fn admit_incoming(from: Option<SocketAddr>) -> Result<(), String> {
+    let _ = from; // every connection, until authentication arrives
+    Ok(())
 }
 
 /// How this node reaches itself: its bound address, or loopback when bound to all.
@@ -211,6 +239,7 @@ pub async fn run_periodic(shared: std::sync::Arc<crate::server::Shared>) {
     let cfg = &shared.config.anti_entropy;
     let interval = Duration::from_secs(cfg.interval_seconds.max(1));
     let discovery = Duration::from_secs(cfg.peer_discovery_interval.max(1));
+    let grace = Duration::from_secs(shared.config.storage.tombstone_grace_seconds);
     let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_syncs.max(1)));
     let me = self_address(shared.local_addr);
     let advertised = shared.config.network.advertise_address.clone();
@@ -232,7 +261,8 @@ pub async fn run_periodic(shared: std::sync::Arc<crate::server::Shared>) {
             _ = shutdown.wait_for(|&s| s) => return,
         }
         wait = interval;
-        if discovered_at.is_none_or(|t| t.elapsed() >= discovery) {
+        // Presence arrives shortly after start: look again while nothing is known.
+        if discovered.is_empty() || discovered_at.is_none_or(|t| t.elapsed() >= discovery) {
             discovered = shared
                 .peers
                 .snapshot()
@@ -287,7 +317,9 @@ pub async fn run_periodic(shared: std::sync::Arc<crate::server::Shared>) {
                     let failures = backoff.get(&peer).map_or(0, |(n, _)| *n) + 1;
                     let wait = interval
                         .saturating_mul(1 << failures.min(10))
-                        .min(Duration::from_secs(3600));
+                        .min(Duration::from_secs(3600))
+                        // Never so long that a returning peer misses tombstones.
+                        .min(grace / 4);
                     tracing::warn!(%peer, failures, retry_in_s = wait.as_secs(), "anti-entropy exchange failed: {e}");
                     backoff.insert(peer.clone(), (failures, Instant::now() + wait));
                 }

@@ -175,6 +175,11 @@ impl Connection {
     ) -> std::io::Result<()> {
         match special {
             Special::SyncMsg(len) => {
+                if let Err(why) = crate::antientropy::admit_incoming(stream.peer_addr().ok()) {
+                    self.out
+                        .extend_from_slice(format!("ERROR: {why}\r\n").as_bytes());
+                    return Err(std::io::Error::other("anti-entropy peer not admitted"));
+                }
                 let len = len as usize;
                 let idle = self.shared.config.network.connection_timeout;
                 while inbuf.len() < len {

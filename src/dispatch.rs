@@ -163,6 +163,11 @@ impl Batch {
                         }
                         break;
                     }
+                    // A bad SYNC.MSG length: its body would be read as commands, so
+                    // answer and close instead.
+                    if parsed == Some(Err(ProtocolError::InvalidSyncLength)) {
+                        self.quit = true;
+                    }
                     if let Some(parsed) = parsed {
                         self.push(parsed, input);
                     }

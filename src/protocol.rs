@@ -136,8 +136,9 @@ pub enum Command<'a> {
     Sync(&'a [u8]),
 }
 
-/// Largest anti-entropy message accepted after `SYNC.MSG`.
-pub const SYNC_MSG_BYTES_MAX: u32 = 64 << 20;
+/// Largest anti-entropy message accepted after `SYNC.MSG`: 16 MiB of entries, one
+/// entry of up to the largest `max_line_bytes` (64 MiB), and room for the rest.
+pub const SYNC_MSG_BYTES_MAX: u32 = 96 << 20;
 
 /// Space-separated tokens (keys, or MSET's key/value pairs), iterated without allocating.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]

@@ -38,6 +38,8 @@ fn key32(h: u64) -> u32 {
 /// Most bytes of entries one exchange reply (or request) carries: bounds the memory an
 /// exchange needs whatever the value sizes.
 pub const ENTRY_BYTES_PER_REPLY: usize = 16 << 20;
+/// Most entries one exchange reply carries (so a request carrying them back is valid).
+pub const ENTRIES_PER_REPLY_MAX: usize = REQUEST_ITEMS_MAX;
 /// Most node indices, buckets or entries one request may name.
 pub const REQUEST_ITEMS_MAX: usize = BUCKETS;
 
@@ -124,13 +126,23 @@ pub fn parse(request: &[u8]) -> Result<Request, SyncError> {
                 indices: r.index_list(1 << level)?,
             }
         }
-        MSG_LISTINGS => Request::Listings {
-            buckets: r.index_list(BUCKETS)?,
-        },
-        MSG_EXCHANGE => Request::Exchange {
-            wanted: r.wanted()?,
-            entries: r.entries()?,
-        },
+        MSG_LISTINGS => {
+            let buckets = r.index_list(BUCKETS)?;
+            if buckets.len() > BUCKETS_PER_ROUND {
+                return Err(SyncError::Malformed("too many buckets"));
+            }
+            Request::Listings { buckets }
+        }
+        MSG_EXCHANGE => {
+            let wanted = r.wanted()?;
+            if wanted.len() > BUCKETS_PER_ROUND {
+                return Err(SyncError::Malformed("too many buckets"));
+            }
+            Request::Exchange {
+                wanted,
+                entries: r.entries()?,
+            }
+        }
         _ => return Err(SyncError::Malformed("message type")),
     };
     if !r.done() {
@@ -174,17 +186,23 @@ pub fn answer_part(shard: &mut Shard, index: usize, bits: u32, req: &Request, no
             // Ours are read before theirs are applied: each side sends what it held. A
             // reply carries at most ENTRY_BYTES_PER_REPLY of entries (shared by the
             // shards); what does not fit stays different and the next exchange takes it.
-            let (mut budget, mut taken) = (ENTRY_BYTES_PER_REPLY >> bits, 0);
+            let mut budget = ENTRY_BYTES_PER_REPLY >> bits;
+            let mut room = ENTRIES_PER_REPLY_MAX >> bits;
             for (pos, (b, hashes)) in wanted.iter().enumerate() {
-                if owns_bucket(*b) && budget > 0 {
+                if owns_bucket(*b) && budget > 0 && room > 0 {
                     let mut found =
                         shard.entries_by_hash(*b, |h| hashes.binary_search(&key32(h)).is_ok());
+                    let mut first = pos == 0;
                     found.retain(|e| {
                         let size = e.key.len() + e.value.as_ref().map_or(0, Vec::len) + 16;
-                        // The first entry always goes, however large, so it is repaired.
-                        let fits = size <= budget || taken == 0;
-                        budget = budget.saturating_sub(size);
-                        taken += usize::from(fits);
+                        // The reply's very first entry goes however large it is (at most
+                        // one such per reply), so no entry is ever too large to repair.
+                        let fits = room > 0 && (size <= budget || first);
+                        first = false;
+                        if fits {
+                            budget = budget.saturating_sub(size);
+                            room -= 1;
+                        }
                         fits
                     });
                     part.entries.push((pos, found));
@@ -580,6 +598,9 @@ impl<'a> Reader<'a> {
     fn rest_entries(&mut self) -> Result<Vec<OwnedEntry>, SyncError> {
         let mut out = Vec::new();
         while !self.done() {
+            if out.len() == ENTRIES_PER_REPLY_MAX {
+                return Err(SyncError::Malformed("too many entries"));
+            }
             out.push(self.entry()?);
         }
         Ok(out)
