@@ -47,7 +47,7 @@ proptest! {
     fn one_exchange_makes_both_sides_equal_to_the_model(
         keys in divergence(),
         a_shards in prop::sample::select(vec![1usize, 2, 4]),
-        b_shards in prop::sample::select(vec![1usize, 2, 8]),
+        b_shards in prop::sample::select(vec![1usize, 2, 8, 32]),
     ) {
         let (mut a, mut b) = (node(a_shards), node(b_shards));
         let mut model: BTreeMap<Vec<u8>, Entry> = BTreeMap::new();
@@ -162,4 +162,79 @@ fn replies_are_bounded_and_the_next_exchange_takes_the_rest() {
         exchanges >= 3,
         "40 MiB cannot fit one 16 MiB reply: {exchanges} exchanges"
     );
+}
+
+/// A peer whose data changes while the exchange runs: after every call, a write lands.
+struct Moving<'a> {
+    node: Shards<'a>,
+    writes: u64,
+}
+
+impl merkle_kv::sync::Peer for Moving<'_> {
+    fn call(&mut self, request: &[u8]) -> Result<Vec<u8>, merkle_kv::sync::SyncError> {
+        let reply = self.node.call(request);
+        self.writes += 1;
+        let key = format!("moving:{}", self.writes).into_bytes();
+        let v = Version {
+            hlc: NOW - 500 + self.writes,
+            origin: 9,
+        };
+        put(self.node.shards, &key, &(v, Some(b"late".to_vec())));
+        reply
+    }
+}
+
+#[test]
+fn a_moving_target_does_not_break_an_exchange_and_the_next_one_catches_up() {
+    let (mut a, mut b) = (node(2), node(4));
+    for i in 0..200 {
+        let v = Version {
+            hlc: NOW - 5_000 + i,
+            origin: 1,
+        };
+        put(
+            &mut b,
+            format!("k{i}").as_bytes(),
+            &(v, Some(b"x".to_vec())),
+        );
+    }
+    {
+        let mut local = Shards {
+            shards: &mut a,
+            now_us: NOW,
+        };
+        let mut peer = Moving {
+            node: Shards {
+                shards: &mut b,
+                now_us: NOW,
+            },
+            writes: 0,
+        };
+        let r = exchange(&mut local, &mut peer).unwrap();
+        // Everything there at the start arrives, and some of what landed meanwhile.
+        assert!(r.entries_received >= 200, "{r:?}");
+    }
+    // The writes made during the exchange are found by the next one.
+    let mut local = Shards {
+        shards: &mut a,
+        now_us: NOW,
+    };
+    let mut peer = Shards {
+        shards: &mut b,
+        now_us: NOW,
+    };
+    let r = exchange(&mut local, &mut peer).unwrap();
+    assert!(
+        r.round_trips > 1,
+        "the writes made during the first exchange remain: {r:?}"
+    );
+    let mut local = Shards {
+        shards: &mut a,
+        now_us: NOW,
+    };
+    let mut peer = Shards {
+        shards: &mut b,
+        now_us: NOW,
+    };
+    assert_eq!(exchange(&mut local, &mut peer).unwrap().round_trips, 1);
 }

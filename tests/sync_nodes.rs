@@ -156,3 +156,32 @@ fn a_restarted_node_gets_the_writes_it_missed_within_a_few_intervals() {
             .then_some(())
     });
 }
+
+#[test]
+fn enabled_false_runs_no_periodic_exchange() {
+    let b = standalone("");
+    let a = standalone(&format!(
+        "anti_entropy.enabled = false\nanti_entropy.interval_seconds = 1\n\
+         anti_entropy.peer_list = [\"127.0.0.1:{}\"]",
+        b.port
+    ));
+    b.client().one("SET only-b 1");
+    std::thread::sleep(std::time::Duration::from_secs(4)); // the first round would be at ~2 s
+    assert_eq!(get(&a, "only-b"), "(null)");
+    assert!(!a
+        .client()
+        .cmd("INFO")
+        .iter()
+        .any(|l| l.starts_with("sync_peer:")));
+    // Turned on, the same configuration repairs it.
+    let c = standalone(&format!(
+        "anti_entropy.enabled = true\nanti_entropy.interval_seconds = 1\n\
+         anti_entropy.peer_list = [\"127.0.0.1:{}\"]",
+        b.port
+    ));
+    common::eventually(
+        std::time::Duration::from_secs(30),
+        "periodic exchange",
+        || (get(&c, "only-b") == "1").then_some(()),
+    );
+}
