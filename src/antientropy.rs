@@ -255,9 +255,8 @@ pub async fn run_periodic(shared: std::sync::Arc<crate::server::Shared>) {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        let jitter = 0.8 + (rng % 401) as f64 / 1000.0; // 0.8 ..= 1.2
         tokio::select! {
-            _ = tokio::time::sleep(wait.mul_f64(jitter)) => {}
+            _ = tokio::time::sleep(jittered(wait, rng)) => {}
             _ = shutdown.wait_for(|&s| s) => return,
         }
         wait = interval;
@@ -315,11 +314,7 @@ pub async fn run_periodic(shared: std::sync::Arc<crate::server::Shared>) {
                 }
                 Err(e) => {
                     let failures = backoff.get(&peer).map_or(0, |(n, _)| *n) + 1;
-                    let wait = interval
-                        .saturating_mul(1 << failures.min(10))
-                        .min(Duration::from_secs(3600))
-                        // Never so long that a returning peer misses tombstones.
-                        .min(grace / 4);
+                    let wait = backoff_wait(interval, failures, grace);
                     tracing::warn!(%peer, failures, retry_in_s = wait.as_secs(), "anti-entropy exchange failed: {e}");
                     backoff.insert(peer.clone(), (failures, Instant::now() + wait));
                 }
@@ -328,5 +323,61 @@ pub async fn run_periodic(shared: std::sync::Arc<crate::server::Shared>) {
                 .sync_log
                 .record(&peer, result.map_err(|e| e.to_string()));
         }
+    }
+}
+
+/// `wait` scaled by 0.8..=1.2, chosen by the random `r`: nodes do not all sync at once.
+pub fn jittered(wait: Duration, r: u64) -> Duration {
+    wait.mul_f64(0.8 + (r % 401) as f64 / 1000.0)
+}
+
+/// How long to skip a peer after its `failures`-th failure in a row: the interval
+/// doubled per failure, at most an hour, and never more than a quarter of the tombstone
+/// grace period (a returning peer must be reached before its missed deletes expire).
+pub fn backoff_wait(interval: Duration, failures: u32, grace: Duration) -> Duration {
+    interval
+        .saturating_mul(1 << failures.min(10))
+        .min(Duration::from_secs(3600))
+        .min(grace / 4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped_by_an_hour_and_the_grace() {
+        let s = Duration::from_secs;
+        let day = s(86_400);
+        assert_eq!(backoff_wait(s(300), 1, day), s(600));
+        assert_eq!(backoff_wait(s(300), 2, day), s(1200));
+        assert_eq!(backoff_wait(s(300), 5, day), s(3600));
+        assert_eq!(backoff_wait(s(300), 40, day), s(3600), "no overflow");
+        assert_eq!(
+            backoff_wait(s(300), 3, s(600)),
+            s(150),
+            "a quarter of a short grace"
+        );
+    }
+
+    #[test]
+    fn jitter_stays_within_twenty_percent() {
+        let base = Duration::from_secs(100);
+        let all: Vec<Duration> = (0..1000u64).map(|r| jittered(base, r * 7919)).collect();
+        assert!(all
+            .iter()
+            .all(|d| *d >= Duration::from_secs(80) && *d <= Duration::from_secs(120)));
+        assert!(all.iter().any(|d| *d < Duration::from_secs(90)));
+        assert!(all.iter().any(|d| *d > Duration::from_secs(110)));
+    }
+
+    #[test]
+    fn peers_are_admitted_by_address() {
+        assert!(admit_peer("10.0.0.2:7878").is_ok());
+        assert!(admit_peer("node-2.internal:7878").is_ok());
+        assert!(admit_peer("0.0.0.0:7878").is_err());
+        assert!(admit_peer("[::]:7878").is_err());
+        assert!(admit_peer("nonsense").is_err());
+        assert!(admit_peer("host:0").is_err());
     }
 }
