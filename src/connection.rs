@@ -181,6 +181,17 @@ impl Connection {
                     return Err(std::io::Error::other("anti-entropy peer not admitted"));
                 }
                 let len = len as usize;
+                // A node-wide bound on message bodies in memory: many connections
+                // each sending a large body must not add up past it.
+                let held = self.shared.sync_bytes.fetch_add(len, Relaxed);
+                let _release = SyncBytes(self.shared.clone(), len);
+                if held + len > SYNC_BODIES_BYTES_MAX {
+                    self.out.extend_from_slice(
+                        b"ERROR: too many anti-entropy messages in flight; try again\r\n",
+                    );
+                    self.write_out(stream).await?;
+                    return Err(std::io::Error::other("anti-entropy memory bound reached"));
+                }
                 let idle = self.shared.config.network.connection_timeout;
                 while inbuf.len() < len {
                     inbuf.reserve(len - inbuf.len());
@@ -324,6 +335,18 @@ impl Connection {
             out.indices.clear();
         }
         Ok(())
+    }
+}
+
+/// Most bytes of `SYNC.MSG` bodies a node holds at once (each body ≤ 96 MiB).
+const SYNC_BODIES_BYTES_MAX: usize = 256 << 20;
+
+/// Releases a body's share of the node-wide bound when dropped.
+struct SyncBytes(Arc<Shared>, usize);
+
+impl Drop for SyncBytes {
+    fn drop(&mut self) {
+        self.0.sync_bytes.fetch_sub(self.1, Relaxed);
     }
 }
 

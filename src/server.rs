@@ -69,6 +69,8 @@ pub struct Shared {
     pub peers: Arc<Peers>,
     /// The last anti-entropy exchange with each peer.
     pub sync_log: Arc<crate::antientropy::SyncLog>,
+    /// Bytes of `SYNC.MSG` bodies being received or served now, node-wide.
+    pub sync_bytes: AtomicUsize,
     /// Set to true once: every task stops reading, answers what it has, and closes.
     pub shutdown: watch::Sender<bool>,
 }
@@ -163,6 +165,7 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
         outbound: replication.as_ref().map(|r| r.outbound.clone()),
         peers,
         sync_log: Arc::default(),
+        sync_bytes: AtomicUsize::new(0),
         shutdown: watch::Sender::new(false),
         config,
     });

@@ -185,3 +185,34 @@ fn enabled_false_runs_no_periodic_exchange() {
         || (get(&c, "only-b") == "1").then_some(()),
     );
 }
+
+#[test]
+fn message_bodies_in_memory_are_bounded_node_wide() {
+    let a = standalone("");
+    // Two 96 MiB bodies announced (and not sent) hold 192 MiB of the 256 MiB bound.
+    let mut held: Vec<common::Client> = (0..2).map(|_| a.client()).collect();
+    for c in &mut held {
+        c.send(b"SYNC.MSG 100663296\r\n");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut third = a.client();
+    third.send(b"SYNC.MSG 100663296\r\n");
+    assert_eq!(
+        third.line(),
+        "ERROR: too many anti-entropy messages in flight; try again"
+    );
+    // The node goes on serving, and the bound frees when those connections go.
+    drop(held);
+    assert_eq!(a.client().one("PING"), "PONG");
+    common::eventually(
+        std::time::Duration::from_secs(10),
+        "the bound is released",
+        || {
+            let mut c = a.client();
+            c.send(b"SYNC.MSG 9\r\n");
+            c.send(&[1u8; 9]);
+            let l = c.line();
+            (l.starts_with("ERROR: malformed")).then_some(())
+        },
+    );
+}
