@@ -157,10 +157,8 @@ pub fn answer_part(shard: &mut Shard, index: usize, bits: u32, req: &Request, no
     let owns_bucket = |b: usize| shard_of_bucket(b, bits) == index;
     match req {
         Request::Root => part.root = Some(shard.root()),
-        Request::Nodes { level, indices } if *level < bits => {
-            let _ = indices;
-            part.root = Some(shard.root());
-        }
+        // Above the shards' subtrees: every shard gives its root, `assemble` combines.
+        Request::Nodes { level, .. } if *level < bits => part.root = Some(shard.root()),
         Request::Nodes { level, indices } => {
             for (pos, &i) in indices.iter().enumerate() {
                 if owns_bucket(i << (BUCKET_BITS - level)) {
