@@ -18,8 +18,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a whole exchange may take.
 const EXCHANGE_DEADLINE: Duration = Duration::from_secs(600);
-/// When the first periodic round runs after start (unless the interval is shorter).
+/// When the first periodic exchanges run after start (unless the interval is shorter).
 const FIRST_ROUND_AFTER: Duration = Duration::from_secs(2);
+/// How often the periodic loop looks for peers that are due.
+const TICK: Duration = Duration::from_secs(1);
 /// Longest reply accepted (the server's own message limit).
 const REPLY_BYTES_MAX: usize = crate::protocol::SYNC_MSG_BYTES_MAX as usize;
 
@@ -228,13 +230,15 @@ pub fn self_address(bound: SocketAddr) -> String {
     }
 }
 
-/// The periodic anti-entropy loop: every `interval_seconds` (±20% jitter, so nodes do
-/// not all sync at once), exchange with every known peer — `peer_list` plus the peers
-/// presence announces (refreshed every `peer_discovery_interval`) — at most
-/// `max_concurrent_syncs` at a time. A peer that fails is skipped for a while, doubling
-/// from one interval up to an hour.
+/// The periodic anti-entropy loop. Each peer — from `peer_list` plus the peers presence
+/// announces (re-read every `peer_discovery_interval`, and while none is known) — has
+/// its own schedule: first about 2 s after start (so a node that starts empty fills
+/// itself), then every `interval_seconds` ±20% after its last exchange ended, so nodes
+/// do not all sync at once and a slow peer delays no other. At most
+/// `max_concurrent_syncs` exchanges run at once, each on a thread of its own. A peer
+/// that fails waits longer each time ([`backoff_wait`]).
 pub async fn run_periodic(shared: std::sync::Arc<crate::server::Shared>) {
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
     use std::sync::Arc;
     let cfg = &shared.config.anti_entropy;
     let interval = Duration::from_secs(cfg.interval_seconds.max(1));
@@ -244,22 +248,49 @@ pub async fn run_periodic(shared: std::sync::Arc<crate::server::Shared>) {
     let me = self_address(shared.local_addr);
     let advertised = shared.config.network.advertise_address.clone();
     let mut rng = xxhash_rust::xxh3::xxh3_64(shared.config.node_id.as_bytes()) | 1;
-    let mut shutdown = shared.shutdown.subscribe();
-    let mut discovered: Vec<String> = Vec::new();
-    let mut discovered_at: Option<Instant> = None;
-    let mut backoff: HashMap<String, (u32, Instant)> = HashMap::new();
-    // The first round comes soon after start: a node that starts empty (new, or
-    // restarted without persistence) fills itself from its peers right away.
-    let mut wait = interval.min(FIRST_ROUND_AFTER);
-    loop {
+    let mut next_random = move || {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
+        rng
+    };
+    let mut shutdown = shared.shutdown.subscribe();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let started = Instant::now();
+    let first_due = started + jittered(interval.min(FIRST_ROUND_AFTER), next_random());
+    let mut discovered: Vec<String> = Vec::new();
+    let mut discovered_at: Option<Instant> = None;
+    // Per peer: when its next exchange is due, and its failures in a row.
+    let mut due: HashMap<String, (Instant, u32)> = HashMap::new();
+    let mut running: HashSet<String> = HashSet::new();
+    let mut tick = tokio::time::interval(interval.min(TICK));
+    loop {
         tokio::select! {
-            _ = tokio::time::sleep(jittered(wait, rng)) => {}
+            _ = tick.tick() => {}
+            Some((peer, result)) = done_rx.recv() => {
+                let peer: String = peer;
+                let result: Result<(Report, Duration), SyncError> = result;
+                running.remove(&peer);
+                let failures = due.get(&peer).map_or(0, |d| d.1);
+                let (wait, failures) = match &result {
+                    Ok((r, took)) => {
+                        if r.keys_repaired > 0 {
+                            tracing::info!(%peer, keys_repaired = r.keys_repaired, ms = took.as_millis() as u64, "anti-entropy repaired differences");
+                        }
+                        (jittered(interval, next_random()), 0)
+                    }
+                    Err(e) => {
+                        let wait = backoff_wait(interval, failures + 1, grace);
+                        tracing::warn!(%peer, failures = failures + 1, retry_in_s = wait.as_secs(), "anti-entropy exchange failed: {e}");
+                        (wait, failures + 1)
+                    }
+                };
+                due.insert(peer.clone(), (Instant::now() + wait, failures));
+                shared.sync_log.record(&peer, result.map_err(|e| e.to_string()));
+                continue;
+            }
             _ = shutdown.wait_for(|&s| s) => return,
         }
-        wait = interval;
         // Presence arrives shortly after start: look again while nothing is known.
         if discovered.is_empty() || discovered_at.is_none_or(|t| t.elapsed() >= discovery) {
             discovered = shared
@@ -275,53 +306,30 @@ pub async fn run_periodic(shared: std::sync::Arc<crate::server::Shared>) {
         peers.sort();
         peers.dedup();
         peers.retain(|p| *p != me && Some(p) != advertised.as_ref());
-        // Up to max_concurrent_syncs exchanges at once, each on a thread of its own.
-        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut started = 0;
+        let now = Instant::now();
         for peer in peers {
-            if backoff
-                .get(&peer)
-                .is_some_and(|(_, until)| Instant::now() < *until)
-            {
+            let (at, _) = *due.entry(peer.clone()).or_insert((first_due, 0));
+            if at > now || running.contains(&peer) {
                 continue;
             }
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                break;
             };
             let (local, done) = (me.clone(), done_tx.clone());
+            let target = peer.clone();
             let spawned = std::thread::Builder::new()
                 .name("sync".into())
                 .spawn(move || {
-                    let result = run_exchange(&local, &peer);
+                    let result = run_exchange(&local, &target);
                     drop(permit);
-                    let _ = done.send((peer, result));
+                    let _ = done.send((target, result));
                 });
             match spawned {
-                Ok(_) => started += 1,
+                Ok(_) => {
+                    running.insert(peer);
+                }
                 Err(e) => tracing::warn!("cannot start an anti-entropy exchange: {e}"),
             }
-        }
-        for _ in 0..started {
-            let Some((peer, result)) = done_rx.recv().await else {
-                break;
-            };
-            match &result {
-                Ok((r, took)) => {
-                    backoff.remove(&peer);
-                    if r.keys_repaired > 0 {
-                        tracing::info!(%peer, keys_repaired = r.keys_repaired, ms = took.as_millis() as u64, "anti-entropy repaired differences");
-                    }
-                }
-                Err(e) => {
-                    let failures = backoff.get(&peer).map_or(0, |(n, _)| *n) + 1;
-                    let wait = backoff_wait(interval, failures, grace);
-                    tracing::warn!(%peer, failures, retry_in_s = wait.as_secs(), "anti-entropy exchange failed: {e}");
-                    backoff.insert(peer.clone(), (failures, Instant::now() + wait));
-                }
-            }
-            shared
-                .sync_log
-                .record(&peer, result.map_err(|e| e.to_string()));
         }
     }
 }

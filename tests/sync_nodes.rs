@@ -216,3 +216,33 @@ fn message_bodies_in_memory_are_bounded_node_wide() {
         },
     );
 }
+
+#[test]
+fn a_hung_peer_delays_no_other_peer() {
+    // A "peer" that accepts connections and never answers: its exchange hangs until
+    // the reply timeout (30 s). Exchanges with the real peer must go on meanwhile.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_port = hung.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in hung.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let b = standalone("");
+    let a = standalone(&format!(
+        "anti_entropy.enabled = true\nanti_entropy.interval_seconds = 1\n\
+         anti_entropy.peer_list = [\"127.0.0.1:{hung_port}\", \"127.0.0.1:{}\"]",
+        b.port
+    ));
+    let limit = std::time::Duration::from_secs(10);
+    b.client().one("SET first 1");
+    common::eventually(limit, "first exchange", || {
+        (get(&a, "first") == "1").then_some(())
+    });
+    // The hung exchange is still running; the next one with B comes within intervals.
+    b.client().one("SET second 2");
+    common::eventually(limit, "later exchanges with B", || {
+        (get(&a, "second") == "2").then_some(())
+    });
+}
