@@ -223,45 +223,44 @@ impl Connection {
         Ok(())
     }
 
-    /// Every shard answers its share of an anti-entropy request; join them.
+    /// Every shard answers its share of an anti-entropy request; join them. The other
+    /// shards get the request first, so they work while this thread answers its own.
     async fn serve_sync(&mut self, request: crate::sync::Request) -> std::io::Result<Vec<u8>> {
         let request = Arc::new(request);
         let shards = 1usize << self.shared.shard_bits;
-        let mut parts = Vec::with_capacity(shards);
+        let own = self.local.as_ref().map(|(id, _)| *id);
+        let mut parts: Vec<Option<crate::sync::Part>> = (0..shards).map(|_| None).collect();
         let mut waiting = Vec::new();
-        for i in 0..shards {
-            match &self.local {
-                Some((id, shard)) if *id == i => {
-                    let part = crate::sync::answer_part(
-                        &mut shard.borrow_mut(),
-                        i,
-                        self.shared.shard_bits,
-                        &request,
-                        crate::version::now_us(),
-                    );
-                    waiting.push((i, None, Some(part)));
-                }
-                _ => {
-                    let (reply, rx) = oneshot::channel();
-                    let msg = ThreadMsg::Sync {
-                        request: request.clone(),
-                        reply,
-                    };
-                    self.shared.inboxes[i]
-                        .send(msg)
-                        .await
-                        .map_err(|_| stopping())?;
-                    waiting.push((i, Some(rx), None));
-                }
-            }
+        for i in (0..shards).filter(|&i| Some(i) != own) {
+            let (reply, rx) = oneshot::channel();
+            let msg = ThreadMsg::Sync {
+                request: request.clone(),
+                reply,
+            };
+            self.shared.inboxes[i]
+                .send(msg)
+                .await
+                .map_err(|_| stopping())?;
+            waiting.push((i, rx));
         }
-        for (_, rx, part) in waiting {
-            parts.push(match (rx, part) {
-                (_, Some(p)) => p,
-                (Some(rx), None) => rx.await.map_err(|_| stopping())?,
-                (None, None) => unreachable!("either inline or awaited"),
-            });
+        if let Some((i, shard)) = &self.local {
+            let bits = self.shared.shard_bits;
+            let now = crate::version::now_us();
+            parts[*i] = Some(crate::sync::answer_part(
+                &mut shard.borrow_mut(),
+                *i,
+                bits,
+                &request,
+                now,
+            ));
         }
+        for (i, rx) in waiting {
+            parts[i] = Some(rx.await.map_err(|_| stopping())?);
+        }
+        let parts = parts
+            .into_iter()
+            .map(|p| p.expect("every shard answered"))
+            .collect();
         Ok(crate::sync::assemble(&request, parts))
     }
 

@@ -494,6 +494,21 @@ struct Context {
     last_reject_log: std::cell::Cell<Option<Instant>>,
 }
 
+impl Context {
+    /// Whether a rejection may be logged now: once a second at most.
+    fn may_log_rejection(&self) -> bool {
+        let now = Instant::now();
+        let due = self
+            .last_reject_log
+            .get()
+            .is_none_or(|t| now - t >= Duration::from_secs(1));
+        if due {
+            self.last_reject_log.set(Some(now));
+        }
+        due
+    }
+}
+
 /// A published payload awaiting its PUBACK.
 struct Sent {
     pkid: Option<u16>,
@@ -788,13 +803,7 @@ fn on_presence(ctx: &Context, l: &mut Link, wake: &Notify, node: &str, payload: 
         Ok(p) => p,
         Err(why) => {
             ctx.stats.rejected_presence.fetch_add(1, Relaxed);
-            let now = Instant::now();
-            if ctx
-                .last_reject_log
-                .get()
-                .is_none_or(|t| now - t >= Duration::from_secs(1))
-            {
-                ctx.last_reject_log.set(Some(now));
+            if ctx.may_log_rejection() {
                 tracing::warn!(node, "ignoring a bad presence record: {why}");
             }
             return;
@@ -817,10 +826,7 @@ async fn receive(ctx: &Context, payload: Bytes) {
         Ok(r) => r,
         Err(e) => {
             let n = stats.rejected_payloads.fetch_add(1, Relaxed) + 1;
-            let now = Instant::now();
-            let last = ctx.last_reject_log.get();
-            if last.is_none_or(|t| now - t >= Duration::from_secs(1)) {
-                ctx.last_reject_log.set(Some(now));
+            if ctx.may_log_rejection() {
                 let bytes = payload.len();
                 tracing::warn!(
                     bytes,

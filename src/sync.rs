@@ -13,6 +13,7 @@
 //! Messages are binary (docs/ANTI_ENTROPY.md draws them); varints are LEB128 as in
 //! [`crate::changes`].
 
+use crate::changes::put_varint;
 use crate::keyspace::{shard_of_bucket, KeyHash, BUCKETS, BUCKET_BITS};
 use crate::merkle::{combine_roots, Digest};
 use crate::shard::{short_digest, OwnedEntry, Shard};
@@ -485,14 +486,6 @@ fn encode_entry(out: &mut Vec<u8>, e: &OwnedEntry) {
         put_varint(out, v.len() as u64);
         out.extend_from_slice(v);
     }
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
 }
 
 struct Reader<'a> {

@@ -6,7 +6,7 @@
 
 use merkle_kv::keyspace::KeyHash;
 use merkle_kv::shard::{MemoryBudget, Shard};
-use merkle_kv::sync::{exchange, Shards};
+use merkle_kv::sync::{exchange, Report, Shards};
 use merkle_kv::version::Version;
 use proptest::prelude::*;
 use std::collections::BTreeMap;
@@ -21,6 +21,19 @@ fn node(shards: usize) -> Vec<Shard> {
 }
 
 type Entry = (Version, Option<Vec<u8>>);
+
+/// One exchange from `a` (the initiator) with `b`, both in this thread.
+fn sync(a: &mut [Shard], b: &mut [Shard]) -> Report {
+    let mut local = Shards {
+        shards: a,
+        now_us: NOW,
+    };
+    let mut peer = Shards {
+        shards: b,
+        now_us: NOW,
+    };
+    exchange(&mut local, &mut peer).unwrap()
+}
 
 fn put(shards: &mut [Shard], key: &[u8], e: &Entry) {
     let h = KeyHash::of(key);
@@ -80,11 +93,7 @@ proptest! {
             };
             model.insert(key, winner);
         }
-        let report = {
-            let mut local = Shards { shards: &mut a, now_us: NOW };
-            let mut peer = Shards { shards: &mut b, now_us: NOW };
-            exchange(&mut local, &mut peer).unwrap()
-        };
+        let report = sync(&mut a, &mut b);
         prop_assert_eq!((report.entries_sent, report.entries_received), divergent);
         for (key, (v, value)) in &model {
             for (side, shards) in [("A", &a), ("B", &b)] {
@@ -110,9 +119,7 @@ proptest! {
             prop_assert!(report.round_trips <= 5 + 2 * chunks, "{:?}", report);
         }
         // A second exchange finds nothing.
-        let mut local = Shards { shards: &mut a, now_us: NOW };
-        let mut peer = Shards { shards: &mut b, now_us: NOW };
-        prop_assert_eq!(exchange(&mut local, &mut peer).unwrap().round_trips, 1);
+        prop_assert_eq!(sync(&mut a, &mut b).round_trips, 1);
     }
 }
 
@@ -137,15 +144,7 @@ fn replies_are_bounded_and_the_next_exchange_takes_the_rest() {
     let mut exchanges = 0;
     let mut received = 0;
     loop {
-        let mut local = Shards {
-            shards: &mut a,
-            now_us: NOW,
-        };
-        let mut peer = Shards {
-            shards: &mut b,
-            now_us: NOW,
-        };
-        let r = exchange(&mut local, &mut peer).unwrap();
+        let r = sync(&mut a, &mut b);
         exchanges += 1;
         if r.round_trips == 1 {
             break; // equal
@@ -215,26 +214,10 @@ fn a_moving_target_does_not_break_an_exchange_and_the_next_one_catches_up() {
         assert!(r.entries_received >= 200, "{r:?}");
     }
     // The writes made during the exchange are found by the next one.
-    let mut local = Shards {
-        shards: &mut a,
-        now_us: NOW,
-    };
-    let mut peer = Shards {
-        shards: &mut b,
-        now_us: NOW,
-    };
-    let r = exchange(&mut local, &mut peer).unwrap();
+    let r = sync(&mut a, &mut b);
     assert!(
         r.round_trips > 1,
         "the writes made during the first exchange remain: {r:?}"
     );
-    let mut local = Shards {
-        shards: &mut a,
-        now_us: NOW,
-    };
-    let mut peer = Shards {
-        shards: &mut b,
-        now_us: NOW,
-    };
-    assert_eq!(exchange(&mut local, &mut peer).unwrap().round_trips, 1);
+    assert_eq!(sync(&mut a, &mut b).round_trips, 1);
 }
