@@ -36,23 +36,53 @@ enum Reply {
     /// A span of the received data, then CRLF (ECHO, PING msg).
     Echo(Span),
     Version,
-    /// A run of MGET's values; `header` is `Some(total keys)` on the first run only.
-    Mget {
+    /// One run of a command over many keys (see [`Multi`]): ops `first..first + n`.
+    /// `start` on its first run, `end` on its last; `keys` = its key count (MGET's
+    /// header, given on the first run only).
+    Multi {
+        kind: Multi,
         first: u32,
         n: u32,
-        header: Option<u32>,
-    },
-    Mset {
-        first: u32,
-        n: u32,
-    },
-    Exists {
-        first: u32,
-        n: u32,
+        start: bool,
+        end: bool,
+        keys: u32,
     },
     Scan(u32),
     /// One op per shard, `first..first + shards`.
     Fanout(Fanout, u32),
+}
+
+/// Commands over many keys. They are planned a segment's worth of keys at a time, so
+/// one request of any length holds at most a segment of ops and results in memory; the
+/// rest of its arguments waits in [`Batch`]'s `rest` for the next segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Multi {
+    /// `VALUES n` on the first run, then each run's values as they are read.
+    Mget,
+    /// One count, once every run is done.
+    Exists,
+    /// `OK`, or the first error, once every run is done.
+    Mset,
+    /// DEL of two or more keys: `DELETED n` (keys that existed), or the first error.
+    Del,
+}
+
+impl Multi {
+    /// Arguments per op: MSET takes key/value pairs.
+    fn args_per_op(self) -> usize {
+        if self == Multi::Mset {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+/// The unfinished multi-key command: its kind and its remaining arguments.
+#[derive(Clone, Copy, Debug)]
+struct Rest {
+    kind: Multi,
+    args: Span,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -97,9 +127,13 @@ pub struct Batch {
     pub shutdown: bool,
     /// Protocol errors in this batch (for STATS).
     pub errors: u32,
-    /// Keys of an MGET that did not fit this segment: a span of this segment's data,
-    /// to be continued by [`Batch::fill_rest`] on the same data.
-    rest: Option<Span>,
+    /// The arguments of a multi-key command that did not fit this segment (a span of
+    /// this segment's data), to be continued by [`Batch::fill_rest`] on the same data.
+    rest: Option<Rest>,
+    /// What a multi-key command's runs add up to so far: keys counted (EXISTS, DEL) and
+    /// the first failure (MSET, DEL). Reset by its first run, used by its last.
+    carry_count: u64,
+    carry_failed: Option<crate::shard::StoreError>,
     /// A command the connection itself carries out (anti-entropy); it always forms a
     /// segment of its own.
     pub special: Option<Special>,
@@ -124,6 +158,8 @@ impl Batch {
             shutdown: false,
             errors: 0,
             rest: None,
+            carry_count: 0,
+            carry_failed: None,
             special: None,
         }
     }
@@ -184,39 +220,62 @@ impl Batch {
         used
     }
 
-    /// True when an MGET is not finished: call [`Batch::fill_rest`] with the same data.
+    /// True when a multi-key command is not finished: call [`Batch::fill_rest`] with
+    /// the same data.
     pub fn has_rest(&self) -> bool {
         self.rest.is_some()
     }
 
-    /// Start a new segment with the next run of the unfinished MGET in `data`.
+    /// Start a new segment with the next run of the unfinished command in `data`.
     pub fn fill_rest(&mut self, data: &[u8]) {
         let rest = self
             .rest
             .take()
-            .expect("fill_rest without an unfinished MGET");
+            .expect("fill_rest without an unfinished command");
         self.clear();
-        self.mget(Args::new(rest.get(data)), data, None);
+        let reply = self.multi(rest.kind, Args::new(rest.args.get(data)), data, false);
+        self.replies.push(reply);
     }
 
-    /// Plan MGET keys, as many as the segment has room for; the rest waits in `self.rest`.
-    fn mget(&mut self, keys: Args<'_>, base: &[u8], header: Option<u32>) -> Reply {
+    /// Plan one run of a multi-key command: as many keys as the segment has room for
+    /// (at least one); the rest waits in `self.rest`. Linear in the keys planned: the
+    /// rest is not scanned here.
+    fn multi(&mut self, kind: Multi, args: Args<'_>, base: &[u8], start: bool) -> Reply {
         let first = self.ops.len() as u32;
         let room = SEGMENT_OPS_MAX.saturating_sub(self.ops.len()).max(1);
-        let (now, later) = keys.split_after(room);
-        now.iter().for_each(|k| self.op(OpKind::Get, k, b"", base));
-        if later.count() > 0 {
-            self.rest = Some(Span::of(base, later.as_bytes()));
+        let (now, later) = args.split_after(room * kind.args_per_op());
+        let mut tokens = now.iter();
+        while let Some(key) = tokens.next() {
+            match kind {
+                Multi::Mget => self.op(OpKind::Get, key, b"", base),
+                Multi::Exists => self.op(OpKind::Exists, key, b"", base),
+                Multi::Del => self.op(OpKind::DelQuiet, key, b"", base),
+                Multi::Mset => {
+                    let value = tokens.next().expect("MSET pairs are validated");
+                    self.op(OpKind::SetQuiet, key, value, base)
+                }
+            }
         }
-        let reply = Reply::Mget {
+        let end = later.is_empty();
+        if !end {
+            self.rest = Some(Rest {
+                kind,
+                args: Span::of(base, later.as_bytes()),
+            });
+        }
+        let keys = if start && kind == Multi::Mget {
+            args.count() as u32
+        } else {
+            0
+        };
+        Reply::Multi {
+            kind,
             first,
             n: self.ops.len() as u32 - first,
-            header,
-        };
-        if header.is_none() {
-            self.replies.push(reply); // a continuation is a reply of its own
+            start,
+            end,
+            keys,
         }
-        reply
     }
 
     /// Commands in the batch.
@@ -274,29 +333,19 @@ impl Batch {
             Ok(cmd) => match cmd {
                 Command::Get(k) => self.single(OpKind::Get, k, b"", base),
                 Command::Set(k, v) => self.single(OpKind::Set, k, v, base),
-                Command::Del(k) => self.single(OpKind::Del, k, b"", base),
+                Command::Del(keys) => match keys.split_after(1) {
+                    (one, rest) if rest.is_empty() => {
+                        let key = one.iter().next().expect("DEL keys are validated");
+                        self.single(OpKind::Del, key, b"", base)
+                    }
+                    _ => self.multi(Multi::Del, keys, base, true),
+                },
                 Command::Incr(k, d) => self.single(OpKind::Incr(d), k, b"", base),
                 Command::Append(k, v) => self.single(OpKind::Append, k, v, base),
                 Command::Prepend(k, v) => self.single(OpKind::Prepend, k, v, base),
-                Command::Exists(keys) => {
-                    keys.iter()
-                        .for_each(|k| self.op(OpKind::Exists, k, b"", base));
-                    Reply::Exists {
-                        first,
-                        n: self.ops.len() as u32 - first,
-                    }
-                }
-                Command::Mget(keys) => self.mget(keys, base, Some(keys.count() as u32)),
-                Command::Mset(args) => {
-                    let mut it = args.iter();
-                    while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                        self.op(OpKind::SetQuiet, k, v, base);
-                    }
-                    Reply::Mset {
-                        first,
-                        n: self.ops.len() as u32 - first,
-                    }
-                }
+                Command::Exists(keys) => self.multi(Multi::Exists, keys, base, true),
+                Command::Mget(keys) => self.multi(Multi::Mget, keys, base, true),
+                Command::Mset(pairs) => self.multi(Multi::Mset, pairs, base, true),
                 Command::Scan {
                     prefix,
                     cursor,
@@ -340,14 +389,14 @@ impl Batch {
 
     /// Write every reply, in command order, to `out`.
     pub fn assemble(
-        &self,
+        &mut self,
         data: &[u8],
         results: &Results,
         info: &dyn Fn() -> NodeInfo,
         out: &mut Vec<u8>,
     ) {
-        for reply in &self.replies {
-            match *reply {
+        for i in 0..self.replies.len() {
+            match self.replies[i] {
                 Reply::Op(i) => out.extend_from_slice(results.bytes(i)),
                 Reply::Error(e) => line(out, &e.to_string()),
                 Reply::Static(s) => out.extend_from_slice(s),
@@ -356,23 +405,43 @@ impl Batch {
                     out.extend_from_slice(CRLF);
                 }
                 Reply::Version => line(out, &format!("VERSION {VERSION}")),
-                Reply::Mget { first, n, header } => {
-                    if let Some(total) = header {
-                        line(out, &format!("VALUES {total}"));
+                Reply::Multi {
+                    kind,
+                    first,
+                    n,
+                    start,
+                    end,
+                    keys,
+                } => {
+                    if start {
+                        self.carry_count = 0;
+                        self.carry_failed = None;
                     }
-                    (first..first + n).for_each(|i| out.extend_from_slice(results.bytes(i)));
-                }
-                Reply::Mset { first, n } => {
-                    let failed = (first..first + n).find_map(|i| match results.outcome(i) {
-                        Outcome::Failed(e) => Some(e),
-                        _ => None,
-                    });
-                    match failed {
-                        Some(e) => line(out, &e.to_string()),
-                        None => out.extend_from_slice(b"OK\r\n"),
+                    self.carry_count += results.count(first, n);
+                    if self.carry_failed.is_none() {
+                        self.carry_failed =
+                            (first..first + n).find_map(|i| match results.outcome(i) {
+                                Outcome::Failed(e) => Some(e),
+                                _ => None,
+                            });
+                    }
+                    match kind {
+                        Multi::Mget => {
+                            if start {
+                                line(out, &format!("VALUES {keys}"));
+                            }
+                            (first..first + n)
+                                .for_each(|i| out.extend_from_slice(results.bytes(i)));
+                        }
+                        _ if !end => {}
+                        Multi::Exists => line(out, &self.carry_count.to_string()),
+                        Multi::Mset | Multi::Del => match self.carry_failed {
+                            Some(e) => line(out, &e.to_string()),
+                            None if kind == Multi::Mset => out.extend_from_slice(b"OK\r\n"),
+                            None => line(out, &format!("DELETED {}", self.carry_count)),
+                        },
                     }
                 }
-                Reply::Exists { first, n } => line(out, &results.count(first, n).to_string()),
                 Reply::Scan(i) => {
                     let Outcome::Scan { next, keys } = results.outcome(i) else {
                         unreachable!("SCAN op without a scan outcome")
@@ -725,6 +794,52 @@ mod tests {
         input += "\nGET k7\n";
         expected += "seven\r\n";
         assert_eq!(run(&mut s, &input), expected);
+    }
+
+    #[test]
+    fn exists_mset_and_del_span_segments_with_bounded_ops() {
+        let n = 3 * SEGMENT_OPS_MAX + 5;
+        let keys: String = (0..n).map(|i| format!(" k{i}")).collect();
+        let pairs: String = (0..n).map(|i| format!(" k{i} v{i}")).collect();
+        for line in [
+            format!("EXISTS{keys}"),
+            format!("MSET{pairs}"),
+            format!("DEL{keys}"),
+        ] {
+            let mut batch = Batch::new(1);
+            let input = format!("{line}\n");
+            batch.fill(&mut Framer::new(1 << 20), input.as_bytes());
+            assert!(batch.ops.len() <= SEGMENT_OPS_MAX, "{}", &line[..6]);
+            let mut runs = 1;
+            while batch.has_rest() {
+                batch.fill_rest(input.as_bytes());
+                assert!(batch.ops.len() <= SEGMENT_OPS_MAX);
+                runs += 1;
+            }
+            assert_eq!(runs, n.div_ceil(SEGMENT_OPS_MAX));
+        }
+        let mut s = shards(2);
+        let out = run(
+            &mut s,
+            &format!("SET k7 x\nEXISTS{keys}\nMSET{pairs}\nEXISTS{keys} nope\nDEL{keys} nope\nEXISTS{keys}\nDBSIZE\n"),
+        );
+        assert_eq!(
+            out,
+            format!("OK\r\n1\r\nOK\r\n{n}\r\nDELETED {n}\r\n0\r\n0\r\n")
+        );
+    }
+
+    #[test]
+    fn del_of_one_key_keeps_its_replies_and_of_several_counts() {
+        let mut s = shards(2);
+        let out = run(
+            &mut s,
+            "MSET a 1 b 2\nDEL a\nDEL a\nDEL a b c\nDEL x y\nDBSIZE\n",
+        );
+        assert_eq!(
+            out,
+            "OK\r\nDELETED\r\nNOT_FOUND\r\nDELETED 1\r\nDELETED 0\r\n0\r\n"
+        );
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub enum OpKind {
     /// An MSET part: no reply bytes, the outcome says whether it was stored.
     SetQuiet,
     Del,
+    /// A part of a DEL of several keys: no reply bytes, the outcome counts the key if
+    /// it existed.
+    DelQuiet,
     Exists,
     Incr(i64),
     Append,
@@ -128,6 +131,16 @@ pub fn execute(shard: &mut Shard, op: &ShardOp, data: &[u8], out: &mut Vec<u8>) 
                 Err(e) => return error(shard, e, out),
             }
             Outcome::Done
+        }
+        OpKind::DelQuiet => {
+            shard.stats.dels += 1;
+            match shard.del(h, key) {
+                Ok(existed) => Outcome::Count(u64::from(existed)),
+                Err(e) => {
+                    count_failure(shard, e);
+                    Outcome::Failed(e)
+                }
+            }
         }
         OpKind::Exists => Outcome::Count(u64::from(shard.get(h, key).is_some())),
         OpKind::Incr(delta) => match shard.incr(h, key, delta) {
