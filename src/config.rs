@@ -375,7 +375,7 @@ impl Config {
     /// `env` looks up an environment variable; `cores` resolves `shards = 0`.
     pub fn load(
         path: Option<&Path>,
-        env: &dyn Fn(&str) -> Option<String>,
+        env: &[(String, String)],
         cores: usize,
     ) -> Result<Config, ConfigError> {
         match path {
@@ -395,7 +395,7 @@ impl Config {
     pub fn from_toml_str(
         text: &str,
         file_given: bool,
-        env: &dyn Fn(&str) -> Option<String>,
+        env: &[(String, String)],
         cores: usize,
     ) -> Result<Config, ConfigError> {
         let mut cfg = Config::defaults(file_given);
@@ -412,10 +412,21 @@ impl Config {
         // Env after the file: env wins. A bad file value is still reported,
         // because the file should be valid on its own.
         let mut from_env = Vec::new();
-        for field in SCHEMA {
-            let var = field.env_var();
-            let Some(raw) = env(&var) else { continue };
-            match field.kind.parse_env(&raw) {
+        let known: Vec<String> = SCHEMA.iter().map(Field::env_var).collect();
+        // A mistyped variable would otherwise be ignored in silence, like a mistyped key.
+        for (var, _) in env {
+            if var.starts_with(&format!("{ENV_PREFIX}_")) && !known.contains(var) {
+                let hint = nearest(var, var.len() / 2, known.iter())
+                    .map(|s| format!(" (did you mean `{s}`?)"))
+                    .unwrap_or_default();
+                problems.push(format!("unknown environment variable `{var}`{hint}"));
+            }
+        }
+        for (field, var) in SCHEMA.iter().zip(known) {
+            let Some((_, raw)) = env.iter().find(|(k, _)| *k == var) else {
+                continue;
+            };
+            match field.kind.parse_env(raw) {
                 Some(v) => {
                     node_id_set |= field.name == "node_id" && field.section.is_empty();
                     (field.set)(&mut cfg, v);
@@ -636,14 +647,23 @@ fn suggest(key: &str, name: &str) -> Option<String> {
     let mut candidates: Vec<String> = SCHEMA.iter().map(Field::key).collect();
     candidates.extend(SCHEMA.iter().map(|f| f.section.to_string()));
     candidates.retain(|c| !c.is_empty());
-    let limit = (name.len() / 3).max(2);
+    nearest(key, name.len(), candidates.iter())
+        .or_else(|| SCHEMA.iter().find(|f| f.name == name).map(Field::key))
+}
+
+/// The candidate nearest to `word` by edit distance, if any is near enough to be a typo
+/// of a name `name_len` long (the part after the section).
+fn nearest<'a>(
+    word: &str,
+    name_len: usize,
+    candidates: impl Iterator<Item = &'a String>,
+) -> Option<String> {
+    let limit = (name_len / 3).max(2);
     candidates
-        .iter()
-        .map(|c| (edit_distance(key, c), c))
+        .map(|c| (edit_distance(word, c), c))
         .filter(|(d, _)| *d <= limit)
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c.clone())
-        .or_else(|| SCHEMA.iter().find(|f| f.name == name).map(Field::key))
 }
 
 /// Optimal-string-alignment distance, so a swapped pair counts as one edit.
@@ -729,7 +749,7 @@ fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::{BTreeMap, BTreeSet, HashMap};
+    use std::collections::{BTreeMap, BTreeSet};
 
     const SPEC_SAMPLE: &str = r#"node_id = "node-alpha"
 description = "Primary MerkleKV node in us-east datacenter"
@@ -758,12 +778,10 @@ format = "json"  # json, text
 file_path = "/var/log/merkle-kv/node-alpha.log"
 "#;
 
-    fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = vars
-            .iter()
+    fn env_of(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |k| map.get(k).cloned()
+            .collect()
     }
 
     fn parse_env(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
@@ -977,7 +995,7 @@ logging.format = "xml" => logging.format: expected one of text, json
 
     #[test]
     fn rules_broken_by_env_values_name_the_variable() {
-        let env = |k: &str| (k == "MERKLE_KV_STORAGE_SHARDS").then(|| "6".to_string());
+        let env = env_of(&[("MERKLE_KV_STORAGE_SHARDS", "6")]);
         let Err(ConfigError::Invalid(problems)) = Config::from_toml_str("", false, &env, 4) else {
             panic!("shards = 6 accepted")
         };
@@ -991,6 +1009,27 @@ logging.format = "xml" => logging.format: expected one of text, json
             problems[0].ends_with("(set by MERKLE_KV_STORAGE_SHARDS)"),
             "{}",
             problems[0]
+        );
+    }
+
+    #[test]
+    fn mistyped_env_variables_are_reported_like_mistyped_keys() {
+        let env = [
+            ("MERKLE_KV_NETWORK_BIND_PROT", "9999"),
+            ("MERKLE_KV_NOTHING_LIKE_IT", "1"),
+            ("MERKLEKV_OTHER_TOOL", "x"),
+            ("PATH", "/bin"),
+        ];
+        let Err(ConfigError::Invalid(p)) = parse_env(SPEC_SAMPLE, &env) else {
+            panic!("a mistyped variable was accepted")
+        };
+        assert_eq!(
+            p,
+            [
+                "unknown environment variable `MERKLE_KV_NETWORK_BIND_PROT` \
+                 (did you mean `MERKLE_KV_NETWORK_BIND_PORT`?)",
+                "unknown environment variable `MERKLE_KV_NOTHING_LIKE_IT`",
+            ]
         );
     }
 

@@ -98,7 +98,11 @@ impl Connection {
             let n = match read {
                 Some(r) => r?,
                 None => {
+                    // Say why, as Redis-era clients otherwise see only a reset or EOF and
+                    // retry blindly. Bounded: a client that does not read gets no more time.
                     tracing::debug!("closing idle connection after {idle} s");
+                    let _ = tokio::time::timeout(LINGER, stream.write_all(IDLE_TIMEOUT)).await;
+                    close_gracefully(&mut stream).await;
                     return Ok(());
                 }
             };
@@ -351,6 +355,8 @@ impl Drop for SyncBytes {
 
 /// How long a closing connection keeps reading (and dropping) what the client still sends.
 const LINGER: Duration = Duration::from_millis(500);
+
+const IDLE_TIMEOUT: &[u8] = b"ERROR: Idle timeout\r\n";
 
 /// Close without destroying replies in flight: send FIN, then read and drop whatever
 /// the client is still sending, briefly. Closing a socket with unread input makes the

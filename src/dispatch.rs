@@ -754,6 +754,27 @@ mod tests {
     }
 
     #[test]
+    fn values_a_text_line_cannot_carry_are_refused_per_key_and_the_stream_stays_in_sync() {
+        // Such values arrive from peers or binary-safe ports, never from a native SET.
+        let mut s = shards(2);
+        for (key, value) in [
+            (&b"crlf"[..], &b"one\r\nOK"[..]),
+            (b"lf", b"two\nlines"),
+            (b"latin1", b"caf\xe9"),
+            (b"fine", "café".as_bytes()),
+        ] {
+            let h = KeyHash::of(key);
+            s[h.shard(1)].set(h, key, value).unwrap();
+        }
+        let out = run(&mut s, "GET crlf\nGET lf\nGET latin1\nGET fine\nMGET fine crlf nope\nPING\n");
+        let refused = "ERROR: Value not representable in the text protocol\r\n";
+        assert_eq!(
+            out,
+            format!("{refused}{refused}{refused}café\r\nVALUES 3\r\ncafé\r\n{refused}(null)\r\nPONG\r\n")
+        );
+    }
+
+    #[test]
     fn replies_come_back_in_command_order_across_shards() {
         for n in [1, 2, 8] {
             let mut s = shards(n);

@@ -46,7 +46,11 @@ enum Sub {
 fn main() -> ExitCode {
     let args = Args::parse();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let config = match Config::load(args.config.as_deref(), &|k| std::env::var(k).ok(), cores) {
+    // Lossy, so a MERKLE_KV_* variable that is not UTF-8 is reported, not skipped.
+    let env: Vec<(String, String)> = std::env::vars_os()
+        .map(|(k, v)| (k.to_string_lossy().into(), v.to_string_lossy().into()))
+        .collect();
+    let config = match Config::load(args.config.as_deref(), &env, cores) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("merkle-kv: invalid configuration:\n{e}");

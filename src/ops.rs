@@ -10,6 +10,17 @@ use crate::shard::{Shard, ShardStats, StoreError};
 
 pub const CRLF: &[u8] = b"\r\n";
 
+/// The reply to a GET (or an MGET slot) whose value cannot travel in a text line. Values
+/// may hold any bytes (a peer or a binary-safe port may have stored them); written raw, a
+/// CR or LF would split the reply and desynchronise the client for every later reply.
+pub const NOT_REPRESENTABLE: &[u8] = b"ERROR: Value not representable in the text protocol\r\n";
+
+/// Whether `value` can be written as one native reply line: valid UTF-8 (as every native
+/// request line is) without CR or LF.
+pub fn representable(value: &[u8]) -> bool {
+    !value.iter().any(|&b| b == b'\r' || b == b'\n') && std::str::from_utf8(value).is_ok()
+}
+
 /// A byte range of the batch's received data.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Span {
@@ -100,6 +111,10 @@ pub fn execute(shard: &mut Shard, op: &ShardOp, data: &[u8], out: &mut Vec<u8>) 
         OpKind::Get => {
             shard.stats.gets += 1;
             match shard.get(h, key) {
+                Some(v) if !representable(v) => {
+                    out.extend_from_slice(NOT_REPRESENTABLE);
+                    shard.stats.get_hits += 1;
+                }
                 Some(v) => {
                     out.extend_from_slice(v);
                     out.extend_from_slice(CRLF);

@@ -148,12 +148,15 @@ fn memory_limit_rejects_writes_but_not_reads_or_deletes() {
 }
 
 #[test]
-fn idle_connections_are_closed() {
+fn idle_connections_are_told_why_and_closed() {
     let node = Node::start("network.connection_timeout = 1");
     let mut c = node.client();
     assert_eq!(c.one("PING"), "PONG");
     let started = Instant::now();
-    assert!(c.read_to_end().is_empty());
+    assert_eq!(
+        String::from_utf8_lossy(&c.read_to_end()),
+        "ERROR: Idle timeout\r\n"
+    );
     assert!(started.elapsed() >= Duration::from_millis(900));
 }
 

@@ -1,6 +1,6 @@
 //! Replication between real node processes through a real MQTT broker: the embedded
 //! one (`merkle-kv broker`) always, and Mosquitto when it is installed (required when
-//! MERKLE_KV_TEST_REQUIRE_MOSQUITTO=1, as `.ci/run` sets).
+//! MKV_TEST_REQUIRE_MOSQUITTO=1, as `.ci/run` sets).
 
 mod common;
 

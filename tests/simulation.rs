@@ -12,7 +12,7 @@
 //! heals them with anti-entropy exchanges (`sync::exchange`, in-process, through the
 //! real message encoding); every replica must again equal the model.
 //!
-//! A failure prints its seed; rerun one with MERKLE_KV_SIM_SEED=<seed>.
+//! A failure prints its seed; rerun one with MKV_SIM_SEED=<seed>.
 
 use merkle_kv::changes::{Limits, PayloadBuilder};
 use merkle_kv::keyspace::KeyHash;
@@ -242,27 +242,27 @@ fn run(seed: u64, heal: bool) {
 
 #[test]
 fn replicas_converge_to_the_lww_model_under_loss_duplication_and_reordering() {
-    let seeds: Vec<u64> = match std::env::var("MERKLE_KV_SIM_SEED") {
-        Ok(s) => vec![s.parse().expect("MERKLE_KV_SIM_SEED must be a number")],
+    let seeds: Vec<u64> = match std::env::var("MKV_SIM_SEED") {
+        Ok(s) => vec![s.parse().expect("MKV_SIM_SEED must be a number")],
         Err(_) => (0..200).collect(),
     };
     for seed in seeds {
         if std::panic::catch_unwind(|| run(seed, false)).is_err() {
-            panic!("simulation failed for seed {seed}; rerun with MERKLE_KV_SIM_SEED={seed}");
+            panic!("simulation failed for seed {seed}; rerun with MKV_SIM_SEED={seed}");
         }
     }
 }
 
 #[test]
 fn partitions_are_healed_by_anti_entropy() {
-    let seeds: Vec<u64> = match std::env::var("MERKLE_KV_SIM_SEED") {
-        Ok(s) => vec![s.parse().expect("MERKLE_KV_SIM_SEED must be a number")],
+    let seeds: Vec<u64> = match std::env::var("MKV_SIM_SEED") {
+        Ok(s) => vec![s.parse().expect("MKV_SIM_SEED must be a number")],
         Err(_) => (1000..1150).collect(),
     };
     for seed in seeds {
         if std::panic::catch_unwind(|| run(seed, true)).is_err() {
             panic!(
-                "partition simulation failed for seed {seed}; rerun with MERKLE_KV_SIM_SEED={seed}"
+                "partition simulation failed for seed {seed}; rerun with MKV_SIM_SEED={seed}"
             );
         }
     }

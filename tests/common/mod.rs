@@ -199,7 +199,7 @@ pub enum BrokerKind {
 }
 
 /// Set to 1 (as `.ci/run` does) to make a missing Mosquitto a test failure.
-pub const REQUIRE_MOSQUITTO: &str = "MERKLE_KV_TEST_REQUIRE_MOSQUITTO";
+pub const REQUIRE_MOSQUITTO: &str = "MKV_TEST_REQUIRE_MOSQUITTO";
 
 pub fn mosquitto_bin() -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -211,7 +211,7 @@ pub fn mosquitto_bin() -> Option<PathBuf> {
 
 impl BrokerKind {
     /// Every broker to test against: the embedded one always, Mosquitto when installed
-    /// (required when `MERKLE_KV_TEST_REQUIRE_MOSQUITTO=1`).
+    /// (required when `MKV_TEST_REQUIRE_MOSQUITTO=1`).
     pub fn all() -> Vec<BrokerKind> {
         let mut kinds = vec![BrokerKind::Embedded];
         if mosquitto_bin().is_some() {
