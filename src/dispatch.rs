@@ -766,7 +766,10 @@ mod tests {
             let h = KeyHash::of(key);
             s[h.shard(1)].set(h, key, value).unwrap();
         }
-        let out = run(&mut s, "GET crlf\nGET lf\nGET latin1\nGET fine\nMGET fine crlf nope\nPING\n");
+        let out = run(
+            &mut s,
+            "GET crlf\nGET lf\nGET latin1\nGET fine\nMGET fine crlf nope\nPING\n",
+        );
         let refused = "ERROR: Value not representable in the text protocol\r\n";
         assert_eq!(
             out,

@@ -6,9 +6,14 @@ use tracing_subscriber::EnvFilter;
 
 /// Install the global subscriber. `RUST_LOG`, when set, refines the configured level.
 pub fn init(cfg: &LoggingConfig) -> Result<(), String> {
-    // The MQTT crates log every connection at info: keep them to warnings by default.
+    // The MQTT client logs every connection at info: keep it to warnings. The embedded
+    // broker (rumqttd) logs the end of every client link at ERROR, clean disconnects
+    // included (a peer restarting, this node stopping — twice when the client says
+    // goodbye first): noise an operator cannot act on. Its start-up failures reach us as
+    // errors (broker.rs) and every client logs its own connection trouble, so its log is
+    // off unless RUST_LOG asks for it (`RUST_LOG=info,rumqttd=info`).
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("{},rumqttd=warn,rumqttc=warn", cfg.level)));
+        .unwrap_or_else(|_| EnvFilter::new(format!("{},rumqttd=off,rumqttc=warn", cfg.level)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);

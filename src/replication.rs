@@ -705,7 +705,10 @@ async fn drive(
                          set the broker's message size limit (docs/DEPLOYMENT.md)"
                     );
                 }
-                if was || failures == 1 {
+                if link.borrow().stopping {
+                    // Our own goodbye closed the connection: nothing to warn about.
+                    tracing::debug!("MQTT connection closed while stopping: {e}");
+                } else if was || failures == 1 {
                     tracing::warn!("MQTT broker unreachable ({e}); retrying, changes are buffered");
                 } else {
                     tracing::debug!("MQTT reconnect failed: {e}");

@@ -98,13 +98,23 @@ pub fn describe_payload(payload: &[u8], limits: Limits) -> String {
     s
 }
 
-/// Printable ASCII as is, anything else escaped; long values cut.
+/// Text as is (UTF-8 included: `café`, not `caf\xc3\xa9`); control characters, quotes
+/// and backslashes escaped, bytes that are not UTF-8 as `\xNN`; long values cut.
 fn show(bytes: &[u8]) -> String {
     let cut = bytes.len() > VALUE_SHOWN_BYTES;
-    let mut s: String = bytes[..bytes.len().min(VALUE_SHOWN_BYTES)]
-        .iter()
-        .flat_map(|&b| std::ascii::escape_default(b).map(char::from))
-        .collect();
+    let mut s = String::new();
+    for chunk in bytes[..bytes.len().min(VALUE_SHOWN_BYTES)].utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_control() || c == '"' || c == '\\' {
+                s.extend(c.escape_default());
+            } else {
+                s.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            s.push_str(&format!("\\x{b:02x}"));
+        }
+    }
     if cut {
         s.push_str("...");
     }
@@ -122,14 +132,16 @@ mod tests {
         let mut e = Vec::new();
         encode_event(&mut e, 10, b"user:1", Some(b"al\"ice\n"));
         encode_event(&mut e, 11, b"user:1", None);
-        b.extend(&e, 2);
+        encode_event(&mut e, 12, "café".as_bytes(), Some(b"caf\xc3\xa9 \xff\x01"));
+        b.extend(&e, 3);
         let limits = Limits {
             payload_bytes_max: 1 << 20,
             value_bytes_max: 1 << 20,
         };
         assert_eq!(
             describe_payload(&b.take(), limits),
-            "node-1 SET user:1 \"al\\\"ice\\n\" hlc=10\nnode-1 DEL user:1 hlc=11\n"
+            "node-1 SET user:1 \"al\\\"ice\\n\" hlc=10\nnode-1 DEL user:1 hlc=11\n\
+             node-1 SET café \"café \\xff\\u{1}\" hlc=12\n"
         );
         assert!(describe_payload(b"\x09junk", limits).starts_with("rejected payload (5 bytes)"));
     }

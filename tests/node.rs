@@ -371,3 +371,52 @@ fn a_huge_mget_reply_is_streamed_not_buffered() {
         "node buffered {grown_mb} MB for one 200 MB MGET"
     );
 }
+
+/// What a user sees: a node with no `RUST_LOG`, on its embedded broker, stopped cleanly,
+/// logs nothing that looks like trouble.
+#[test]
+fn a_clean_shutdown_logs_no_error_or_warning() {
+    let port = common::free_port();
+    let mqtt = common::free_port();
+    let config = common::temp_path("quiet.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = \"quiet\"\n[network]\nbind_address = \"127.0.0.1\"\nbind_port = {port}\n\
+             [mqtt]\nbroker_address = \"tcp://127.0.0.1:{mqtt}\"\n\
+             [mqtt.embedded_broker]\nenabled = true\nlisten = \"127.0.0.1:{mqtt}\"\n\
+             [anti_entropy]\nenabled = false\n[logging]\nformat = \"text\"\n"
+        ),
+    )
+    .unwrap();
+    let log = config.with_extension("log");
+    let child = std::process::Command::new(common::BIN)
+        .arg("--config")
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut node = Node {
+        child,
+        port,
+        config,
+    };
+    common::eventually(Duration::from_secs(20), "connected to its broker", || {
+        (TcpStream::connect(("127.0.0.1", port)).is_ok()
+            && node.field("INFO", "replication") == "connected")
+            .then_some(())
+    });
+    assert_eq!(node.client().one("SET a 1"), "OK");
+    node.signal("TERM");
+    let status = node.wait_exit(Duration::from_secs(10)).expect("exited");
+    assert!(status.success());
+    let text = node.log();
+    assert!(text.contains("stopped"), "{text}");
+    assert!(
+        !text.contains("ERROR") && !text.contains("WARN"),
+        "a clean shutdown logged trouble:\n{text}"
+    );
+}

@@ -261,9 +261,7 @@ fn partitions_are_healed_by_anti_entropy() {
     };
     for seed in seeds {
         if std::panic::catch_unwind(|| run(seed, true)).is_err() {
-            panic!(
-                "partition simulation failed for seed {seed}; rerun with MKV_SIM_SEED={seed}"
-            );
+            panic!("partition simulation failed for seed {seed}; rerun with MKV_SIM_SEED={seed}");
         }
     }
 }
