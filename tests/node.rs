@@ -420,3 +420,58 @@ fn a_clean_shutdown_logs_no_error_or_warning() {
         "a clean shutdown logged trouble:\n{text}"
     );
 }
+
+/// Peak resident memory of a process in bytes (`VmHWM`: the kernel's high-water mark).
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    kb * 1024
+}
+
+/// A request may cost memory in proportion to its own line, by a small factor: an EXISTS
+/// of 500k keys in one 4 MB line is planned in bounded runs, not as 500k ops at once.
+#[test]
+fn huge_multi_key_requests_cost_memory_in_proportion_to_their_line() {
+    let node = Node::start("network.max_line_bytes = 8388608");
+    let line: String = std::iter::once("EXISTS".to_string())
+        .chain((0..500_000).map(|i| format!(" k{i:06}")))
+        .chain(std::iter::once("\r\n".to_string()))
+        .collect();
+    assert!(line.len() > 4_000_000);
+    let mut setup = node.client();
+    assert_eq!(setup.one("MSET k000007 a k499999 b"), "OK");
+    let base = peak_rss(node.child.id());
+    let run = |clients: usize| {
+        std::thread::scope(|s| {
+            for _ in 0..clients {
+                s.spawn(|| {
+                    let mut c = node.client();
+                    c.send(line.as_bytes());
+                    assert_eq!(c.line(), "2");
+                });
+            }
+        });
+        peak_rss(node.child.id()) - base
+    };
+    let one = run(1);
+    assert!(
+        one < 40 << 20,
+        "one EXISTS raised peak RSS by {} MB",
+        one >> 20
+    );
+    let four = run(4);
+    assert!(
+        four < 80 << 20,
+        "four EXISTS raised peak RSS by {} MB",
+        four >> 20
+    );
+    eprintln!(
+        "peak RSS growth: one {} KB, four {} KB",
+        one >> 10,
+        four >> 10
+    );
+}
