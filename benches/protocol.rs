@@ -53,15 +53,48 @@ fn pipeline(c: &mut Criterion) {
     g.finish();
 }
 
+/// One MGET of 200k keys (32 B values) on a 2-shard node: the per-key cost of planning
+/// it in bounded runs and streaming the values (the continuation must stay linear).
+fn mget_200k(c: &mut Criterion) {
+    const KEYS: usize = 200_000;
+    let mut g = c.benchmark_group("mget");
+    g.sample_size(10);
+    let mut shards: Vec<Shard> = (0..2)
+        .map(|i| Shard::new(i, 1, MemoryBudget::unlimited(), 1 << 20))
+        .collect();
+    let mut fill = String::new();
+    let mut mget = String::from("MGET");
+    for i in 0..KEYS {
+        fill += &format!("SET key:{i:08} {}\r\n", "v".repeat(32));
+        mget += &format!(" key:{i:08}");
+    }
+    mget += "\r\n";
+    run(&mut shards, fill.as_bytes(), &mut Vec::new());
+    let mut out = Vec::new();
+    g.throughput(Throughput::Elements(KEYS as u64));
+    g.bench_function("200k_keys_32B", |b| {
+        b.iter(|| {
+            out.clear();
+            run_with(&mut shards, 8 << 20, mget.as_bytes(), &mut out);
+            black_box(out.len())
+        })
+    });
+    g.finish();
+}
+
 fn run(shards: &mut [Shard], data: &[u8], out: &mut Vec<u8>) {
+    run_with(shards, 1 << 20, data, out);
+}
+
+fn run_with(shards: &mut [Shard], line_bytes_max: usize, data: &[u8], out: &mut Vec<u8>) {
     answer_all(
         shards,
-        &mut Framer::new(1 << 20),
+        &mut Framer::new(line_bytes_max),
         data,
         out,
         &NodeInfo::default,
     );
 }
 
-criterion_group!(benches, parser, pipeline);
+criterion_group!(benches, parser, pipeline, mget_200k);
 criterion_main!(benches);

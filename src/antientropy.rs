@@ -293,13 +293,7 @@ pub async fn run_periodic(shared: std::sync::Arc<crate::server::Shared>) {
         }
         // Presence arrives shortly after start: look again while nothing is known.
         if discovered.is_empty() || discovered_at.is_none_or(|t| t.elapsed() >= discovery) {
-            discovered = shared
-                .peers
-                .snapshot()
-                .into_iter()
-                .filter(|(_, p)| p.presence.online)
-                .map(|(_, p)| p.presence.addr)
-                .collect();
+            discovered = shared.peers.online_addrs();
             discovered_at = Some(Instant::now());
         }
         let mut peers: Vec<String> = cfg.peer_list.iter().chain(&discovered).cloned().collect();

@@ -75,6 +75,8 @@ pub struct AntiEntropyConfig {
     pub peer_discovery_interval: u64,
     pub max_concurrent_syncs: usize,
     pub peer_list: Vec<String>,
+    /// Longest a starting node stays LOADING while no exchange with a peer completes.
+    pub bootstrap_timeout_seconds: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -230,6 +232,7 @@ static SCHEMA: &[Field] = &[
     f!("anti_entropy", "peer_discovery_interval", ANY, |c, v| c.anti_entropy.peer_discovery_interval = int(&v)),
     f!("anti_entropy", "max_concurrent_syncs", range(1, 1024), |c, v| c.anti_entropy.max_concurrent_syncs = size(&v)),
     f!("anti_entropy", "peer_list", Kind::List, |c, v| c.anti_entropy.peer_list = list(&v)),
+    f!("anti_entropy", "bootstrap_timeout_seconds", range(1, 86_400), |c, v| c.anti_entropy.bootstrap_timeout_seconds = int(&v)),
     f!("storage", "shards", range(0, MAX_SHARDS as u64), |c, v| c.storage.shards = size(&v)),
     f!("storage", "memory_limit_mb", ANY, |c, v| c.storage.memory_limit_mb = int(&v)),
     f!("storage", "persistence_enabled", Kind::Bool, |c, v| c.storage.persistence_enabled = v.as_bool() == Some(true)),
@@ -354,6 +357,7 @@ impl Config {
                 peer_discovery_interval: 600,
                 max_concurrent_syncs: 3,
                 peer_list: Vec::new(),
+                bootstrap_timeout_seconds: 30,
             },
             storage: StorageConfig {
                 shards: 0,

@@ -127,6 +127,7 @@ impl Connection {
                 // The next run of a large MGET, from the same received bytes.
                 self.batch.fill_rest(&chunk);
             } else {
+                self.batch.loading = self.shared.readiness.is_loading();
                 let used = self.batch.fill(&mut self.framer, inbuf);
                 if self.batch.is_empty() {
                     inbuf.advance(used);
@@ -454,5 +455,7 @@ fn node_info(shared: &Shared) -> NodeInfo {
             .map(|o| o.stats.snapshot())
             .unwrap_or_default(),
         sync_peers: shared.sync_log.info_values(),
+        loading: shared.readiness.is_loading(),
+        bootstrap: shared.readiness.progress(),
     }
 }

@@ -21,6 +21,9 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Most commands planned and executed together.
 pub const SEGMENT_COMMANDS_MAX: usize = 128;
+
+/// The reply to a data command while the node is catching up (src/bootstrap.rs).
+pub const LOADING: &[u8] = b"ERROR: LOADING node is synchronising with its peers\r\n";
 /// Most ops in one segment, apart from one multi-key command's. With every GET's reply
 /// at most `max_line_bytes`, this bounds the reply bytes a segment can hold; a larger
 /// MGET is answered in several segments (its `VALUES n` header goes out first).
@@ -114,6 +117,9 @@ pub struct NodeInfo {
     pub replication: crate::replication::ReplSnapshot,
     /// One `sync_peer` INFO line per peer anti-entropy has run with.
     pub sync_peers: Vec<String>,
+    pub loading: bool,
+    /// What the bootstrap is doing, or how it ended.
+    pub bootstrap: String,
 }
 
 pub struct Batch {
@@ -123,6 +129,8 @@ pub struct Batch {
     shard_bits: u32,
     /// QUIT was seen: answer what came before it, then close.
     pub quit: bool,
+    /// The node is LOADING: data commands get [`LOADING`] (set before each `fill`).
+    pub loading: bool,
     /// SHUTDOWN was seen: answer, then stop the node.
     pub shutdown: bool,
     /// Protocol errors in this batch (for STATS).
@@ -155,6 +163,7 @@ impl Batch {
             ops: Vec::new(),
             shard_bits,
             quit: false,
+            loading: false,
             shutdown: false,
             errors: 0,
             rest: None,
@@ -330,6 +339,7 @@ impl Batch {
                 self.errors += 1;
                 Reply::Error(e)
             }
+            Ok(cmd) if self.loading && cmd.touches_data() => Reply::Static(LOADING),
             Ok(cmd) => match cmd {
                 Command::Get(k) => self.single(OpKind::Get, k, b"", base),
                 Command::Set(k, v) => self.single(OpKind::Set, k, v, base),
@@ -510,6 +520,8 @@ impl Batch {
                     ("max_connections", i.connections_max.to_string()),
                     ("replication", i.replication.state().to_string()),
                     ("peers_online", i.peers_online.to_string()),
+                    ("loading", u8::from(i.loading).to_string()),
+                    ("bootstrap", i.bootstrap),
                 ];
                 let peers = i.sync_peers.into_iter().map(|v| ("sync_peer", v));
                 let fields: Vec<_> = fields.into_iter().chain(peers).collect();

@@ -14,6 +14,7 @@
 //! - [`broker`]: the embedded MQTT broker (rumqttd).
 //! - [`sync`]: anti-entropy messages, their server side and the exchange. Pure.
 //! - [`antientropy`]: exchanges over TCP, per-peer results (I/O edge).
+//! - [`bootstrap`]: readiness at start (LOADING until caught up with a peer).
 //! - [`connection`]: a client connection's read/execute/write loop (I/O edge).
 //! - [`server`]: threads, accept loop, signals, shutdown (I/O edge).
 //! - [`config`]: TOML + environment configuration and its validation.
@@ -22,6 +23,7 @@
 //! ARCHITECTURE.md at the repository root has the whole map and the invariants.
 
 pub mod antientropy;
+pub mod bootstrap;
 pub mod broker;
 pub mod changes;
 pub mod config;

@@ -97,6 +97,12 @@ impl Peers {
         live.map(|p| p.key().clone()).collect()
     }
 
+    /// The client addresses of the peers currently online: whom anti-entropy can dial.
+    pub fn online_addrs(&self) -> Vec<String> {
+        let live = self.table.iter().filter(|p| p.presence.online);
+        live.map(|p| p.presence.addr.clone()).collect()
+    }
+
     /// Every known peer, sorted by node id.
     pub fn snapshot(&self) -> Vec<(String, Peer)> {
         let mut all: Vec<_> = self

@@ -137,6 +137,38 @@ pub enum Command<'a> {
     Sync(&'a [u8]),
 }
 
+impl Command<'_> {
+    /// Whether the command reads or writes the data set, and so must wait while the node
+    /// is LOADING (src/bootstrap.rs). Exhaustive, so every new command decides.
+    pub fn touches_data(&self) -> bool {
+        match self {
+            Command::Get(_)
+            | Command::Set(..)
+            | Command::Del(_)
+            | Command::Exists(_)
+            | Command::Mget(_)
+            | Command::Mset(_)
+            | Command::Incr(..)
+            | Command::Append(..)
+            | Command::Prepend(..)
+            | Command::Scan { .. }
+            | Command::Dbsize
+            | Command::Flushdb => true,
+            Command::Ping(_)
+            | Command::Echo(_)
+            | Command::Info
+            | Command::Stats
+            | Command::Version
+            | Command::Hash
+            | Command::HashShards
+            | Command::Shutdown
+            | Command::Quit
+            | Command::SyncMsg(_)
+            | Command::Sync(_) => false,
+        }
+    }
+}
+
 /// Largest anti-entropy message accepted after `SYNC.MSG`: 16 MiB of entries, one
 /// entry of up to the largest `max_line_bytes` (64 MiB), and room for the rest.
 pub const SYNC_MSG_BYTES_MAX: u32 = 96 << 20;

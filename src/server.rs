@@ -73,6 +73,8 @@ pub struct Shared {
     pub sync_bytes: AtomicUsize,
     /// Set to true once: every task stops reading, answers what it has, and closes.
     pub shutdown: watch::Sender<bool>,
+    /// LOADING or ready: data commands wait for the bootstrap (src/bootstrap.rs).
+    pub readiness: crate::bootstrap::Readiness,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +169,11 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
         sync_log: Arc::default(),
         sync_bytes: AtomicUsize::new(0),
         shutdown: watch::Sender::new(false),
+        readiness: if crate::bootstrap::needed(&config) {
+            crate::bootstrap::Readiness::new(true, "starting")
+        } else {
+            crate::bootstrap::Readiness::new(false, "not needed")
+        },
         config,
     });
     let threads = spawn_threads(&shared, receivers);
@@ -178,6 +185,7 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
         "merkle-kv {} listening", crate::dispatch::VERSION
     );
 
+    tokio::spawn(crate::bootstrap::run(shared.clone()));
     if shared.config.anti_entropy.enabled {
         tokio::spawn(crate::antientropy::run_periodic(shared.clone()));
     }

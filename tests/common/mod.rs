@@ -56,34 +56,7 @@ impl Node {
     /// As [`Node::start_with`], with extra environment variables.
     pub fn start_with_env(extra: &str, env: &[(&str, &str)]) -> Node {
         for _ in 0..5 {
-            let port = free_port();
-            let config = temp_path("node.toml");
-            // Anti-entropy is off unless the test turns it on.
-            let ae = if extra.contains("anti_entropy.enabled") {
-                ""
-            } else {
-                "anti_entropy.enabled = false\n"
-            };
-            let toml = format!(
-                "node_id = \"test-{port}\"\nnetwork.bind_address = \"127.0.0.1\"\nnetwork.bind_port = {port}\n{ae}{extra}\n"
-            );
-            std::fs::write(&config, toml).unwrap();
-            let log = std::fs::File::create(config.with_extension("log")).unwrap();
-            let child = Command::new(BIN)
-                .arg("--config")
-                .arg(&config)
-                .env("RUST_LOG", "warn")
-                .envs(env.iter().copied())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("start merkle-kv");
-            let mut node = Node {
-                child,
-                port,
-                config,
-            };
+            let mut node = Node::spawn(free_port(), extra, env);
             if node.wait_ready() {
                 return node;
             }
@@ -92,9 +65,55 @@ impl Node {
         panic!("could not start a node");
     }
 
+    /// Start a node on `port` and return once it listens: it may still be LOADING.
+    pub fn launch_on(port: u16, extra: &str) -> Node {
+        let mut node = Node::spawn(port, extra, &[]);
+        assert!(
+            node.wait_listening(),
+            "the node did not start on port {port}"
+        );
+        node
+    }
+
+    fn spawn(port: u16, extra: &str, env: &[(&str, &str)]) -> Node {
+        let config = temp_path("node.toml");
+        // Anti-entropy is off unless the test turns it on.
+        let ae = if extra.contains("anti_entropy.enabled") {
+            ""
+        } else {
+            "anti_entropy.enabled = false\n"
+        };
+        let toml = format!(
+            "node_id = \"test-{port}\"\nnetwork.bind_address = \"127.0.0.1\"\nnetwork.bind_port = {port}\n{ae}{extra}\n"
+        );
+        std::fs::write(&config, toml).unwrap();
+        let log = std::fs::File::create(config.with_extension("log")).unwrap();
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start merkle-kv");
+        Node {
+            child,
+            port,
+            config,
+        }
+    }
+
     /// Kill the process and start it again with the same configuration and port (an
-    /// in-memory node comes back empty).
+    /// in-memory node comes back empty), and wait until it serves data.
     pub fn restart(&mut self) {
+        self.restart_listening();
+        self.wait_loaded();
+    }
+
+    /// As [`Node::restart`], returning as soon as the port accepts (it may be LOADING).
+    pub fn restart_listening(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let log = std::fs::OpenOptions::new()
@@ -111,13 +130,22 @@ impl Node {
             .spawn()
             .expect("restart merkle-kv");
         assert!(
-            self.wait_ready(),
+            self.wait_listening(),
             "the node did not come back on port {}",
             self.port
         );
     }
 
+    /// Whether the node came up listening; then waits until it is out of LOADING.
     fn wait_ready(&mut self) -> bool {
+        let up = self.wait_listening();
+        if up {
+            self.wait_loaded();
+        }
+        up
+    }
+
+    fn wait_listening(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -129,6 +157,13 @@ impl Node {
             std::thread::sleep(Duration::from_millis(20));
         }
         false
+    }
+
+    /// Wait until the node serves data commands (its bootstrap is over).
+    pub fn wait_loaded(&self) {
+        eventually(Duration::from_secs(60), "the node leaves LOADING", || {
+            (self.field("INFO", "loading") == "0").then_some(())
+        });
     }
 
     pub fn client(&self) -> Client {

@@ -1,0 +1,305 @@
+//! Readiness (LOADING): a node that may have peers to learn from serves no data command
+//! until it has caught up with one of them, so a node restarted empty cannot answer
+//! stale reads or turn a replicated counter of 1000 into 1 with an INCR.
+//!
+//! The decision is a pure state machine ([`Bootstrap`]); [`run`] feeds it what the node
+//! observes (exchange results, the broker connection, presence) and acts on it.
+
+use crate::server::Shared;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long after the broker connection is up the node waits for an online presence
+/// record before concluding nobody is there: retained records arrive right after the
+/// subscription, milliseconds on a LAN. A node with no config file is ready within 2 s.
+pub const PRESENCE_SETTLE: Duration = Duration::from_millis(1000);
+/// How often the bootstrap looks at the peers and the broker again.
+const POLL: Duration = Duration::from_millis(100);
+
+/// The node-wide readiness flag connections check before each batch, and the progress
+/// INFO shows.
+pub struct Readiness {
+    loading: AtomicBool,
+    progress: Mutex<String>,
+}
+
+impl Readiness {
+    pub fn new(loading: bool, progress: &str) -> Readiness {
+        Readiness {
+            loading: AtomicBool::new(loading),
+            progress: Mutex::new(progress.to_string()),
+        }
+    }
+
+    pub fn is_loading(&self) -> bool {
+        self.loading.load(Relaxed)
+    }
+
+    pub fn progress(&self) -> String {
+        self.progress.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    fn set(&self, loading: bool, progress: String) {
+        if let Ok(mut p) = self.progress.lock() {
+            *p = progress;
+        }
+        self.loading.store(loading, Relaxed);
+    }
+}
+
+/// What the node knows at one moment, as the state machine sees it.
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// Peers to try: `peer_list` and the addresses of online presence records.
+    pub candidates: Vec<String>,
+    /// Whether any online presence record has arrived.
+    pub presence_online: bool,
+    /// How long the broker connection has been up (`None`: not connected, or MQTT off).
+    pub connected_for: Option<Duration>,
+}
+
+/// What the bootstrap decides after an observation.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Run an exchange with this peer next.
+    Exchange(String),
+    /// Nothing to do now; look again shortly.
+    Wait,
+    /// Loading is over, for this reason (logged, and shown in INFO).
+    Ready(Reason),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reason {
+    NobodyToLearnFrom,
+    TimedOut,
+}
+
+/// The bootstrap's pure core: which peers failed, and when to give up.
+pub struct Bootstrap {
+    mqtt: bool,
+    deadline: Instant,
+    /// Peers whose last exchange failed (they are tried again once every other
+    /// candidate has failed too).
+    failed: Vec<String>,
+}
+
+impl Bootstrap {
+    pub fn new(mqtt: bool, timeout: Duration, now: Instant) -> Bootstrap {
+        Bootstrap {
+            mqtt,
+            deadline: now + timeout,
+            failed: Vec::new(),
+        }
+    }
+
+    /// When the node becomes ready whatever happens, even in the middle of an exchange.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    pub fn exchange_failed(&mut self, peer: &str) {
+        if !self.failed.iter().any(|p| p == peer) {
+            self.failed.push(peer.to_string());
+        }
+    }
+
+    pub fn next(&mut self, seen: &Seen, now: Instant) -> Step {
+        if now >= self.deadline {
+            return Step::Ready(Reason::TimedOut);
+        }
+        if let Some(peer) = seen.candidates.iter().find(|c| !self.failed.contains(c)) {
+            return Step::Exchange(peer.clone());
+        }
+        // Every candidate (if any) has failed. Nobody to learn from, unless the broker
+        // may still tell of someone: it is not connected yet, or has not had time to
+        // deliver the retained presence records, or did deliver one.
+        let broker_silent = !self.mqtt
+            || (!seen.presence_online && seen.connected_for.is_some_and(|t| t >= PRESENCE_SETTLE));
+        if broker_silent {
+            return Step::Ready(Reason::NobodyToLearnFrom);
+        }
+        if !seen.candidates.is_empty() {
+            // Someone is (or was) online: try them all again, a round at a time.
+            self.failed.clear();
+        }
+        Step::Wait
+    }
+}
+
+/// Whether a node with this configuration starts loading: it can learn from peers
+/// (a `peer_list`, or MQTT presence) and has anti-entropy to learn with.
+pub fn needed(config: &crate::config::Config) -> bool {
+    let ae = &config.anti_entropy;
+    ae.enabled && (!ae.peer_list.is_empty() || config.mqtt.enabled)
+}
+
+/// Drive the bootstrap until the node is ready (or stops).
+pub async fn run(shared: Arc<Shared>) {
+    let config = &shared.config;
+    if !needed(config) {
+        if !config.anti_entropy.enabled && config.mqtt.enabled {
+            tracing::info!(
+                "anti-entropy is disabled: this node cannot catch up with its peers and \
+                 serves only what replication delivers from now on"
+            );
+        }
+        return;
+    }
+    let me = crate::antientropy::self_address(shared.local_addr);
+    let advertised = config.network.advertise_address.clone();
+    let timeout = Duration::from_secs(config.anti_entropy.bootstrap_timeout_seconds);
+    let mut state = Bootstrap::new(config.mqtt.enabled, timeout, Instant::now());
+    let mut connected_since: Option<Instant> = None;
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        let connected = shared
+            .outbound
+            .as_ref()
+            .is_some_and(|o| o.stats.connected.load(Relaxed));
+        connected_since = connected.then(|| connected_since.unwrap_or_else(Instant::now));
+        let online = shared.peers.online_addrs();
+        let mut candidates: Vec<String> = config.anti_entropy.peer_list.clone();
+        candidates.extend(online.iter().cloned());
+        candidates.sort();
+        candidates.dedup();
+        candidates.retain(|p| *p != me && Some(p) != advertised.as_ref());
+        let seen = Seen {
+            candidates,
+            presence_online: !online.is_empty(),
+            connected_for: connected_since.map(|t| t.elapsed()),
+        };
+        match state.next(&seen, Instant::now()) {
+            Step::Exchange(peer) => {
+                shared
+                    .readiness
+                    .set(true, format!("exchanging with {peer}"));
+                let (local, target) = (me.clone(), peer.clone());
+                let exchange = tokio::task::spawn_blocking(move || {
+                    crate::antientropy::run_exchange(&local, &target)
+                });
+                // A peer that accepts and never answers must not hold the node past its
+                // deadline: stop waiting (the exchange's own deadline ends its thread).
+                let deadline = tokio::time::Instant::from_std(state.deadline());
+                let result = tokio::select! {
+                    r = exchange => r,
+                    _ = tokio::time::sleep_until(deadline) => continue,
+                    _ = shutdown.wait_for(|&s| s) => return,
+                };
+                match result {
+                    Ok(Ok((report, took))) => {
+                        tracing::info!(
+                            %peer,
+                            keys_repaired = report.keys_repaired,
+                            ms = took.as_millis() as u64,
+                            "caught up with a peer: serving clients"
+                        );
+                        shared.sync_log.record(&peer, Ok((report, took)));
+                        shared.readiness.set(false, format!("synced with {peer}"));
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, "bootstrap exchange failed: {e}");
+                        shared.readiness.set(true, format!("{peer} failed: {e}"));
+                        state.exchange_failed(&peer);
+                    }
+                    Err(e) => {
+                        tracing::error!("bootstrap exchange task failed: {e}");
+                        state.exchange_failed(&peer);
+                    }
+                }
+            }
+            Step::Wait => {
+                tokio::select! {
+                    _ = tokio::time::sleep(POLL) => {}
+                    _ = shutdown.wait_for(|&s| s) => return,
+                }
+            }
+            Step::Ready(Reason::NobodyToLearnFrom) => {
+                tracing::info!("no peer to learn from: serving clients");
+                shared
+                    .readiness
+                    .set(false, "no peer to learn from".to_string());
+                return;
+            }
+            Step::Ready(Reason::TimedOut) => {
+                tracing::warn!(
+                    timeout_s = timeout.as_secs(),
+                    "bootstrap timed out before an exchange with a peer completed: serving \
+                     clients with what this node has ([anti_entropy] bootstrap_timeout_seconds)"
+                );
+                shared.readiness.set(false, "timed out".to_string());
+                return;
+            }
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(candidates: &[&str], presence: bool, connected_ms: Option<u64>) -> Seen {
+        Seen {
+            candidates: candidates.iter().map(|s| s.to_string()).collect(),
+            presence_online: presence,
+            connected_for: connected_ms.map(Duration::from_millis),
+        }
+    }
+
+    #[test]
+    fn tries_each_candidate_then_finds_nobody_once_the_broker_had_time_to_tell() {
+        let t0 = Instant::now();
+        let mut b = Bootstrap::new(true, Duration::from_secs(30), t0);
+        let peers = seen(&["a:1", "b:2"], false, None);
+        assert_eq!(b.next(&peers, t0), Step::Exchange("a:1".into()));
+        b.exchange_failed("a:1");
+        assert_eq!(b.next(&peers, t0), Step::Exchange("b:2".into()));
+        b.exchange_failed("b:2");
+        // The broker is not connected yet: it may still tell of a peer. Wait, then try
+        // the same peers again (one of them may have been starting too).
+        assert_eq!(b.next(&peers, t0), Step::Wait);
+        let peers = seen(&["a:1", "b:2"], false, Some(200));
+        assert_eq!(b.next(&peers, t0), Step::Exchange("a:1".into()));
+        b.exchange_failed("a:1");
+        b.exchange_failed("b:2");
+        assert_eq!(b.next(&peers, t0), Step::Wait);
+        let peers = seen(&["a:1", "b:2"], false, Some(1000));
+        b.exchange_failed("a:1");
+        b.exchange_failed("b:2");
+        assert_eq!(b.next(&peers, t0), Step::Ready(Reason::NobodyToLearnFrom));
+    }
+
+    #[test]
+    fn an_online_peer_keeps_it_loading_until_an_exchange_succeeds_or_time_runs_out() {
+        let t0 = Instant::now();
+        let mut b = Bootstrap::new(true, Duration::from_secs(30), t0);
+        let peers = seen(&["c:3"], true, Some(5000));
+        assert_eq!(b.next(&peers, t0), Step::Exchange("c:3".into()));
+        b.exchange_failed("c:3");
+        assert_eq!(b.next(&peers, t0), Step::Wait);
+        // The next round tries it again.
+        assert_eq!(b.next(&peers, t0), Step::Exchange("c:3".into()));
+        let late = t0 + Duration::from_secs(30);
+        assert_eq!(b.next(&peers, late), Step::Ready(Reason::TimedOut));
+    }
+
+    #[test]
+    fn without_mqtt_refusing_peers_mean_nobody_to_learn_from() {
+        let t0 = Instant::now();
+        let mut b = Bootstrap::new(false, Duration::from_secs(30), t0);
+        let peers = seen(&["a:1"], false, None);
+        assert_eq!(b.next(&peers, t0), Step::Exchange("a:1".into()));
+        b.exchange_failed("a:1");
+        assert_eq!(b.next(&peers, t0), Step::Ready(Reason::NobodyToLearnFrom));
+        let mut alone = Bootstrap::new(true, Duration::from_secs(30), t0);
+        assert_eq!(
+            alone.next(&seen(&[], false, Some(1000)), t0),
+            Step::Ready(Reason::NobodyToLearnFrom)
+        );
+    }
+}
