@@ -609,10 +609,9 @@ impl<'a> Reader<'a> {
         }
         let hlc = self.varint()?;
         let origin = u32::from_le_bytes(self.bytes(4)?.try_into().expect("4 bytes"));
+        // The key and value rules are the receiving shard's (`Shard::refuses`): an
+        // entry that breaks them is refused alone, the rest of the message applies.
         let key_len = self.varint()? as usize;
-        if key_len == 0 || key_len > crate::protocol::KEY_BYTES_MAX {
-            return Err(SyncError::Malformed("key length"));
-        }
         let key = self.bytes(key_len)?.to_vec();
         let value = if kind == KIND_SET {
             let n = self.varint()? as usize;
@@ -639,6 +638,58 @@ mod tests {
         assert_eq!(diff_listings(&a, &b), vec![1, 2, 3, 9]);
         assert_eq!(diff_listings(&a, &a), Vec::<u32>::new());
         assert_eq!(diff_listings(&[], &b), vec![2, 3, 5, 9]);
+    }
+
+    fn node(shards: usize, value_bytes_max: usize) -> Vec<Shard> {
+        let budget = crate::shard::MemoryBudget::unlimited();
+        (0..shards)
+            .map(|i| Shard::new(i, shards.trailing_zeros(), budget.clone(), value_bytes_max))
+            .collect()
+    }
+
+    fn entry(key: &[u8], value: Option<&[u8]>, hlc: u64) -> OwnedEntry {
+        OwnedEntry {
+            key: key.to_vec(),
+            value: value.map(<[u8]>::to_vec),
+            version: Version { hlc, origin: 9 },
+        }
+    }
+
+    fn push(entries: &[OwnedEntry]) -> Vec<u8> {
+        let mut req = vec![MSG_EXCHANGE];
+        put_wanted(&mut req, &[]);
+        put_entries(&mut req, entries);
+        req
+    }
+
+    fn stored(shards: &[Shard], key: &[u8]) -> bool {
+        let h = KeyHash::of(key);
+        shards[h.shard(shards.len().trailing_zeros())]
+            .get(h, key)
+            .is_some()
+    }
+
+    #[test]
+    fn pushed_entries_with_bad_keys_or_oversize_values_are_refused_alone() {
+        let mut shards = node(2, 16);
+        let now = 1 << 50;
+        let pushed = [
+            entry(b"two words", Some(b"v"), now),
+            entry(b"line\r\nbreak", Some(b"v"), now),
+            entry(b"tab\t", None, now),
+            entry(b"big", Some(&[b'x'; 17]), now),
+            entry(b"good", Some(b"a b\r\n\0"), now),
+        ];
+        Shards {
+            shards: &mut shards,
+            now_us: now,
+        }
+        .call(&push(&pushed))
+        .unwrap();
+        for e in &pushed[..4] {
+            assert!(!stored(&shards, &e.key), "{:?}", e.key);
+        }
+        assert!(stored(&shards, b"good"), "the rest of the chunk applies");
     }
 
     #[test]
