@@ -28,29 +28,69 @@ const REPLY_BYTES_MAX: usize = crate::protocol::SYNC_MSG_BYTES_MAX as usize;
 /// A node reached over its client port. Counts the bytes it moves, framing included.
 pub struct TcpPeer {
     addr: String,
-    reader: BufReader<TcpStream>,
-    /// The whole exchange must be over by then (a peer trickling bytes cannot hold it).
-    deadline: Instant,
+    reader: BufReader<Deadlined>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
 }
 
+/// A stream whose every read and write ends by `deadline`: a peer that trickles its
+/// reply a byte at a time (each read quick, the whole reply not) cannot hold an
+/// exchange, and its `max_concurrent_syncs` slot, past the exchange's deadline.
+struct Deadlined {
+    stream: TcpStream,
+    deadline: Instant,
+}
+
+impl Deadlined {
+    /// Time left for the next read or write: at most [`REPLY_TIMEOUT`], never past the
+    /// deadline.
+    fn left(&self) -> std::io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "exchange took too long",
+            ));
+        }
+        Ok(left.min(REPLY_TIMEOUT))
+    }
+}
+
+impl Read for Deadlined {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.stream.set_read_timeout(Some(self.left()?))?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Deadlined {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stream.set_write_timeout(Some(self.left()?))?;
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
+    }
+}
+
 impl TcpPeer {
-    pub fn connect(addr: &str) -> Result<TcpPeer, SyncError> {
+    /// Connect to `addr`; everything this peer does must be over by `deadline`.
+    pub fn connect(addr: &str, deadline: Instant) -> Result<TcpPeer, SyncError> {
         let err = |e: std::io::Error| SyncError::Transport(format!("{addr}: {e}"));
         let target: SocketAddr = addr
             .to_socket_addrs()
             .map_err(err)?
             .next()
             .ok_or_else(|| SyncError::Transport(format!("{addr}: no address")))?;
-        let stream = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT).map_err(err)?;
-        stream.set_nodelay(true).map_err(err)?;
-        stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(err)?;
-        stream.set_write_timeout(Some(REPLY_TIMEOUT)).map_err(err)?;
+        let stream = Deadlined {
+            stream: TcpStream::connect_timeout(&target, CONNECT_TIMEOUT).map_err(err)?,
+            deadline,
+        };
+        stream.stream.set_nodelay(true).map_err(err)?;
         Ok(TcpPeer {
             addr: addr.to_string(),
             reader: BufReader::with_capacity(64 * 1024, stream),
-            deadline: Instant::now() + EXCHANGE_DEADLINE,
             bytes_sent: 0,
             bytes_received: 0,
         })
@@ -71,12 +111,6 @@ impl Peer for TcpPeer {
             .take(64)
             .read_line(&mut line)
             .map_err(err)?;
-        if Instant::now() > self.deadline {
-            return Err(SyncError::Transport(format!(
-                "{}: exchange took too long",
-                self.addr
-            )));
-        }
         self.bytes_received += line.len() as u64;
         let line = line.trim_end();
         let n = match line.strip_prefix("SYNC.REPLY ") {
@@ -98,12 +132,35 @@ impl Peer for TcpPeer {
 pub fn run_exchange(local: &str, peer: &str) -> Result<(Report, Duration), SyncError> {
     admit_peer(peer).map_err(SyncError::Transport)?;
     let started = Instant::now();
-    let mut mine = TcpPeer::connect(local)?;
-    let mut theirs = TcpPeer::connect(peer)?;
+    let deadline = started + EXCHANGE_DEADLINE;
+    let mut mine = TcpPeer::connect(local, deadline)?;
+    let mut theirs = TcpPeer::connect(peer, deadline)?;
     let mut report = exchange(&mut mine, &mut theirs)?;
     report.bytes_sent = theirs.bytes_sent;
     report.bytes_received = theirs.bytes_received;
     Ok((report, started.elapsed()))
+}
+
+/// Slowest a `SYNC.MSG` body may arrive once the connection timeout has passed: a
+/// sender that trickles (or stalls) would otherwise hold its connection, and its share
+/// of the node's message memory, for ever.
+pub const BODY_BYTES_PER_S_MIN: u64 = 64 << 10;
+
+/// How long a `SYNC.MSG` body that has brought `received` bytes in `elapsed` may wait
+/// for more; `None`: cut the sender now. A body may take `timeout_s` (the connection
+/// timeout, 0 = none) whatever its pace; after that it must have come at
+/// [`BODY_BYTES_PER_S_MIN`] since its first second. No single wait is longer than
+/// `timeout_s`, so a sender that stops is cut after it, as an idle client is.
+pub fn body_wait(received: usize, elapsed: Duration, timeout_s: u64) -> Option<Duration> {
+    let timeout = Duration::from_secs(timeout_s);
+    let by_rate = Duration::from_millis(1000 + received as u64 * 1000 / BODY_BYTES_PER_S_MIN);
+    let left = by_rate.max(timeout).checked_sub(elapsed)?;
+    let wait = if timeout_s == 0 {
+        left
+    } else {
+        left.min(timeout)
+    };
+    (!wait.is_zero()).then_some(wait)
 }
 
 /// The `SYNC` reply line.
@@ -238,7 +295,6 @@ pub fn self_address(bound: SocketAddr) -> String {
 /// `max_concurrent_syncs` exchanges run at once, each on a thread of its own. A peer
 /// that fails waits longer each time ([`backoff_wait`]).
 pub async fn run_periodic(shared: std::sync::Arc<crate::server::Shared>) {
-    use std::collections::{HashMap, HashSet};
     use std::sync::Arc;
     let cfg = &shared.config.anti_entropy;
     let interval = Duration::from_secs(cfg.interval_seconds.max(1));
@@ -260,9 +316,7 @@ pub async fn run_periodic(shared: std::sync::Arc<crate::server::Shared>) {
     let first_due = started + jittered(interval.min(FIRST_ROUND_AFTER), next_random());
     let mut discovered: Vec<String> = Vec::new();
     let mut discovered_at: Option<Instant> = None;
-    // Per peer: when its next exchange is due, and its failures in a row.
-    let mut due: HashMap<String, (Instant, u32)> = HashMap::new();
-    let mut running: HashSet<String> = HashSet::new();
+    let mut schedule = Schedule::default();
     let mut tick = tokio::time::interval(interval.min(TICK));
     loop {
         tokio::select! {
@@ -270,8 +324,6 @@ pub async fn run_periodic(shared: std::sync::Arc<crate::server::Shared>) {
             Some((peer, result)) = done_rx.recv() => {
                 let peer: String = peer;
                 let result: Result<(Report, Duration), SyncError> = result;
-                running.remove(&peer);
-                let failures = due.get(&peer).map_or(0, |d| d.1);
                 let (wait, failures) = match &result {
                     Ok((r, took)) => {
                         if r.keys_repaired > 0 {
@@ -280,12 +332,13 @@ pub async fn run_periodic(shared: std::sync::Arc<crate::server::Shared>) {
                         (jittered(interval, next_random()), 0)
                     }
                     Err(e) => {
-                        let wait = backoff_wait(interval, failures + 1, grace);
-                        tracing::warn!(%peer, failures = failures + 1, retry_in_s = wait.as_secs(), "anti-entropy exchange failed: {e}");
-                        (wait, failures + 1)
+                        let failures = schedule.failures(&peer) + 1;
+                        let wait = backoff_wait(interval, failures, grace);
+                        tracing::warn!(%peer, failures, retry_in_s = wait.as_secs(), "anti-entropy exchange failed: {e}");
+                        (wait, failures)
                     }
                 };
-                due.insert(peer.clone(), (Instant::now() + wait, failures));
+                schedule.ended(&peer, failures, Instant::now() + wait);
                 shared.sync_log.record(&peer, result.map_err(|e| e.to_string()));
                 continue;
             }
@@ -306,12 +359,7 @@ pub async fn run_periodic(shared: std::sync::Arc<crate::server::Shared>) {
         peers.sort();
         peers.dedup();
         peers.retain(|p| *p != me && Some(p) != advertised.as_ref());
-        let now = Instant::now();
-        for peer in peers {
-            let (at, _) = *due.entry(peer.clone()).or_insert((first_due, 0));
-            if at > now || running.contains(&peer) {
-                continue;
-            }
+        for peer in schedule.due(&peers, first_due, Instant::now()) {
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 break;
             };
@@ -325,12 +373,77 @@ pub async fn run_periodic(shared: std::sync::Arc<crate::server::Shared>) {
                     let _ = done.send((target, result));
                 });
             match spawned {
-                Ok(_) => {
-                    running.insert(peer);
-                }
+                Ok(_) => schedule.started(&peer),
                 Err(e) => tracing::warn!("cannot start an anti-entropy exchange: {e}"),
             }
         }
+    }
+}
+
+/// The periodic loop's state per peer: when its next exchange is due, its failures in
+/// a row, and whether an exchange with it is running.
+#[derive(Default)]
+pub struct Schedule {
+    peers: std::collections::HashMap<String, PeerSchedule>,
+}
+
+struct PeerSchedule {
+    due: Instant,
+    failures: u32,
+    running: bool,
+}
+
+impl Schedule {
+    /// The peers of `current` (sorted) whose exchange is due at `now` and not running,
+    /// in order; a peer new to the schedule is due at `first_due`. Peers no longer in
+    /// `current` are forgotten once no exchange with them runs: the schedule holds no
+    /// more than the current peers (bounded by `peer_list` and the peer table) and the
+    /// running exchanges.
+    pub fn due(&mut self, current: &[String], first_due: Instant, now: Instant) -> Vec<String> {
+        self.peers
+            .retain(|peer, s| s.running || current.binary_search(peer).is_ok());
+        let mut out = Vec::new();
+        for peer in current {
+            let s = self.peers.entry(peer.clone()).or_insert(PeerSchedule {
+                due: first_due,
+                failures: 0,
+                running: false,
+            });
+            if s.due <= now && !s.running {
+                out.push(peer.clone());
+            }
+        }
+        out
+    }
+
+    /// An exchange with `peer` is running.
+    pub fn started(&mut self, peer: &str) {
+        if let Some(s) = self.peers.get_mut(peer) {
+            s.running = true;
+        }
+    }
+
+    /// Failures in a row of the exchanges with `peer`.
+    pub fn failures(&self, peer: &str) -> u32 {
+        self.peers.get(peer).map_or(0, |s| s.failures)
+    }
+
+    /// The exchange with `peer` ended, after `failures` in a row (0: it succeeded); the
+    /// next is due at `due`.
+    pub fn ended(&mut self, peer: &str, failures: u32, due: Instant) {
+        self.peers.insert(
+            peer.to_string(),
+            PeerSchedule {
+                due,
+                failures,
+                running: false,
+            },
+        );
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.peers.len()
     }
 }
 
@@ -377,6 +490,84 @@ mod tests {
             .all(|d| *d >= Duration::from_secs(80) && *d <= Duration::from_secs(120)));
         assert!(all.iter().any(|d| *d < Duration::from_secs(90)));
         assert!(all.iter().any(|d| *d > Duration::from_secs(110)));
+    }
+
+    #[test]
+    fn a_peer_trickling_its_reply_cannot_hold_the_exchange_past_its_deadline() {
+        // A fake peer: reads the request, announces a 40-byte reply, then sends one byte
+        // every 100 ms (4 s) — each read is quick, the reply as a whole is not.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let _ = s.read(&mut [0u8; 64]);
+            let _ = s.write_all(b"SYNC.REPLY 40\r\n");
+            for _ in 0..40 {
+                if s.write_all(b"x").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let mut peer = TcpPeer::connect(&addr, deadline).unwrap();
+        let r = peer.call(&[1]);
+        assert!(
+            matches!(&r, Err(SyncError::Transport(e)) if e.contains("took too long")),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn a_sync_msg_body_must_come_within_the_timeout_or_at_the_minimum_rate() {
+        let s = Duration::from_secs;
+        let rate = BODY_BYTES_PER_S_MIN as usize;
+        // Any pace within the connection timeout; each wait is at most the timeout.
+        assert_eq!(body_wait(0, s(0), 30), Some(s(30)));
+        assert_eq!(body_wait(10, s(29), 30), Some(s(1)));
+        // A trickle is cut once the timeout has passed...
+        assert_eq!(body_wait(10, s(30), 30), None);
+        assert_eq!(body_wait(10 * rate, s(31), 30), None);
+        // ...a sender keeping the minimum rate goes on...
+        assert_eq!(body_wait(40 * rate, s(35), 30), Some(s(6)));
+        // ...and one that stops after a fast start is cut after the timeout, not later.
+        assert_eq!(body_wait(1000 * rate, s(2), 30), Some(s(30)));
+        // Without a connection timeout only the rate counts.
+        assert_eq!(
+            body_wait(0, Duration::from_millis(400), 0),
+            Some(Duration::from_millis(600))
+        );
+        assert_eq!(body_wait(rate, s(2), 0), None);
+        assert_eq!(body_wait(2 * rate, s(2), 0), Some(s(1)));
+    }
+
+    #[test]
+    fn the_schedule_forgets_peers_that_left_once_their_exchange_ended() {
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(60);
+        let mut s = Schedule::default();
+        assert_eq!(
+            s.due(&names(&["a", "b", "c"]), t0, t0),
+            names(&["a", "b", "c"])
+        );
+        s.started("a");
+        s.started("b");
+        s.ended("b", 2, later);
+        // b and c leave the peer list; a's exchange is still running, so a stays.
+        assert_eq!(s.due(&names(&["a", "d"]), t0, t0), names(&["d"]));
+        assert_eq!(
+            s.len(),
+            2,
+            "b and c forgotten, a kept while its exchange runs"
+        );
+        s.ended("a", 1, later);
+        assert_eq!(s.failures("a"), 1);
+        assert!(s.due(&names(&["d"]), t0, t0).contains(&"d".to_string()));
+        assert_eq!(s.len(), 1, "a forgotten once its exchange ended");
+        // A peer that comes back starts over.
+        assert_eq!(s.due(&names(&["b"]), t0, t0), names(&["b"]));
+        assert_eq!(s.failures("b"), 0);
     }
 
     #[test]
