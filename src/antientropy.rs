@@ -166,7 +166,7 @@ pub fn body_wait(received: usize, elapsed: Duration, timeout_s: u64) -> Option<D
 /// The `SYNC` reply line.
 pub fn report_line(r: &Report, took: Duration) -> String {
     format!(
-        "OK keys_repaired={} bytes_sent={} bytes_received={} round_trips={} ms={} entries_sent={} entries_received={} buckets_compared={}",
+        "OK keys_repaired={} bytes_sent={} bytes_received={} round_trips={} ms={} entries_sent={} entries_received={} buckets_compared={} entries_refused={} entries_ignored={}",
         r.keys_repaired,
         r.bytes_sent,
         r.bytes_received,
@@ -174,7 +174,9 @@ pub fn report_line(r: &Report, took: Duration) -> String {
         took.as_millis(),
         r.entries_sent,
         r.entries_received,
-        r.buckets_compared
+        r.buckets_compared,
+        r.entries_refused,
+        r.entries_ignored
     )
 }
 

@@ -61,6 +61,11 @@ fn one_sync_repairs_both_sides() {
     assert_eq!(f["keys_repaired"], 250, "{line}");
     assert_eq!(f["entries_sent"], 200, "{line}"); // only-a, common, conflict, late-delete
     assert_eq!(f["entries_received"], 200, "{line}"); // only-b, common, conflict, late-delete
+    assert_eq!(
+        (f["entries_refused"], f["entries_ignored"]),
+        (0, 0),
+        "{line}"
+    );
     assert!(
         f["round_trips"] >= 2 && f["bytes_sent"] > 0 && f["bytes_received"] > 0,
         "{line}"
