@@ -183,10 +183,26 @@ pub fn report_line(r: &Report, took: Duration) -> String {
 /// An exchange's outcome: the report and how long it took, or why it failed.
 pub type Outcome = Result<(Report, Duration), String>;
 
+/// Who started an exchange, which decides how long INFO shows its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Started {
+    /// A `SYNC` command: shown for [`ONE_OFF_SHOWN`].
+    OneOff,
+    /// The periodic loop: shown for [`PERIODIC_SHOWN`].
+    Periodic,
+}
+
+/// How long INFO shows the result of a `SYNC` command: a one-off exchange (say, with
+/// a mistyped or dead address) must not stay in INFO for ever.
+pub const ONE_OFF_SHOWN: Duration = Duration::from_secs(600);
+/// How long INFO shows a periodic exchange's result: a peer that left the cluster
+/// drops out of INFO a day after its last exchange.
+pub const PERIODIC_SHOWN: Duration = Duration::from_secs(86_400);
+
 /// The last exchange with each peer, for INFO.
 #[derive(Default)]
 pub struct SyncLog {
-    last: DashMap<String, (Instant, Outcome)>,
+    last: DashMap<String, (Instant, Started, Outcome)>,
     /// `SYNC` commands running now.
     running: std::sync::atomic::AtomicUsize,
 }
@@ -208,7 +224,9 @@ const PEERS_LOGGED_MAX: usize = 256;
 const SYNC_COMMANDS_MAX: usize = 8;
 
 impl SyncLog {
-    pub fn record(&self, peer: &str, result: Outcome) {
+    /// Record the outcome of an exchange with `peer` that ended at `now`.
+    pub fn record(&self, peer: &str, result: Outcome, started: Started, now: Instant) {
+        self.forget_expired(now);
         // Bounded: `SYNC` accepts any address, so forget the oldest beyond the limit.
         if self.last.len() >= PEERS_LOGGED_MAX && !self.last.contains_key(peer) {
             let oldest = self
@@ -220,7 +238,18 @@ impl SyncLog {
                 self.last.remove(&k);
             }
         }
-        self.last.insert(peer.to_string(), (Instant::now(), result));
+        self.last.insert(peer.to_string(), (now, started, result));
+    }
+
+    /// Drop the results shown long enough ([`ONE_OFF_SHOWN`], [`PERIODIC_SHOWN`]).
+    fn forget_expired(&self, now: Instant) {
+        self.last.retain(|_, (at, started, _)| {
+            let shown = match started {
+                Started::OneOff => ONE_OFF_SHOWN,
+                Started::Periodic => PERIODIC_SHOWN,
+            };
+            now.saturating_duration_since(*at) <= shown
+        });
     }
 
     /// Take a slot for a `SYNC` exchange; `None` when too many are running.
@@ -234,13 +263,14 @@ impl SyncLog {
 
     /// One INFO `sync_peer` value per peer, sorted: the address, how long ago, and the
     /// result line (or the error).
-    pub fn info_values(&self) -> Vec<String> {
+    pub fn info_values(&self, now: Instant) -> Vec<String> {
+        self.forget_expired(now);
         let mut all: Vec<String> = self
             .last
             .iter()
             .map(|e| {
-                let (at, result) = e.value();
-                let ago = at.elapsed().as_secs();
+                let (at, _, result) = e.value();
+                let ago = now.saturating_duration_since(*at).as_secs();
                 match result {
                     Ok((r, took)) => format!("{} {ago}s_ago {}", e.key(), report_line(r, *took)),
                     Err(err) => format!("{} {ago}s_ago ERROR {err}", e.key()),
@@ -341,7 +371,8 @@ pub async fn run_periodic(shared: std::sync::Arc<crate::server::Shared>) {
                     }
                 };
                 schedule.ended(&peer, failures, Instant::now() + wait);
-                shared.sync_log.record(&peer, result.map_err(|e| e.to_string()));
+                let result = result.map_err(|e| e.to_string());
+                shared.sync_log.record(&peer, result, Started::Periodic, Instant::now());
                 continue;
             }
             _ = shutdown.wait_for(|&s| s) => return,
@@ -570,6 +601,27 @@ mod tests {
         // A peer that comes back starts over.
         assert_eq!(s.due(&names(&["b"]), t0, t0), names(&["b"]));
         assert_eq!(s.failures("b"), 0);
+    }
+
+    #[test]
+    fn one_off_results_leave_info_after_ten_minutes_and_periodic_ones_after_a_day() {
+        let log = SyncLog::default();
+        let t0 = Instant::now();
+        let failed: Outcome = Err("connection refused".into());
+        log.record("10.0.0.9:7878", failed.clone(), Started::OneOff, t0);
+        log.record("10.0.0.2:7878", failed, Started::Periodic, t0);
+        let shown = |at: Duration| log.info_values(t0 + at);
+        assert_eq!(shown(Duration::from_secs(599)).len(), 2);
+        let later = shown(Duration::from_secs(601));
+        assert_eq!(later.len(), 1);
+        assert!(
+            later[0].starts_with("10.0.0.2:7878 601s_ago ERROR"),
+            "{later:?}"
+        );
+        assert_eq!(
+            shown(PERIODIC_SHOWN + Duration::from_secs(1)),
+            Vec::<String>::new()
+        );
     }
 
     #[test]

@@ -446,7 +446,9 @@ pub async fn run_sync(shared: &Arc<Shared>, peer: String) -> String {
         Ok((report, took)) => crate::antientropy::report_line(report, *took),
         Err(e) => format!("ERROR: {e}"),
     };
-    shared.sync_log.record(&peer, result);
+    let ended = std::time::Instant::now();
+    let started = crate::antientropy::Started::OneOff;
+    shared.sync_log.record(&peer, result, started, ended);
     line
 }
 
@@ -473,6 +475,6 @@ fn node_info(shared: &Shared) -> NodeInfo {
             .as_ref()
             .map(|o| o.stats.snapshot())
             .unwrap_or_default(),
-        sync_peers: shared.sync_log.info_values(),
+        sync_peers: shared.sync_log.info_values(std::time::Instant::now()),
     }
 }
