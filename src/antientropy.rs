@@ -47,26 +47,43 @@ impl Deadlined {
     fn left(&self) -> std::io::Result<Duration> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "exchange took too long",
-            ));
+            return Err(self.timed_out());
         }
         Ok(left.min(REPLY_TIMEOUT))
+    }
+
+    /// Why a read or write timed out (the OS says only "resource temporarily
+    /// unavailable"); other errors pass as they are.
+    fn explain(&self, e: std::io::Error) -> std::io::Error {
+        use std::io::ErrorKind::{TimedOut, WouldBlock};
+        if matches!(e.kind(), TimedOut | WouldBlock) {
+            self.timed_out()
+        } else {
+            e
+        }
+    }
+
+    fn timed_out(&self) -> std::io::Error {
+        let why = if Instant::now() >= self.deadline {
+            "exchange took too long".to_string()
+        } else {
+            format!("no progress for {} s", REPLY_TIMEOUT.as_secs())
+        };
+        std::io::Error::new(std::io::ErrorKind::TimedOut, why)
     }
 }
 
 impl Read for Deadlined {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.stream.set_read_timeout(Some(self.left()?))?;
-        self.stream.read(buf)
+        self.stream.read(buf).map_err(|e| self.explain(e))
     }
 }
 
 impl Write for Deadlined {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.stream.set_write_timeout(Some(self.left()?))?;
-        self.stream.write(buf)
+        self.stream.write(buf).map_err(|e| self.explain(e))
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -545,6 +562,15 @@ mod tests {
         let deadline = Instant::now() + Duration::from_millis(500);
         let mut peer = TcpPeer::connect(&addr, deadline).unwrap();
         let r = peer.call(&[1]);
+        assert!(
+            matches!(&r, Err(SyncError::Transport(e)) if e.contains("took too long")),
+            "{r:?}"
+        );
+        // One that says nothing at all is cut at the deadline too, and says so.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = silent.local_addr().unwrap().to_string();
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let r = TcpPeer::connect(&addr, deadline).unwrap().call(&[1]);
         assert!(
             matches!(&r, Err(SyncError::Transport(e)) if e.contains("took too long")),
             "{r:?}"
