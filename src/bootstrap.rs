@@ -195,7 +195,11 @@ pub async fn run(shared: Arc<Shared>) {
                             ms = took.as_millis() as u64,
                             "caught up with a peer: serving clients"
                         );
-                        shared.sync_log.record(&peer, Ok((report, took)));
+                        let ended = Instant::now();
+                        let periodic = crate::antientropy::Started::Periodic;
+                        shared
+                            .sync_log
+                            .record(&peer, Ok((report, took)), periodic, ended);
                         shared.readiness.set(false, format!("synced with {peer}"));
                         return;
                     }

@@ -12,7 +12,8 @@
 //! N × event:
 //!   u8      kind: 1 = set, 2 = delete (tombstone)
 //!   varint  hlc (the version's clock, microseconds)
-//!   varint  key length (1..=KEY_BYTES_MAX), then the key
+//!   varint  key length (1..=KEY_BYTES_MAX), then the key (no whitespace or control
+//!           bytes: [`crate::protocol::is_valid_key`])
 //!   set only: varint value length, then the value
 //! ```
 //!
@@ -20,7 +21,7 @@
 //! event carries the resulting state of a write (INCR and APPEND included), never the
 //! operation, so applying an event twice or out of order is harmless under LWW.
 
-use crate::protocol::KEY_BYTES_MAX;
+use crate::protocol::{is_valid_key, KEY_BYTES_MAX};
 
 pub const FORMAT_VERSION: u8 = 1;
 /// Longest node id the header can carry.
@@ -49,6 +50,8 @@ pub enum DecodeError {
     BadVarint(usize),
     #[error("key length {0} is out of range")]
     BadKey(u64),
+    #[error("a key holds whitespace or a control byte")]
+    KeyCharacters,
     #[error("value of {0} bytes is over this node's limit")]
     ValueTooLarge(u64),
     #[error("{0} bytes after the last event")]
@@ -274,6 +277,9 @@ impl<'a> Reader<'a> {
             return Err(DecodeError::BadKey(key_len));
         }
         let key = self.bytes(key_len as usize)?;
+        if !is_valid_key(key) {
+            return Err(DecodeError::KeyCharacters);
+        }
         let value = if kind == KIND_SET {
             let len = self.varint()?;
             if len > value_max as u64 {
@@ -420,6 +426,25 @@ mod tests {
     }
 
     #[test]
+    fn a_payload_with_one_key_a_client_could_not_write_is_rejected_whole() {
+        // The same key rule as client input: a peer (or an intruder on the broker)
+        // cannot store a key that SCAN would write back with a newline in it.
+        for bad in [
+            &b"two words"[..],
+            b"line\r\nbreak",
+            b"tab\t",
+            b"nul\0",
+            b"\x7f",
+        ] {
+            let p = payload(&[(1, b"fine", Some(b"v")), (2, bad, Some(b"v"))]);
+            assert!(decode(&p, LIMITS).is_err(), "{bad:?}");
+        }
+        // Values may hold any bytes.
+        let p = payload(&[(1, "caf\u{e9}".as_bytes(), Some(b"a b\r\n\0\xff"))]);
+        assert_eq!(decode(&p, LIMITS).unwrap().events.len(), 1);
+    }
+
+    #[test]
     fn a_huge_event_count_does_not_allocate() {
         let mut p = payload(&[]);
         let n = p.len();
@@ -454,7 +479,7 @@ mod tests {
 
         #[test]
         fn any_event_list_round_trips(events in proptest::collection::vec(
-            (any::<u64>(), proptest::collection::vec(any::<u8>(), 1..40),
+            (any::<u64>(), proptest::collection::vec(0x21u8..0x7f, 1..40),
              proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40))), 0..20)) {
             let refs: Vec<_> = events.iter().map(|(h, k, v)| (*h, &k[..], v.as_deref())).collect();
             let p = payload(&refs);

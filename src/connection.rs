@@ -198,10 +198,19 @@ impl Connection {
                     return Err(std::io::Error::other("anti-entropy memory bound reached"));
                 }
                 let idle = self.shared.config.network.connection_timeout;
+                let started = tokio::time::Instant::now();
                 while inbuf.len() < len {
                     inbuf.reserve(len - inbuf.len());
-                    match read_with_timeout(stream, inbuf, idle).await {
-                        Some(Ok(0)) | None => {
+                    let wait = crate::antientropy::body_wait(inbuf.len(), started.elapsed(), idle);
+                    let read = match wait {
+                        Some(wait) => tokio::time::timeout(wait, stream.read_buf(inbuf))
+                            .await
+                            .ok(),
+                        None => None,
+                    };
+                    match read {
+                        None => return self.too_slow(stream, started.elapsed()).await,
+                        Some(Ok(0)) => {
                             return Err(std::io::Error::new(
                                 std::io::ErrorKind::UnexpectedEof,
                                 "connection ended inside a SYNC.MSG body",
@@ -226,6 +235,23 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// Cut a sender whose `SYNC.MSG` body trickles or stalls ([`crate::antientropy::body_wait`]):
+    /// say why, close, and end the connection.
+    async fn too_slow(&mut self, stream: &mut TcpStream, took: Duration) -> std::io::Result<()> {
+        let rate_kib = crate::antientropy::BODY_BYTES_PER_S_MIN >> 10;
+        tracing::warn!(peer = ?stream.peer_addr().ok(), s = took.as_secs(), "cutting a SYNC.MSG sender that is too slow");
+        self.out.extend_from_slice(
+            format!("ERROR: SYNC.MSG body arrived too slowly (under {rate_kib} KiB/s)\r\n")
+                .as_bytes(),
+        );
+        self.write_out(stream).await?;
+        close_gracefully(stream).await;
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "SYNC.MSG body too slow",
+        ))
     }
 
     /// Every shard answers its share of an anti-entropy request; join them. The other
@@ -427,7 +453,9 @@ pub async fn run_sync(shared: &Arc<Shared>, peer: String) -> String {
         Ok((report, took)) => crate::antientropy::report_line(report, *took),
         Err(e) => format!("ERROR: {e}"),
     };
-    shared.sync_log.record(&peer, result);
+    let ended = std::time::Instant::now();
+    let started = crate::antientropy::Started::OneOff;
+    shared.sync_log.record(&peer, result, started, ended);
     line
 }
 
@@ -454,7 +482,7 @@ fn node_info(shared: &Shared) -> NodeInfo {
             .as_ref()
             .map(|o| o.stats.snapshot())
             .unwrap_or_default(),
-        sync_peers: shared.sync_log.info_values(),
+        sync_peers: shared.sync_log.info_values(std::time::Instant::now()),
         loading: shared.readiness.is_loading(),
         bootstrap: shared.readiness.progress(),
     }

@@ -7,10 +7,14 @@
 //! INFO and anti-entropy (which read it), hence a `DashMap`.
 
 use dashmap::DashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Longest presence record accepted.
 pub const RECORD_BYTES_MAX: usize = 512;
+/// Most peers the table holds.
+pub const PEERS_MAX: usize = 1024;
+/// How long an offline peer is remembered after it was last heard of.
+pub const FORGET_AFTER: Duration = Duration::from_secs(86_400);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Presence {
@@ -66,6 +70,7 @@ impl Presence {
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub presence: Presence,
+    /// When it was last heard of: its last record, or when it was marked offline.
     pub updated: Instant,
 }
 
@@ -76,18 +81,49 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub fn update(&self, node_id: &str, presence: Presence) {
+    /// Record a peer's presence. False when the table is full of online peers and this
+    /// one is new: it is not recorded (the caller counts and logs it).
+    pub fn update(&self, node_id: &str, presence: Presence) -> bool {
+        self.update_at(node_id, presence, Instant::now())
+    }
+
+    /// [`Peers::update`] at `now`. Bounded, since anyone who can publish on the broker
+    /// can announce node ids: offline peers not seen for [`FORGET_AFTER`] are forgotten
+    /// (an online one stays: its record stands until its last will says otherwise), and
+    /// a newcomer to a full table takes the place of the offline peer seen longest ago.
+    fn update_at(&self, node_id: &str, presence: Presence, now: Instant) -> bool {
+        self.table.retain(|_, p| {
+            p.presence.online || now.saturating_duration_since(p.updated) <= FORGET_AFTER
+        });
+        if self.table.len() >= PEERS_MAX && !self.table.contains_key(node_id) {
+            let oldest_offline = self
+                .table
+                .iter()
+                .filter(|p| !p.presence.online)
+                .min_by_key(|p| p.updated)
+                .map(|p| p.key().clone());
+            match oldest_offline {
+                Some(id) => self.table.remove(&id),
+                None => return false,
+            };
+        }
         let peer = Peer {
             presence,
-            updated: Instant::now(),
+            updated: now,
         };
         self.table.insert(node_id.to_string(), peer);
+        true
     }
 
     /// Mark a peer offline (it stopped announcing itself).
     pub fn mark_offline(&self, node_id: &str) {
+        self.mark_offline_at(node_id, Instant::now())
+    }
+
+    fn mark_offline_at(&self, node_id: &str, now: Instant) {
         if let Some(mut p) = self.table.get_mut(node_id) {
             p.presence.online = false;
+            p.updated = now;
         }
     }
 
@@ -144,6 +180,58 @@ mod tests {
             assert!(Presence::parse(bad).is_err(), "{bad:?}");
         }
         assert!(Presence::parse(&[b'a'; RECORD_BYTES_MAX + 1]).is_err());
+    }
+
+    fn record(online: bool) -> Presence {
+        Presence {
+            online,
+            addr: "h:1".into(),
+            shards: 1,
+            version: String::new(),
+        }
+    }
+
+    #[test]
+    fn offline_peers_not_seen_for_a_day_are_forgotten() {
+        let peers = Peers::default();
+        let t0 = Instant::now();
+        let day = std::time::Duration::from_secs(86_400);
+        peers.update_at("gone", record(false), t0);
+        peers.update_at("left", record(true), t0);
+        peers.mark_offline_at("left", t0 + day);
+        peers.update_at("quiet", record(true), t0);
+        // A day and a second later: "gone" was last seen over a day ago; "left" went
+        // offline a second ago; "quiet" is online (its record stands until its will).
+        peers.update_at(
+            "new",
+            record(true),
+            t0 + day + std::time::Duration::from_secs(1),
+        );
+        let ids: Vec<_> = peers.snapshot().into_iter().map(|(id, _)| id).collect();
+        assert_eq!(ids, vec!["left", "new", "quiet"]);
+    }
+
+    #[test]
+    fn the_table_is_capped() {
+        let peers = Peers::default();
+        let t0 = Instant::now();
+        let at = |i: usize| t0 + std::time::Duration::from_secs(i as u64);
+        for i in 0..PEERS_MAX {
+            assert!(peers.update_at(&format!("online-{i}"), record(true), at(i)));
+        }
+        peers.mark_offline_at("online-7", at(PEERS_MAX));
+        peers.mark_offline_at("online-3", at(PEERS_MAX + 1));
+        // Full: a newcomer takes the place of the offline peer seen longest ago...
+        assert!(peers.update_at("newcomer", record(true), at(PEERS_MAX + 2)));
+        assert_eq!(peers.snapshot().len(), PEERS_MAX);
+        assert!(peers.snapshot().iter().all(|(id, _)| id != "online-7"));
+        // ...a known peer is always updated...
+        assert!(peers.update_at("online-9", record(false), at(PEERS_MAX + 3)));
+        // ...and with every peer online, a newcomer is refused.
+        peers.update_at("online-3", record(true), at(PEERS_MAX + 4));
+        peers.update_at("online-9", record(true), at(PEERS_MAX + 4));
+        assert!(!peers.update_at("one-too-many", record(true), at(PEERS_MAX + 5)));
+        assert_eq!(peers.snapshot().len(), PEERS_MAX);
     }
 
     #[test]

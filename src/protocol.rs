@@ -8,6 +8,15 @@ use std::fmt;
 
 /// Longest key accepted, in bytes.
 pub const KEY_BYTES_MAX: usize = 1024;
+/// Whether `key` may be stored: 1..=[`KEY_BYTES_MAX`] bytes, none of them ASCII
+/// whitespace or a control byte (0x00–0x20, 0x7F). The one key rule, for clients and
+/// peers alike (replication, anti-entropy): a key is a token of the text protocol, and
+/// SCAN writes keys back one per line, so a key with a space or a newline could not be
+/// named by a client and would break the framing of every reply that lists it.
+pub fn is_valid_key(key: &[u8]) -> bool {
+    (1..=KEY_BYTES_MAX).contains(&key.len()) && key.iter().all(|&b| b > b' ' && b != 0x7f)
+}
+
 /// `SCAN` page size when none is given, and the largest allowed.
 pub const SCAN_COUNT_DEFAULT: u32 = 100;
 pub const SCAN_COUNT_MAX: u32 = 1000;
@@ -222,6 +231,8 @@ pub enum ProtocolError {
     TooManyArguments,
     #[error("ERROR: Key too long (max {KEY_BYTES_MAX} bytes)")]
     KeyTooLong,
+    #[error("ERROR: Key must not contain whitespace or control characters")]
+    InvalidKey,
     #[error("ERROR: Line is not valid UTF-8")]
     InvalidUtf8,
     #[error("ERROR: Line too long (max {0} bytes)")]
@@ -356,13 +367,16 @@ fn no_more(rest: &[u8]) -> Result<(), ProtocolError> {
     }
 }
 
+/// `key` if [`is_valid_key`], else the reply that says why not.
 fn check_key(key: &[u8]) -> Result<&[u8], ProtocolError> {
-    if key.is_empty() {
+    if is_valid_key(key) {
+        Ok(key)
+    } else if key.is_empty() {
         Err(ProtocolError::MissingArguments)
     } else if key.len() > KEY_BYTES_MAX {
         Err(ProtocolError::KeyTooLong)
     } else {
-        Ok(key)
+        Err(ProtocolError::InvalidKey)
     }
 }
 
@@ -609,6 +623,34 @@ mod tests {
         let ok_key = format!("GET {}", "k".repeat(KEY_BYTES_MAX));
         assert!(p(&ok_key).is_ok());
         assert_eq!(p("HASH ROOTS"), Err(E::UnknownHashOption));
+    }
+
+    #[test]
+    fn keys_with_whitespace_or_control_bytes_are_refused() {
+        // A tab, a NUL or DEL inside a key would be stored and then written back raw by
+        // SCAN; every key rule lives in `is_valid_key`, which peers' keys meet too.
+        for line in [
+            "GET a\tb",
+            "SET a\x01b v",
+            "DEL ok a\x7fb",
+            "EXISTS a\x00",
+            "MGET a b\x1b",
+            "MSET k\tx 1",
+            "INCR \x0bn",
+            "APPEND a\rb x",
+        ] {
+            assert_eq!(
+                p(line).map_err(|e| e.to_string()),
+                Err("ERROR: Key must not contain whitespace or control characters".into()),
+                "{line:?}"
+            );
+        }
+        // Values may hold them, and keys may hold any other UTF-8.
+        assert_eq!(ok("SET k a\tb\x01"), C::Set(b"k", b"a\tb\x01"));
+        assert_eq!(
+            ok("GET caf\u{e9}:\u{2603}"),
+            C::Get("caf\u{e9}:\u{2603}".as_bytes())
+        );
     }
 
     #[test]

@@ -819,7 +819,16 @@ fn on_presence(ctx: &Context, l: &mut Link, wake: &Notify, node: &str, payload: 
     if l.awaiting.remove(node) {
         wake.notify_one();
     }
-    ctx.peers.update(node, p);
+    if !ctx.peers.update(node, p) {
+        ctx.stats.rejected_presence.fetch_add(1, Relaxed);
+        if ctx.may_log_rejection() {
+            let max = crate::peers::PEERS_MAX;
+            tracing::warn!(
+                node,
+                "ignoring a new peer: the peer table is full ({max} online peers)"
+            );
+        }
+    }
 }
 
 /// Decode a payload and hand each shard its events. Bad payloads are counted and logged.

@@ -404,7 +404,7 @@ impl Shard {
     /// write twice is a no-op. Ignored: a tombstone already past the grace period (so
     /// purging never brings keys back), a version more than [`CLOCK_SKEW_MAX_US`] ahead
     /// of this node's clock (one bad peer must not drag every clock into the future),
-    /// and keys or values over this node's limits. True when applied.
+    /// and entries this node [refuses](Shard::refuses). True when applied.
     pub fn apply(
         &mut self,
         h: KeyHash,
@@ -415,10 +415,7 @@ impl Shard {
     ) -> bool {
         let expired = value.is_none() && v.hlc.saturating_add(self.grace_us) < now_us;
         let from_the_future = v.hlc > now_us.saturating_add(CLOCK_SKEW_MAX_US);
-        let too_big = key.is_empty()
-            || key.len() > crate::protocol::KEY_BYTES_MAX
-            || value.is_some_and(|v| v.len() > self.value_bytes_max);
-        if expired || from_the_future || too_big {
+        if expired || from_the_future || self.refuses(key, value) {
             return false;
         }
         self.clock.observe(v.hlc);
@@ -434,6 +431,12 @@ impl Shard {
             self.stats.storage_full += 1; // the caller sees it in STATS and logs it
         }
         stored
+    }
+
+    /// Whether a remote entry breaks the rules client input meets (a key a client could
+    /// not write, a value over the limit): such an entry is never stored.
+    pub fn refuses(&self, key: &[u8], value: Option<&[u8]>) -> bool {
+        !crate::protocol::is_valid_key(key) || value.is_some_and(|v| v.len() > self.value_bytes_max)
     }
 
     /// The digest of the global Merkle node at `level` (0 = root, 16 = buckets) and

@@ -36,8 +36,8 @@ fn node32(d: &Digest) -> u32 {
 fn key32(h: u64) -> u32 {
     (h >> (64 - BUCKET_BITS - 32)) as u32
 }
-/// Most bytes of entries one exchange reply (or request) carries: bounds the memory an
-/// exchange needs whatever the value sizes.
+/// Most bytes of entries one exchange reply (or request) carries, besides one entry of
+/// any size ([`ReplyRoom`]): bounds the memory an exchange needs whatever the value sizes.
 pub const ENTRY_BYTES_PER_REPLY: usize = 16 << 20;
 /// Most entries one exchange reply carries (so a request carrying them back is valid).
 pub const ENTRIES_PER_REPLY_MAX: usize = REQUEST_ITEMS_MAX;
@@ -77,10 +77,15 @@ pub struct Report {
     pub round_trips: u64,
     /// Buckets whose listings were compared.
     pub buckets_compared: u64,
+    /// Entries a side could not store (a key or value over its limits, or no room
+    /// left): not applied, and the rest went on.
+    pub entries_refused: u64,
+    /// Entries in the peer's replies that this node did not ask for: not applied.
+    pub entries_ignored: u64,
 }
 
 /// A parsed request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Request {
     Root,
     /// Truncated digests of these nodes of `level` (sorted indices).
@@ -93,11 +98,65 @@ pub enum Request {
         buckets: Vec<usize>,
     },
     /// Apply `entries`; reply with the entries of `wanted` (bucket, sorted 32-bit key
-    /// hashes) as they were before applying.
+    /// hashes) as they were before applying, as many as `room` takes.
     Exchange {
         wanted: Vec<(usize, Vec<u32>)>,
         entries: Vec<OwnedEntry>,
+        /// The reply's room, shared by the shards that answer (on their own threads).
+        room: ReplyRoom,
     },
+}
+
+/// The room left in one exchange reply: [`ENTRY_BYTES_PER_REPLY`] bytes and
+/// [`ENTRIES_PER_REPLY_MAX`] entries for the whole node — the shards take from it as
+/// they find their entries, so the reply carries the documented amount whatever the
+/// shard count — plus one entry that does not fit the bytes left, whatever its size
+/// (so no entry is too large to repair, and one large entry leaves the others their
+/// room). An entry that finds no room stays different; the next exchange takes it.
+#[derive(Debug)]
+pub struct ReplyRoom(std::sync::Mutex<Room>);
+
+#[derive(Debug)]
+struct Room {
+    bytes: usize,
+    entries: usize,
+    /// The one entry beyond `bytes` is still to be taken.
+    beyond: bool,
+}
+
+impl Default for ReplyRoom {
+    fn default() -> ReplyRoom {
+        ReplyRoom(std::sync::Mutex::new(Room {
+            bytes: ENTRY_BYTES_PER_REPLY,
+            entries: ENTRIES_PER_REPLY_MAX,
+            beyond: true,
+        }))
+    }
+}
+
+impl ReplyRoom {
+    /// Take room for one entry of `size` bytes; false when there is none.
+    fn take(&self, size: usize) -> bool {
+        // Nothing panics while the lock is held, so it is never poisoned.
+        let mut r = self.0.lock().expect("reply room lock");
+        if r.entries == 0 {
+            return false;
+        }
+        if size <= r.bytes {
+            r.bytes -= size;
+        } else if r.beyond {
+            r.beyond = false;
+        } else {
+            return false;
+        }
+        r.entries -= 1;
+        true
+    }
+}
+
+/// The bytes an entry takes of a reply's room (about its encoded size).
+fn entry_size(e: &OwnedEntry) -> usize {
+    e.key.len() + e.value.as_ref().map_or(0, Vec::len) + 16
 }
 
 /// One shard's share of a reply; [`assemble`] joins the shares in request order.
@@ -110,6 +169,7 @@ pub struct Part {
     listings: Vec<(usize, Vec<(u32, u32)>)>,
     entries: Vec<(usize, Vec<OwnedEntry>)>,
     applied: u64,
+    refused: u64,
 }
 
 /// Parse a request. Malformed input is an error, never a panic.
@@ -142,6 +202,7 @@ pub fn parse(request: &[u8]) -> Result<Request, SyncError> {
             Request::Exchange {
                 wanted,
                 entries: r.entries()?,
+                room: ReplyRoom::default(),
             }
         }
         _ => return Err(SyncError::Malformed("message type")),
@@ -181,39 +242,35 @@ pub fn answer_part(shard: &mut Shard, index: usize, bits: u32, req: &Request, no
                 }
             }
         }
-        Request::Exchange { wanted, entries } => {
-            // Ours are read before theirs are applied: each side sends what it held. A
-            // reply carries at most ENTRY_BYTES_PER_REPLY of entries (shared by the
-            // shards); what does not fit stays different and the next exchange takes it.
-            let mut budget = ENTRY_BYTES_PER_REPLY >> bits;
-            let mut room = ENTRIES_PER_REPLY_MAX >> bits;
+        Request::Exchange {
+            wanted,
+            entries,
+            room,
+        } => {
+            // Ours are read before theirs are applied: each side sends what it held.
             for (pos, (b, hashes)) in wanted.iter().enumerate() {
-                if owns_bucket(*b) && budget > 0 && room > 0 {
+                if owns_bucket(*b) {
                     let mut found =
                         shard.entries_by_hash(*b, |h| hashes.binary_search(&key32(h)).is_ok());
-                    let mut first = pos == 0;
-                    found.retain(|e| {
-                        let size = e.key.len() + e.value.as_ref().map_or(0, Vec::len) + 16;
-                        // The reply's very first entry goes however large it is (at most
-                        // one such per reply), so no entry is ever too large to repair.
-                        let fits = room > 0 && (size <= budget || first);
-                        first = false;
-                        if fits {
-                            budget = budget.saturating_sub(size);
-                            room -= 1;
-                        }
-                        fits
-                    });
+                    found.retain(|e| room.take(entry_size(e)));
                     part.entries.push((pos, found));
                 }
             }
+            // An entry this shard cannot store is counted and skipped: the rest of the
+            // chunk applies.
+            let full_before = shard.stats.storage_full;
             for e in entries {
                 let h = KeyHash::of(&e.key);
                 if owns_bucket(h.bucket()) {
-                    let won = shard.apply(h, &e.key, e.value.as_deref(), e.version, now_us);
-                    part.applied += u64::from(won);
+                    let value = e.value.as_deref();
+                    if shard.apply(h, &e.key, value, e.version, now_us) {
+                        part.applied += 1;
+                    } else if shard.refuses(&e.key, value) {
+                        part.refused += 1;
+                    }
                 }
             }
+            part.refused += shard.stats.storage_full - full_before;
         }
     }
     part
@@ -260,6 +317,7 @@ pub fn assemble(req: &Request, parts: Vec<Part>) -> Vec<u8> {
         }
         Request::Exchange { wanted, .. } => {
             put_varint(&mut out, parts.iter().map(|p| p.applied).sum());
+            put_varint(&mut out, parts.iter().map(|p| p.refused).sum());
             let mut all = vec![Vec::new(); wanted.len()];
             for (pos, e) in parts.into_iter().flat_map(|p| p.entries) {
                 all[pos] = e;
@@ -368,26 +426,42 @@ pub fn exchange(local: &mut dyn Peer, peer: &mut dyn Peer) -> Result<Report, Syn
         let mut req = vec![MSG_EXCHANGE];
         put_wanted(&mut req, &wanted);
         put_entries(&mut req, &[]);
-        let ours = local.call(&req)?;
-        let mut r = Reader::new(&ours);
-        r.varint()?;
-        let ours = r.rest_entries()?;
+        let (_, ours) = exchange_reply(&local.call(&req)?)?;
         let mut req = vec![MSG_EXCHANGE];
         put_wanted(&mut req, &wanted);
         put_entries(&mut req, &ours);
         report.entries_sent += ours.len() as u64;
-        let reply = ask(peer, &req, &mut report)?;
-        let mut r = Reader::new(&reply);
-        let applied_there = r.varint()?;
-        let theirs = r.rest_entries()?;
+        let (there, theirs) = exchange_reply(&ask(peer, &req, &mut report)?)?;
         report.entries_received += theirs.len() as u64;
+        // Only what we asked for: a reply names no keys we can check otherwise, and a
+        // peer has no business writing anything else here.
+        let (theirs, other): (Vec<OwnedEntry>, Vec<OwnedEntry>) =
+            theirs.into_iter().partition(|e| asked_for(&wanted, e));
+        report.entries_ignored += other.len() as u64;
         let mut req = vec![MSG_EXCHANGE];
         put_wanted(&mut req, &[]);
         put_entries(&mut req, &theirs);
-        let applied_here = local.call(&req)?;
-        report.keys_repaired += applied_there + Reader::new(&applied_here).varint()?;
+        let (here, _) = exchange_reply(&local.call(&req)?)?;
+        report.keys_repaired += there.0 + here.0;
+        report.entries_refused += there.1 + here.1;
     }
     Ok(report)
+}
+
+/// An exchange reply: (entries applied, entries refused) of the request's, and the
+/// wanted entries.
+fn exchange_reply(reply: &[u8]) -> Result<((u64, u64), Vec<OwnedEntry>), SyncError> {
+    let mut r = Reader::new(reply);
+    let counts = (r.varint()?, r.varint()?);
+    Ok((counts, r.rest_entries()?))
+}
+
+/// Whether `e` is one of the `wanted` (buckets and key hashes, both sorted).
+fn asked_for(wanted: &[(usize, Vec<u32>)], e: &OwnedEntry) -> bool {
+    let h = KeyHash::of(&e.key);
+    wanted
+        .binary_search_by_key(&h.bucket(), |w| w.0)
+        .is_ok_and(|i| wanted[i].1.binary_search(&key32(h.0)).is_ok())
 }
 
 /// One round trip to the peer, counted.
@@ -609,10 +683,9 @@ impl<'a> Reader<'a> {
         }
         let hlc = self.varint()?;
         let origin = u32::from_le_bytes(self.bytes(4)?.try_into().expect("4 bytes"));
+        // The key and value rules are the receiving shard's (`Shard::refuses`): an
+        // entry that breaks them is refused alone, the rest of the message applies.
         let key_len = self.varint()? as usize;
-        if key_len == 0 || key_len > crate::protocol::KEY_BYTES_MAX {
-            return Err(SyncError::Malformed("key length"));
-        }
         let key = self.bytes(key_len)?.to_vec();
         let value = if kind == KIND_SET {
             let n = self.varint()? as usize;
@@ -639,6 +712,205 @@ mod tests {
         assert_eq!(diff_listings(&a, &b), vec![1, 2, 3, 9]);
         assert_eq!(diff_listings(&a, &a), Vec::<u32>::new());
         assert_eq!(diff_listings(&[], &b), vec![2, 3, 5, 9]);
+    }
+
+    fn node(shards: usize, value_bytes_max: usize) -> Vec<Shard> {
+        let budget = crate::shard::MemoryBudget::unlimited();
+        (0..shards)
+            .map(|i| Shard::new(i, shards.trailing_zeros(), budget.clone(), value_bytes_max))
+            .collect()
+    }
+
+    fn entry(key: &[u8], value: Option<&[u8]>, hlc: u64) -> OwnedEntry {
+        OwnedEntry {
+            key: key.to_vec(),
+            value: value.map(<[u8]>::to_vec),
+            version: Version { hlc, origin: 9 },
+        }
+    }
+
+    fn push(entries: &[OwnedEntry]) -> Vec<u8> {
+        let mut req = vec![MSG_EXCHANGE];
+        put_wanted(&mut req, &[]);
+        put_entries(&mut req, entries);
+        req
+    }
+
+    fn stored(shards: &[Shard], key: &[u8]) -> bool {
+        let h = KeyHash::of(key);
+        shards[h.shard(shards.len().trailing_zeros())]
+            .get(h, key)
+            .is_some()
+    }
+
+    #[test]
+    fn pushed_entries_with_bad_keys_or_oversize_values_are_refused_alone() {
+        let mut shards = node(2, 16);
+        let now = 1 << 50;
+        let pushed = [
+            entry(b"two words", Some(b"v"), now),
+            entry(b"line\r\nbreak", Some(b"v"), now),
+            entry(b"tab\t", None, now),
+            entry(b"big", Some(&[b'x'; 17]), now),
+            entry(b"good", Some(b"a b\r\n\0"), now),
+        ];
+        let reply = Shards {
+            shards: &mut shards,
+            now_us: now,
+        }
+        .call(&push(&pushed))
+        .unwrap();
+        assert_eq!(
+            exchange_reply(&reply).unwrap().0,
+            (1, 4),
+            "applied, refused"
+        );
+        for e in &pushed[..4] {
+            assert!(!stored(&shards, &e.key), "{:?}", e.key);
+        }
+        assert!(stored(&shards, b"good"), "the rest of the chunk applies");
+    }
+
+    fn put(shards: &mut [Shard], key: &[u8], value: &[u8]) {
+        let h = KeyHash::of(key);
+        let bits = shards.len().trailing_zeros();
+        let v = Version {
+            hlc: 1 << 50,
+            origin: 1,
+        };
+        assert!(shards[h.shard(bits)].apply(h, key, Some(value), v, 1 << 50));
+    }
+
+    /// Keys `{prefix}0..n`, sorted by bucket.
+    fn keys(prefix: &str, n: usize) -> Vec<Vec<u8>> {
+        let mut keys: Vec<Vec<u8>> = (0..n)
+            .map(|i| format!("{prefix}{i}").into_bytes())
+            .collect();
+        keys.sort_by_key(|k| KeyHash::of(k).0);
+        keys
+    }
+
+    /// An exchange request asking for `keys`.
+    fn ask_for(keys: &[Vec<u8>]) -> Vec<u8> {
+        let mut wanted: Vec<(usize, Vec<u32>)> = Vec::new();
+        for k in keys {
+            let h = KeyHash::of(k);
+            match wanted.last_mut() {
+                Some((b, hashes)) if *b == h.bucket() => hashes.push(key32(h.0)),
+                _ => wanted.push((h.bucket(), vec![key32(h.0)])),
+            }
+        }
+        let mut req = vec![MSG_EXCHANGE];
+        put_wanted(&mut req, &wanted);
+        put_entries(&mut req, &[]);
+        req
+    }
+
+    /// The entries of an exchange reply (after its counts).
+    fn entries_of(reply: &[u8]) -> Vec<OwnedEntry> {
+        exchange_reply(reply).unwrap().1
+    }
+
+    #[test]
+    fn the_reply_room_holds_its_bytes_its_entries_and_one_entry_beyond() {
+        let room = ReplyRoom::default();
+        assert!(room.take(ENTRY_BYTES_PER_REPLY - 10));
+        assert!(room.take(64 << 20), "one entry beyond the bytes left");
+        assert!(!room.take(11), "only one");
+        for _ in 2..ENTRIES_PER_REPLY_MAX {
+            assert!(room.take(0));
+        }
+        assert!(!room.take(0), "{ENTRIES_PER_REPLY_MAX} entries at most");
+    }
+
+    #[test]
+    fn a_reply_carries_the_whole_budget_whatever_the_shard_count() {
+        // 20 entries of 1 MiB on 4 shards: one reply carries 15 within the 16 MiB, and
+        // one more beyond it — not 16 MiB divided by the shards (3 per shard).
+        let mut b = node(4, 1 << 20);
+        let wanted = keys("big", 20);
+        for k in &wanted {
+            put(&mut b, k, &[b'v'; 1 << 20]);
+        }
+        let reply = Shards {
+            shards: &mut b,
+            now_us: 1 << 50,
+        }
+        .call(&ask_for(&wanted))
+        .unwrap();
+        let n = entries_of(&reply).len();
+        assert_eq!(n, 16);
+    }
+
+    #[test]
+    fn an_entry_the_receiver_refuses_does_not_block_the_rest_of_its_chunk() {
+        // The peer holds a 17 MiB value this node cannot store (its limit is 1 MiB),
+        // first in its chunk, and ten small ones. The big one is refused at every
+        // exchange; the small ones must come all the same.
+        let now = 1 << 50;
+        let (mut a, mut b) = (node(1, 1 << 20), node(1, 32 << 20));
+        let small = keys("small", 10);
+        for k in &small {
+            put(&mut b, k, b"v");
+        }
+        let lowest = KeyHash::of(&small[0]).0;
+        let big = (0..)
+            .map(|i| format!("big{i}").into_bytes())
+            .find(|k| KeyHash::of(k).0 < lowest)
+            .unwrap();
+        put(&mut b, &big, &vec![b'x'; 17 << 20]);
+        let mut local = Shards {
+            shards: &mut a,
+            now_us: now,
+        };
+        let mut peer = Shards {
+            shards: &mut b,
+            now_us: now,
+        };
+        let report = exchange(&mut local, &mut peer).unwrap();
+        for k in &small {
+            assert!(stored(&a, k), "{:?}", String::from_utf8_lossy(k));
+        }
+        assert!(!stored(&a, &big));
+        assert_eq!((report.keys_repaired, report.entries_refused), (10, 1));
+    }
+
+    /// A peer that slips an entry nobody asked for into its exchange replies.
+    struct Slipping<'a> {
+        peer: Shards<'a>,
+        extra: OwnedEntry,
+    }
+
+    impl Peer for Slipping<'_> {
+        fn call(&mut self, request: &[u8]) -> Result<Vec<u8>, SyncError> {
+            let mut reply = self.peer.call(request)?;
+            if request[0] == MSG_EXCHANGE {
+                encode_entry(&mut reply, &self.extra);
+            }
+            Ok(reply)
+        }
+    }
+
+    #[test]
+    fn the_initiator_applies_only_the_entries_it_asked_for() {
+        let now = 1 << 50;
+        let (mut a, mut b) = (node(2, 1 << 10), node(2, 1 << 10));
+        put(&mut b, b"asked", b"v");
+        let mut local = Shards {
+            shards: &mut a,
+            now_us: now,
+        };
+        let mut peer = Slipping {
+            peer: Shards {
+                shards: &mut b,
+                now_us: now,
+            },
+            extra: entry(b"slipped", Some(b"x"), now),
+        };
+        let report = exchange(&mut local, &mut peer).unwrap();
+        assert!(stored(&a, b"asked"));
+        assert!(!stored(&a, b"slipped"), "an entry it did not ask for");
+        assert_eq!((report.entries_received, report.entries_ignored), (2, 1));
     }
 
     #[test]

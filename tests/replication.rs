@@ -283,7 +283,19 @@ fn garbage_payloads_are_rejected_and_counted() {
         let truncated = valid[..valid.len() - 1].to_vec();
         let mut oversized = valid.clone();
         oversized.resize(merkle_kv::replication::payload_bytes_max(4096) + 1, 0);
+        // A key no client could write (it would break SCAN's framing) rejects its
+        // whole payload, the valid event beside it included.
+        let bad_key = {
+            let mut b = merkle_kv::changes::PayloadBuilder::new(1, "intruder");
+            let mut e = Vec::new();
+            let now = merkle_kv::version::now_us();
+            merkle_kv::changes::encode_event(&mut e, now, b"beside", Some(b"v"));
+            merkle_kv::changes::encode_event(&mut e, now, b"x\r\nKEYS 0 1", Some(b"v"));
+            b.extend(&e, 2);
+            b.take()
+        };
         let bad = vec![
+            bad_key,
             b"hello, world".to_vec(),
             Vec::new(),
             truncated,
@@ -296,11 +308,13 @@ fn garbage_payloads_are_rejected_and_counted() {
             eventually(SETTLE, "every bad payload is counted", || {
                 (node.stat("repl_rejected_payloads") == bad.len() as u64).then_some(())
             });
-            assert_eq!(
-                get(node, "k"),
-                "(null)",
-                "nothing of a bad payload is applied"
-            );
+            for key in ["k", "beside"] {
+                assert_eq!(
+                    get(node, key),
+                    "(null)",
+                    "nothing of a bad payload is applied"
+                );
+            }
             assert!(node.log().contains("dropping a replication payload"));
         }
         // A bad presence record is counted too, and the nodes still replicate.

@@ -5,6 +5,7 @@ mod common;
 
 use common::Node;
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
 
 fn standalone(extra: &str) -> Node {
     Node::start(&format!("storage.pin_threads = false\n{extra}"))
@@ -60,6 +61,11 @@ fn one_sync_repairs_both_sides() {
     assert_eq!(f["keys_repaired"], 250, "{line}");
     assert_eq!(f["entries_sent"], 200, "{line}"); // only-a, common, conflict, late-delete
     assert_eq!(f["entries_received"], 200, "{line}"); // only-b, common, conflict, late-delete
+    assert_eq!(
+        (f["entries_refused"], f["entries_ignored"]),
+        (0, 0),
+        "{line}"
+    );
     assert!(
         f["round_trips"] >= 2 && f["bytes_sent"] > 0 && f["bytes_received"] > 0,
         "{line}"
@@ -245,4 +251,46 @@ fn a_hung_peer_delays_no_other_peer() {
     common::eventually(limit, "later exchanges with B", || {
         (get(&a, "second") == "2").then_some(())
     });
+}
+
+#[test]
+fn a_trickling_sync_msg_sender_is_cut_after_the_connection_timeout() {
+    // One byte every 100 ms is never idle for a second, but far below 64 KiB/s: once the
+    // connection timeout (1 s) has passed, the node cuts the sender with an error.
+    let a = standalone("network.connection_timeout = 1");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", a.port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_millis(100)))
+        .unwrap();
+    s.write_all(b"SYNC.MSG 1000000\r\n").unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let cut = loop {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "still connected after 30 s of trickling"
+        );
+        if s.write_all(b"x").is_err() {
+            break "write failed";
+        }
+        let mut buf = [0u8; 256];
+        match s.read(&mut buf) {
+            Ok(0) => break "closed",
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break "reset",
+        }
+        if got.ends_with(b"\r\n") {
+            break "error line";
+        }
+    };
+    if !got.is_empty() {
+        assert!(
+            got.starts_with(b"ERROR: SYNC.MSG body arrived too slowly"),
+            "{cut}: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    // The node goes on serving.
+    assert_eq!(a.client().one("PING"), "PONG");
 }
