@@ -322,25 +322,17 @@ impl Connection {
     /// Run the batch's ops: this thread's own inline, the rest as one request per shard.
     async fn execute(&mut self, data: &bytes::Bytes) -> std::io::Result<()> {
         self.results.reset(self.batch.ops.len());
-        {
-            let mut local = self
-                .local
-                .as_ref()
-                .map(|(id, shard)| (*id, shard.borrow_mut()));
-            for (i, (s, op)) in self.batch.ops.iter().enumerate() {
-                match &mut local {
-                    Some((id, shard)) if id == s => self.results.run_inline(i, shard, op, data),
-                    _ => {
-                        let out = &mut self.outgoing[*s];
-                        out.ops.push(*op);
-                        out.indices.push(i as u32);
-                    }
-                }
-            }
-            if let Some((_, shard)) = &mut local {
-                crate::server::ship_changes(shard, &self.shared.outbound);
+        let own = self.local.as_ref().map(|(id, _)| *id);
+        for (i, (s, op)) in self.batch.ops.iter().enumerate() {
+            if Some(*s) != own {
+                let out = &mut self.outgoing[*s];
+                out.ops.push(*op);
+                out.indices.push(i as u32);
             }
         }
+        // Other shards' ops leave first, so those threads work (and wake) while this one
+        // runs its own shard's share: a hop's latency overlaps the local work instead of
+        // adding to it. Large multi-key commands are runs of such segments.
         let mut waiting = Vec::new();
         for (s, out) in self.outgoing.iter_mut().enumerate() {
             if out.ops.is_empty() {
@@ -357,6 +349,15 @@ impl Connection {
                 .await
                 .map_err(|_| stopping())?;
             waiting.push((s, rx));
+        }
+        if let Some((id, shard)) = &self.local {
+            let mut shard = shard.borrow_mut();
+            for (i, (s, op)) in self.batch.ops.iter().enumerate() {
+                if s == id {
+                    self.results.run_inline(i, &mut shard, op, data);
+                }
+            }
+            crate::server::ship_changes(&mut shard, &self.shared.outbound);
         }
         for (s, rx) in waiting {
             let reply = rx.await.map_err(|_| stopping())?;
