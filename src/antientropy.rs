@@ -147,15 +147,60 @@ impl Peer for TcpPeer {
 /// One exchange between the node at `local` (this one) and `peer`. The report's bytes
 /// are the peer connection's, framing included.
 pub fn run_exchange(local: &str, peer: &str) -> Result<(Report, Duration), SyncError> {
+    run_exchange_from(|deadline| TcpPeer::connect(local, deadline), peer)
+}
+
+/// One exchange between this node, reached by `mine`, and `peer`.
+fn run_exchange_from<P: Peer>(
+    mine: impl FnOnce(Instant) -> Result<P, SyncError>,
+    peer: &str,
+) -> Result<(Report, Duration), SyncError> {
     admit_peer(peer).map_err(SyncError::Transport)?;
     let started = Instant::now();
     let deadline = started + EXCHANGE_DEADLINE;
-    let mut mine = TcpPeer::connect(local, deadline)?;
+    let mut mine = mine(deadline)?;
     let mut theirs = TcpPeer::connect(peer, deadline)?;
     let mut report = exchange(&mut mine, &mut theirs)?;
     report.bytes_sent = theirs.bytes_sent;
     report.bytes_received = theirs.bytes_received;
     Ok((report, started.elapsed()))
+}
+
+/// One exchange with `peer` that reaches this node's shards through their inboxes
+/// instead of its client port: at shutdown, when the port is closed but the shards still
+/// run, to hand a peer the changes the broker never confirmed. Blocking: run it on a
+/// thread of its own.
+pub fn run_exchange_in_process(
+    shards: Vec<tokio::sync::mpsc::Sender<crate::server::ThreadMsg>>,
+    peer: &str,
+) -> Result<(Report, Duration), SyncError> {
+    run_exchange_from(|_| Ok(LocalShards(shards)), peer)
+}
+
+/// This node's shards as an exchange [`Peer`]: each request goes to every shard's inbox,
+/// as a `SYNC.MSG` on the client port would, and the parts are assembled the same way.
+struct LocalShards(Vec<tokio::sync::mpsc::Sender<crate::server::ThreadMsg>>);
+
+impl Peer for LocalShards {
+    fn call(&mut self, request: &[u8]) -> Result<Vec<u8>, SyncError> {
+        let stopped = || SyncError::Transport("this node's shards have stopped".into());
+        let request = std::sync::Arc::new(crate::sync::parse(request)?);
+        let mut waiting = Vec::with_capacity(self.0.len());
+        for inbox in &self.0 {
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            let msg = crate::server::ThreadMsg::Sync {
+                request: request.clone(),
+                reply,
+            };
+            inbox.blocking_send(msg).map_err(|_| stopped())?;
+            waiting.push(rx);
+        }
+        let parts = waiting
+            .into_iter()
+            .map(|rx| rx.blocking_recv().map_err(|_| stopped()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(crate::sync::assemble(&request, parts))
+    }
 }
 
 /// Slowest a `SYNC.MSG` body may arrive once the connection timeout has passed: a

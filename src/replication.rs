@@ -51,8 +51,6 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Longest wait, after a reconnect, for peers to re-subscribe before publishing anyway.
 pub const RESUBSCRIBE_WAIT: Duration = Duration::from_secs(6);
-/// How long a stopping node tries to publish what it still holds.
-const STOP_FLUSH: Duration = Duration::from_secs(1);
 
 /// The largest payload a node sends or accepts: a full batch plus one largest event.
 pub fn payload_bytes_max(value_bytes_max: usize) -> usize {
@@ -63,6 +61,8 @@ pub fn payload_bytes_max(value_bytes_max: usize) -> usize {
 #[derive(Default)]
 pub struct ReplStats {
     pub connected: AtomicBool,
+    /// While stopping: changes not yet confirmed by the broker (see `Replication::flush`).
+    pub unconfirmed: AtomicU64,
     pub connects: AtomicU64,
     pub published_events: AtomicU64,
     pub published_payloads: AtomicU64,
@@ -385,8 +385,17 @@ fn tls_config(address: &str) -> Result<rumqttc::TlsConfiguration, ReplError> {
 /// The running replication thread.
 pub struct Replication {
     pub outbound: Arc<Outbound>,
-    stop: Arc<Notify>,
+    control: tokio::sync::mpsc::UnboundedSender<Control>,
     thread: std::thread::JoinHandle<()>,
+}
+
+/// What the server asks of the replication thread when the node stops.
+enum Control {
+    /// Publish everything held now, without batching delays, and keep
+    /// [`ReplStats::unconfirmed`] current until `Stop`.
+    Flush,
+    /// Say goodbye (offline presence, disconnect) and end the thread.
+    Stop,
 }
 
 impl Replication {
@@ -411,7 +420,7 @@ impl Replication {
             backpressure: Duration::from_millis(config.mqtt.backpressure_max_ms),
             stats: stats.clone(),
         });
-        let stop = Arc::new(Notify::new());
+        let (control, control_rx) = tokio::sync::mpsc::unbounded_channel();
         let shards = inboxes.len();
         let ctx = Context {
             node_id: config.node_id.clone(),
@@ -449,7 +458,6 @@ impl Replication {
             true,
         ));
         tracing::info!(broker = %broker_address(config), topic = %ctx.topics.updates, "replicating over MQTT");
-        let stop_rx = stop.clone();
         let thread = std::thread::Builder::new()
             .name("replication".into())
             .spawn(move || {
@@ -458,19 +466,41 @@ impl Replication {
                         tracing::warn!("could not pin the replication thread to core {}", core.id);
                     }
                 }
-                run_thread(ctx, options, rx, stop_rx)
+                run_thread(ctx, options, rx, control_rx)
             })
             .map_err(ReplError::Thread)?;
         Ok(Replication {
             outbound,
-            stop,
+            control,
             thread,
         })
     }
 
-    /// Publish what is still buffered (briefly), mark this node offline, disconnect.
+    /// Start publishing every change made so far at once (call it when no more arrive:
+    /// connections are closed); a broker that is down is retried meanwhile. Then watch
+    /// [`Self::unconfirmed`] fall to 0.
+    pub fn flush(&self) {
+        // Unknown until the thread has counted: never 0 by accident.
+        self.outbound.stats.unconfirmed.store(u64::MAX, Relaxed);
+        if self.control.send(Control::Flush).is_err() {
+            self.outbound.stats.unconfirmed.store(0, Relaxed);
+        }
+    }
+
+    /// Changes the broker has not confirmed yet, during a [`Self::flush`] (`u64::MAX`
+    /// until the thread has counted them).
+    pub fn unconfirmed(&self) -> u64 {
+        self.outbound.stats.unconfirmed.load(Relaxed)
+    }
+
+    /// Whether the broker connection is up now.
+    pub fn connected(&self) -> bool {
+        self.outbound.stats.connected.load(Relaxed)
+    }
+
+    /// Mark this node offline, disconnect, and end the thread (after [`Self::flush`]).
     pub fn stop(self) {
-        self.stop.notify_one();
+        let _ = self.control.send(Control::Stop);
         let _ = self.thread.join();
     }
 }
@@ -528,6 +558,11 @@ struct InFlight {
 }
 
 impl InFlight {
+    /// Changes published and not yet acknowledged.
+    fn events(&self) -> u64 {
+        self.sent.iter().map(|s| u64::from(s.events)).sum()
+    }
+
     fn push(&mut self, s: Sent) {
         debug_assert!(s.pkid.is_none());
         self.bytes += s.payload.len();
@@ -575,10 +610,6 @@ impl InFlight {
     fn full(&self) -> bool {
         self.sent.len() >= UNCONFIRMED_MAX || self.bytes >= UNCONFIRMED_BYTES_MAX
     }
-
-    fn is_empty(&self) -> bool {
-        self.sent.is_empty()
-    }
 }
 
 /// The replication thread's state, shared by its tasks (one thread, so `RefCell`).
@@ -615,7 +646,7 @@ fn run_thread(
     ctx: Context,
     options: MqttOptions,
     rx: mpsc::UnboundedReceiver<Journal>,
-    stop: Arc<Notify>,
+    mut control: mpsc::UnboundedReceiver<Control>,
 ) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -641,23 +672,24 @@ fn run_thread(
             wake.clone(),
             client.clone(),
         ));
-        stop.notified().await;
-        link.borrow_mut().stopping = true;
-        wake.notify_one();
-        // Give the publisher a moment to send what it holds, then say goodbye.
-        let deadline = Instant::now() + STOP_FLUSH;
-        let done = |l: &Link| !l.connected || (l.buffered() == 0 && l.unconfirmed.is_empty());
-        while Instant::now() < deadline && !done(&link.borrow()) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        if let Some(Control::Flush) = control.recv().await {
+            link.borrow_mut().stopping = true;
+            wake.notify_one();
+            // The server decides how long to wait; until it says stop, keep counting.
+            loop {
+                let pending = {
+                    let l = link.borrow();
+                    l.buffered() + l.unconfirmed.events()
+                };
+                let queued = ctx.outbound.queued.load(Relaxed) as u64;
+                ctx.stats.unconfirmed.store(queued + pending, Relaxed);
+                tokio::select! {
+                    _ = control.recv() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                }
+            }
         }
         publisher.abort();
-        let left = link.borrow().buffered();
-        if left > 0 {
-            tracing::warn!(
-                events = left,
-                "stopping with unpublished changes (peers repair them by anti-entropy)"
-            );
-        }
         if link.borrow().connected {
             let gone = Presence {
                 online: false,
@@ -1059,7 +1091,7 @@ mod tests {
         f.assign(9);
         assert_eq!(f.ack(7).map(|s| s.events), Some(1));
         assert_eq!(f.ack(9).map(|s| s.events), Some(3));
-        assert!(f.is_empty());
+        assert_eq!(f.events(), 0);
         assert_eq!((f.bytes, f.unassigned), (0, 0));
     }
 
@@ -1076,7 +1108,7 @@ mod tests {
             vec![1, 2, 3]
         );
         assert!(back.iter().all(|s| s.pkid.is_none()));
-        assert!(f.is_empty() && !f.full());
+        assert!(f.events() == 0 && !f.full());
         f.push(sent(4));
         f.assign(1); // ids are free again
         assert_eq!(f.ack(1).map(|s| s.events), Some(4));

@@ -191,13 +191,17 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
     }
     accept_loop(&shared, listener).await;
     drop_connections(&shared).await;
+    // Shards still run: changes the broker has not confirmed can still be handed to a
+    // peer by anti-entropy, which needs them.
+    if let Some(r) = &replication {
+        flush_replication(&shared, r).await;
+    }
     for inbox in &shared.inboxes {
         let _ = inbox.send(ThreadMsg::Stop).await;
     }
     for t in threads {
         let _ = t.join();
     }
-    // Shards are stopped, so every change is queued: publish what we can, then leave.
     if let Some(r) = replication {
         r.stop();
     }
@@ -442,6 +446,86 @@ fn reject(stream: tokio::net::TcpStream, max: usize) {
         })
         .await;
     });
+}
+
+/// At shutdown: keep publishing until the broker has confirmed every change, for up to
+/// `[mqtt] shutdown_flush_ms`. While the broker is unreachable, hand the changes to a peer
+/// instead, by one anti-entropy exchange within the same bound (it carries every
+/// difference, so those changes too). Logs exactly what was left, never claiming peers
+/// will repair what only this node holds.
+async fn flush_replication(shared: &Arc<Shared>, r: &crate::replication::Replication) {
+    let budget = Duration::from_millis(shared.config.mqtt.shutdown_flush_ms);
+    let deadline = Instant::now() + budget;
+    r.flush();
+    let mut handed_to = None;
+    let mut tried = Vec::new();
+    // Give a broker that is down a moment to come back before dialling peers.
+    let mut dial_after = Instant::now() + Duration::from_millis(500).min(budget / 4);
+    let left = loop {
+        let left = r.unconfirmed();
+        if left == 0 || Instant::now() >= deadline {
+            break left;
+        }
+        if !r.connected() && Instant::now() >= dial_after {
+            if let Some(peer) = next_peer(shared, &tried) {
+                tried.push(peer.clone());
+                let shards = shared.inboxes[..1 << shared.shard_bits].to_vec();
+                let target = peer.clone();
+                let exchange = tokio::task::spawn_blocking(move || {
+                    crate::antientropy::run_exchange_in_process(shards, &target)
+                });
+                let at = tokio::time::Instant::from_std(deadline);
+                match tokio::time::timeout_at(at, exchange).await {
+                    Ok(Ok(Ok(_))) => {
+                        handed_to = Some(peer);
+                        break r.unconfirmed();
+                    }
+                    Ok(Ok(Err(e))) => tracing::warn!(%peer, "could not hand changes to peer: {e}"),
+                    Ok(Err(e)) => tracing::warn!(%peer, "could not hand changes to peer: {e}"),
+                    Err(_) => {}
+                }
+                continue;
+            }
+            dial_after = deadline; // every peer was tried
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let left = if left == u64::MAX { 0 } else { left }; // never counted: nothing was held
+    match (left, handed_to) {
+        (0, _) => tracing::debug!("every change is confirmed by the broker"),
+        (n, Some(peer)) => tracing::warn!(
+            unconfirmed = n,
+            %peer,
+            "the broker did not confirm {n} changes; an anti-entropy exchange handed them to \
+             {peer}, from where anti-entropy spreads them to the other replicas"
+        ),
+        (n, None) => tracing::error!(
+            unconfirmed = n,
+            waited_ms = budget.as_millis() as u64,
+            "stopping with {n} changes neither confirmed by the broker nor handed to a peer: \
+             they exist only on this node and are lost unless it comes back with them"
+        ),
+    }
+}
+
+/// A peer to hand changes to at shutdown: `peer_list` first, then every peer presence
+/// ever announced (the broker being down, its online flags are stale), not yet tried.
+fn next_peer(shared: &Shared, tried: &[String]) -> Option<String> {
+    let me = crate::antientropy::self_address(shared.local_addr);
+    let known = shared
+        .peers
+        .snapshot()
+        .into_iter()
+        .map(|(_, p)| p.presence.addr);
+    let advertised = shared.config.network.advertise_address.as_ref();
+    shared
+        .config
+        .anti_entropy
+        .peer_list
+        .iter()
+        .cloned()
+        .chain(known)
+        .find(|p| *p != me && Some(p) != advertised && !tried.contains(p))
 }
 
 /// Wait (bounded) for connections to answer what they had read and close.
