@@ -304,6 +304,16 @@ impl SyncLog {
     }
 
     /// Drop the results shown long enough ([`ONE_OFF_SHOWN`], [`PERIODIC_SHOWN`]).
+    /// When the newest successful exchange still shown started, if any: every entry
+    /// this node held then has reached that peer.
+    pub fn last_success(&self) -> Option<Instant> {
+        let started = |e: &(Instant, Started, Outcome)| match &e.2 {
+            Ok((_, took)) => e.0.checked_sub(*took),
+            Err(_) => None,
+        };
+        self.last.iter().filter_map(|e| started(e.value())).max()
+    }
+
     fn forget_expired(&self, now: Instant) {
         self.last.retain(|_, (at, started, _)| {
             let shown = match started {

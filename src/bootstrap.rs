@@ -135,8 +135,17 @@ pub fn needed(config: &crate::config::Config) -> bool {
     ae.enabled && (!ae.peer_list.is_empty() || config.mqtt.enabled)
 }
 
-/// Drive the bootstrap until the node is ready (or stops).
+/// The node's readiness for its whole life: the bootstrap at start, then the watch for
+/// a long isolation (which sends it back to LOADING to rejoin).
 pub async fn run(shared: Arc<Shared>) {
+    catch_up(&shared).await;
+    if needed(&shared.config) && !*shared.shutdown.borrow() {
+        watch_isolation(&shared).await;
+    }
+}
+
+/// Drive the bootstrap until the node is ready (or stops).
+async fn catch_up(shared: &Arc<Shared>) {
     let config = &shared.config;
     if !needed(config) {
         if !config.anti_entropy.enabled && config.mqtt.enabled {
@@ -241,6 +250,190 @@ pub async fn run(shared: Arc<Shared>) {
             return;
         }
     }
+}
+
+/// A node cut off from every peer and the broker for longer than the tombstone grace
+/// may hold keys whose deletes its peers have since purged: pushed back, they would
+/// come back to life everywhere. So once its last contact (the broker connected, or an
+/// exchange completed) is older than the grace, it goes back to LOADING and rejoins
+/// (docs/ANTI_ENTROPY.md, "Long isolation").
+async fn watch_isolation(shared: &Arc<Shared>) {
+    use crate::version::now_us;
+    let grace_us = shared.config.storage.tombstone_grace_seconds * 1_000_000;
+    let mut contact = now_us();
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.wait_for(|&s| s) => return,
+        }
+        let now = now_us();
+        // Through the broker: the last moment it had confirmed all this node wrote (a
+        // write it never confirmed is newer, so it is kept through a rejoin).
+        if let Some(o) = &shared.outbound {
+            let s = &o.stats;
+            contact = contact.max(s.settled_at_us.load(Relaxed));
+            // Connected and idle: no event may come for a keep-alive period, yet the
+            // broker has everything.
+            let idle = s.buffered_events.load(Relaxed) == 0 && o.queued() == 0;
+            if s.connected.load(Relaxed) && s.settled.load(Relaxed) && idle {
+                contact = now;
+            }
+        }
+        if let Some(t) = shared.sync_log.last_success() {
+            contact = contact.max(now.saturating_sub(t.elapsed().as_micros() as u64));
+        }
+        let silent = now.saturating_sub(contact);
+        if silent > grace_us {
+            if !rejoin(shared, contact, Duration::from_micros(silent)).await {
+                return;
+            }
+            contact = now_us();
+        }
+    }
+}
+
+/// LOADING until this node has caught up with a peer that is itself ready (not loading
+/// or rejoining): only such a peer knows which deletes happened meanwhile. Right before
+/// the first exchange with it, every entry older than `cut` (the last contact) is
+/// dropped; the exchange fetches back what is still live and hands the peer the writes
+/// made since. When the only peers reachable are loading too (the whole cluster was cut
+/// apart), it waits `bootstrap_timeout_seconds`, then merges with one without dropping
+/// anything: losing data would be worse than deletes that reappear. Returns false when
+/// the node stops meanwhile.
+async fn rejoin(shared: &Arc<Shared>, cut: u64, silent: Duration) -> bool {
+    tracing::warn!(
+        silent_s = silent.as_secs(),
+        "no contact with any peer or the broker for longer than tombstone_grace_seconds: \
+         LOADING again to rejoin (entries older than the last contact are dropped and \
+         fetched back from a ready peer)"
+    );
+    let progress = format!("rejoining after {} s without contact", silent.as_secs());
+    shared.readiness.set(true, progress);
+    let timeout = Duration::from_secs(shared.config.anti_entropy.bootstrap_timeout_seconds);
+    let me = crate::antientropy::self_address(shared.local_addr);
+    let (mut forgot, mut loading_peer_since) = (false, None::<Instant>);
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        let mut loading_peer = None;
+        for peer in every_known_peer(shared) {
+            let target = peer.clone();
+            let status = tokio::task::spawn_blocking(move || peer_is_loading(&target)).await;
+            match status {
+                Ok(Some(false)) => {
+                    if !forgot {
+                        let dropped = forget_older_than(shared, cut).await;
+                        tracing::info!(dropped, %peer, "dropped entries older than the last contact; fetching from a ready peer");
+                        forgot = true;
+                    }
+                    if exchange(shared, &me, &peer).await {
+                        tracing::info!(%peer, "rejoined after a long isolation: serving clients");
+                        shared.readiness.set(false, format!("rejoined via {peer}"));
+                        return true;
+                    }
+                }
+                Ok(Some(true)) => loading_peer = Some(peer),
+                _ => {}
+            }
+        }
+        match loading_peer {
+            Some(peer) if !forgot => {
+                let since = *loading_peer_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= timeout && exchange(shared, &me, &peer).await {
+                    tracing::warn!(%peer, "no ready peer to rejoin through (every reachable one is loading too): merged with one without dropping old entries; deletes made elsewhere during the isolation may reappear");
+                    shared
+                        .readiness
+                        .set(false, format!("merged with {peer} (no ready peer)"));
+                    return true;
+                }
+            }
+            _ => loading_peer_since = None,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.wait_for(|&s| s) => return false,
+        }
+    }
+}
+
+/// Every peer this node knows of: `peer_list`, and every peer presence ever announced
+/// (online or not: with the broker gone, online flags are stale). For a rejoin, and for
+/// the hand-off at shutdown.
+pub fn every_known_peer(shared: &Shared) -> Vec<String> {
+    let me = crate::antientropy::self_address(shared.local_addr);
+    let known = shared
+        .peers
+        .snapshot()
+        .into_iter()
+        .map(|(_, p)| p.presence.addr);
+    let mut all: Vec<String> = shared.config.anti_entropy.peer_list.clone();
+    all.extend(known);
+    all.sort();
+    all.dedup();
+    let advertised = shared.config.network.advertise_address.as_ref();
+    all.retain(|p| *p != me && Some(p) != advertised);
+    all
+}
+
+/// One exchange with `peer` through this node's own port (open, and SYNC.MSG is served
+/// while loading); true when it completed.
+async fn exchange(shared: &Arc<Shared>, me: &str, peer: &str) -> bool {
+    let (local, target) = (me.to_string(), peer.to_string());
+    let result =
+        tokio::task::spawn_blocking(move || crate::antientropy::run_exchange(&local, &target))
+            .await;
+    match result {
+        Ok(Ok((report, took))) => {
+            let periodic = crate::antientropy::Started::Periodic;
+            shared
+                .sync_log
+                .record(peer, Ok((report, took)), periodic, Instant::now());
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, "rejoin exchange failed: {e}");
+            false
+        }
+        Err(_) => false,
+    }
+}
+
+/// Drop every shard's entries older than `cut`; returns how many were dropped.
+async fn forget_older_than(shared: &Shared, cut: u64) -> u64 {
+    let mut dropped = 0;
+    for inbox in &shared.inboxes[..1 << shared.shard_bits] {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let msg = crate::server::ThreadMsg::Forget { hlc: cut, reply };
+        if inbox.send(msg).await.is_ok() {
+            dropped += rx.await.unwrap_or(0);
+        }
+    }
+    dropped
+}
+
+/// Whether the node at `addr` says it is loading (its INFO `loading` field); `None` when
+/// it cannot be asked. A node too old to have the field is ready.
+fn peer_is_loading(addr: &str) -> Option<bool> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let target = std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .ok()?
+        .next()?;
+    let wait = Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&target, wait).ok()?;
+    stream.set_read_timeout(Some(wait)).ok()?;
+    stream.write_all(b"INFO\r\n").ok()?;
+    let mut reader = BufReader::new(stream).take(64 << 10);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    let n: usize = line.trim().strip_prefix("INFO ")?.parse().ok()?;
+    for _ in 0..n {
+        line.clear();
+        reader.read_line(&mut line).ok()?;
+        if let Some(v) = line.trim().strip_prefix("loading:") {
+            return Some(v == "1");
+        }
+    }
+    Some(false)
 }
 
 #[cfg(test)]

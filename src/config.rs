@@ -514,6 +514,17 @@ impl Config {
                 self.node_id
             ));
         }
+        // A node that has not exchanged for a grace period treats itself as isolated and
+        // rejoins (src/bootstrap.rs): several rounds must fit in that time.
+        let grace = self.storage.tombstone_grace_seconds;
+        if self.anti_entropy.interval_seconds >= grace / 4 {
+            problems.push(format!(
+                "anti_entropy.interval_seconds: must be below storage.tombstone_grace_seconds \
+                 / 4 ({}), found {}",
+                grace / 4,
+                self.anti_entropy.interval_seconds
+            ));
+        }
         let mqtt = &self.mqtt;
         if mqtt.offline_buffer_events < mqtt.batch_max_events {
             problems.push(format!(
@@ -887,6 +898,7 @@ mqtt = { enabled = false, batch_max_events = 0 } => mqtt.batch_max_events: expec
 mqtt = { enabled = false, batch_max_events = 65537 } => mqtt.batch_max_events
 mqtt = { enabled = "yes", broker_address = "tcp://h:1" } => mqtt.enabled: expected true or false, found "yes"
 mqtt.embedded_broker = { enabled = true, listen = "nope" } => mqtt.embedded_broker.listen: expected an IP socket address
+anti_entropy.interval_seconds = 21600 => anti_entropy.interval_seconds: must be below storage.tombstone_grace_seconds / 4 (21600), found 21600
 anti_entropy.interval_seconds = 0 => anti_entropy.interval_seconds: expected an integer >= 1
 anti_entropy.max_concurrent_syncs = 0 => anti_entropy.max_concurrent_syncs
 anti_entropy.peer_list = ["h:1", "nohost"] => anti_entropy.peer_list[1]: missing `:port`

@@ -63,6 +63,12 @@ pub struct ReplStats {
     pub connected: AtomicBool,
     /// While stopping: changes not yet confirmed by the broker (see `Replication::flush`).
     pub unconfirmed: AtomicU64,
+    /// Wall-clock µs when the broker last had confirmed every change this node had made:
+    /// the node's last contact through the broker (src/bootstrap.rs, long isolation).
+    pub settled_at_us: AtomicU64,
+    /// Whether, at the last event from the broker, it had confirmed everything (cleared
+    /// by every publish): connected, settled and nothing queued means in contact now.
+    pub settled: AtomicBool,
     pub connects: AtomicU64,
     pub published_events: AtomicU64,
     pub published_payloads: AtomicU64,
@@ -193,6 +199,11 @@ impl Outbound {
                 return;
             }
         }
+    }
+
+    /// Changes waiting in the queue to the replication thread.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Relaxed)
     }
 
     /// Called by the replication thread after taking `n` events off the queue.
@@ -750,6 +761,7 @@ async fn drive(
                 continue;
             }
         };
+        let incoming = matches!(event, Event::Incoming(_));
         match event {
             Event::Incoming(Packet::ConnAck(ack)) => {
                 backoff = BACKOFF_FIRST;
@@ -794,6 +806,21 @@ async fn drive(
                 }
             }
             _ => {}
+        }
+        // Anything from the broker (acks, peers' changes, keep-alive answers) while it
+        // holds nothing of ours unconfirmed: every change made so far has reached it.
+        if incoming {
+            let l = link.borrow();
+            let settled = l.connected
+                && l.buffered() == 0
+                && l.unconfirmed.events() == 0
+                && ctx.outbound.queued.load(Relaxed) == 0;
+            if settled {
+                ctx.stats
+                    .settled_at_us
+                    .store(crate::version::now_us(), Relaxed);
+            }
+            ctx.stats.settled.store(settled, Relaxed);
         }
     }
 }
@@ -1010,6 +1037,7 @@ async fn publish(ctx: Rc<Context>, link: Rc<RefCell<Link>>, wake: Rc<Notify>, cl
                 };
                 let payload = sent.payload.clone();
                 link.borrow_mut().unconfirmed.push(sent);
+                ctx.stats.settled.store(false, Relaxed);
                 ctx.stats
                     .buffered_events
                     .store(link.borrow().buffered(), Relaxed);

@@ -49,6 +49,12 @@ pub enum ThreadMsg {
         request: Arc<crate::sync::Request>,
         reply: oneshot::Sender<crate::sync::Part>,
     },
+    /// Drop this shard's entries older than `hlc` (a rejoin after a long isolation);
+    /// replies with how many were dropped.
+    Forget {
+        hlc: u64,
+        reply: oneshot::Sender<u64>,
+    },
     Stop,
 }
 
@@ -339,6 +345,12 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
                         }
                     }
                 }
+                ThreadMsg::Forget { hlc, reply } => {
+                    let (_, shard) = local
+                        .as_ref()
+                        .expect("forget sent to a thread without a shard");
+                    let _ = reply.send(shard.borrow_mut().forget_older_than(hlc));
+                }
                 ThreadMsg::Stop => break,
             }
         }
@@ -467,7 +479,8 @@ async fn flush_replication(shared: &Arc<Shared>, r: &crate::replication::Replica
             break left;
         }
         if !r.connected() && Instant::now() >= dial_after {
-            if let Some(peer) = next_peer(shared, &tried) {
+            let next = crate::bootstrap::every_known_peer(shared);
+            if let Some(peer) = next.into_iter().find(|p| !tried.contains(p)) {
                 tried.push(peer.clone());
                 let shards = shared.inboxes[..1 << shared.shard_bits].to_vec();
                 let target = peer.clone();
@@ -506,26 +519,6 @@ async fn flush_replication(shared: &Arc<Shared>, r: &crate::replication::Replica
              they exist only on this node and are lost unless it comes back with them"
         ),
     }
-}
-
-/// A peer to hand changes to at shutdown: `peer_list` first, then every peer presence
-/// ever announced (the broker being down, its online flags are stale), not yet tried.
-fn next_peer(shared: &Shared, tried: &[String]) -> Option<String> {
-    let me = crate::antientropy::self_address(shared.local_addr);
-    let known = shared
-        .peers
-        .snapshot()
-        .into_iter()
-        .map(|(_, p)| p.presence.addr);
-    let advertised = shared.config.network.advertise_address.as_ref();
-    shared
-        .config
-        .anti_entropy
-        .peer_list
-        .iter()
-        .cloned()
-        .chain(known)
-        .find(|p| *p != me && Some(p) != advertised && !tried.contains(p))
 }
 
 /// Wait (bounded) for connections to answer what they had read and close.

@@ -571,6 +571,38 @@ impl Shard {
         purged
     }
 
+    /// Drop every entry, value or tombstone, whose version is older than `hlc`: what a
+    /// node cut off for longer than the tombstone grace cannot trust (its peers may have
+    /// purged deletes it never saw). Its peers hold what is still live, and the rejoin
+    /// fetches it back (src/bootstrap.rs). Records no change: nothing is replicated.
+    /// Returns the number of entries dropped.
+    pub fn forget_older_than(&mut self, hlc: u64) -> u64 {
+        let (mut keys, mut tombstones) = (0, 0);
+        for b in 0..self.tables.len() {
+            let (mut delta, mut freed) = (EMPTY_LEAF, 0);
+            self.tables[b].retain(|e| {
+                let old = e.hlc < hlc;
+                if old {
+                    xor_into(&mut delta, &e.digest());
+                    freed += e.bytes();
+                    match e.value() {
+                        Some(_) => keys += 1,
+                        None => tombstones += 1,
+                    }
+                }
+                !old
+            });
+            if freed > 0 {
+                self.tree.toggle(b, &delta);
+                self.bytes_used -= freed;
+                self.budget.shrink(freed);
+            }
+        }
+        self.stats.keys -= keys;
+        self.stats.tombstones -= tombstones;
+        keys + tombstones
+    }
+
     /// Add `delta` to the integer stored at `key` (absent = 0); returns the new value.
     pub fn incr(&mut self, h: KeyHash, key: &[u8], delta: i64) -> Result<i64, StoreError> {
         let current = match self.get(h, key) {
@@ -666,6 +698,37 @@ mod tests {
     }
     fn h(k: &[u8]) -> KeyHash {
         KeyHash::of(k)
+    }
+
+    #[test]
+    fn forgetting_drops_exactly_the_entries_older_than_the_cut() {
+        let now = 10_000_000;
+        let v = |hlc| Version { hlc, origin: 1 };
+        let (mut s, mut kept) = (shard(), shard());
+        for (key, value, hlc) in [
+            (&b"old"[..], Some(&b"1"[..]), 100),
+            (b"old-tombstone", None, 200),
+            (b"new", Some(b"2"), 300),
+            (b"new-tombstone", None, 400),
+        ] {
+            assert!(s.apply(h(key), key, value, v(hlc), now));
+            if hlc >= 300 {
+                assert!(kept.apply(h(key), key, value, v(hlc), now));
+            }
+        }
+        let used = s.budget.used();
+        assert_eq!(s.forget_older_than(300), 2);
+        assert_eq!(s.get(h(b"old"), b"old"), None);
+        assert_eq!(s.version_of(h(b"old-tombstone"), b"old-tombstone"), None);
+        assert_eq!(s.get(h(b"new"), b"new"), Some(&b"2"[..]));
+        assert!(s
+            .version_of(h(b"new-tombstone"), b"new-tombstone")
+            .is_some());
+        assert_eq!(s.root(), kept.root(), "the tree follows the entries");
+        let stats = s.snapshot_stats();
+        assert_eq!((stats.keys, stats.tombstones), (1, 1));
+        assert!(s.budget.used() < used);
+        assert_eq!(s.bytes_used, kept.bytes_used);
     }
 
     #[test]

@@ -1,0 +1,163 @@
+//! Long isolation never resurrects deletes (docs/ANTI_ENTROPY.md, "Long isolation"): a
+//! node cut off from every peer and the broker for longer than the tombstone grace goes
+//! back to LOADING, keeps only what it wrote since its last contact, and refetches the
+//! rest from a ready peer.
+
+mod common;
+use common::{eventually, Broker, BrokerKind, Node};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A TCP forwarder that can be cut (open connections closed, new ones refused) and
+/// restored on the same port: a network partition without root.
+struct Proxy {
+    port: u16,
+    target: u16,
+    cut: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(target: u16) -> Proxy {
+        let port = common::free_port();
+        let p = Proxy {
+            port,
+            target,
+            cut: Arc::new(AtomicBool::new(false)),
+            open: Arc::default(),
+        };
+        p.listen();
+        p
+    }
+
+    fn listen(&self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).unwrap();
+        let (cut, open, target) = (self.cut.clone(), self.open.clone(), self.target);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                // Cut: stop listening (the port then refuses) and drop this one.
+                if cut.load(Relaxed) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                let mut open = open.lock().unwrap();
+                open.push(client.try_clone().unwrap());
+                open.push(server.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 << 10];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Relaxed);
+        // Wake the accept loop so it sees the cut and closes the listener.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        for s in self.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        eventually(Duration::from_secs(10), "the proxy refuses", || {
+            TcpStream::connect(("127.0.0.1", self.port))
+                .is_err()
+                .then_some(())
+        });
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Relaxed);
+        self.listen();
+    }
+}
+
+#[test]
+fn a_node_isolated_past_the_grace_period_does_not_bring_deleted_keys_back() {
+    const GRACE: u64 = 60; // the smallest allowed
+    let broker = Broker::start(BrokerKind::Embedded);
+    let prefix = format!("iso-{}", std::process::id());
+    // B: the healthy side, always on the broker; it does not dial A itself. It tells
+    // peers (A) to reach it through a proxy, so cutting the proxy cuts A off from it.
+    let b_port = common::free_port();
+    let to_b = Proxy::start(b_port);
+    let b = Node::launch_on(
+        b_port,
+        &format!(
+            "mqtt.broker_address = \"tcp://127.0.0.1:{}\"\nmqtt.topic_prefix = \"{prefix}\"\n\
+             storage.pin_threads = false\nstorage.tombstone_grace_seconds = {GRACE}\n\
+             anti_entropy.interval_seconds = 5\n\
+             network.advertise_address = \"127.0.0.1:{}\"",
+            broker.port, to_b.port
+        ),
+    );
+    b.wait_loaded();
+    // A reaches the broker and B only through proxies that the test cuts.
+    let to_broker = Proxy::start(broker.port);
+    let a = Node::start_with(&format!(
+        "mqtt.broker_address = \"tcp://127.0.0.1:{}\"\nmqtt.topic_prefix = \"{prefix}\"\n\
+         storage.pin_threads = false\nstorage.tombstone_grace_seconds = {GRACE}\n\
+         anti_entropy.enabled = true\nanti_entropy.interval_seconds = 5\n\
+         anti_entropy.peer_list = [\"127.0.0.1:{}\"]",
+        to_broker.port, to_b.port
+    ));
+    assert_eq!(a.client().one("SET doomed old-value"), "OK");
+    eventually(Duration::from_secs(20), "the write replicates", || {
+        (b.client().one("GET doomed") == "old-value").then_some(())
+    });
+
+    to_broker.cut();
+    to_b.cut();
+    eventually(Duration::from_secs(20), "A sees the broker gone", || {
+        (a.field("INFO", "replication") != "connected").then_some(())
+    });
+    // While A is cut off: B deletes (A never hears of it), A writes.
+    assert_eq!(b.client().one("DEL doomed"), "DELETED");
+    assert_eq!(a.client().one("SET written-alone fresh"), "OK");
+
+    // Past the grace period B has purged the tombstone and A has gone back to LOADING.
+    eventually(
+        Duration::from_secs(GRACE + 60),
+        "A goes back to LOADING",
+        || (a.field("INFO", "loading") == "1").then_some(()),
+    );
+    assert!(a.field("INFO", "bootstrap").starts_with("rejoining"));
+    assert!(a.client().one("GET doomed").starts_with("ERROR: LOADING"));
+    eventually(Duration::from_secs(60), "B purges the tombstone", || {
+        (b.stat("tombstones") == 0).then_some(())
+    });
+
+    to_broker.restore();
+    to_b.restore();
+    a.wait_loaded();
+    assert!(a.field("INFO", "bootstrap").starts_with("rejoined via"));
+    // Let A's periodic exchanges run with B a few times: nothing old comes back.
+    eventually(Duration::from_secs(60), "A exchanges with B again", || {
+        let sync = a.field("INFO", "sync_peer");
+        sync.contains(" OK ").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(12)); // two more rounds (interval 5 s)
+    for n in [&a, &b] {
+        assert_eq!(
+            n.client().one("GET doomed"),
+            "(null)",
+            "a purged delete came back"
+        );
+        assert_eq!(n.client().one("GET written-alone"), "fresh");
+    }
+}
