@@ -49,6 +49,9 @@ impl Span {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpKind {
     Get,
+    /// A GET that is one slot of an MGET run: skipped (no bytes, [`Outcome::Skipped`])
+    /// once the shard's share of the run holds [`RUN_REPLY_BYTES`]; the run resumes there.
+    MgetSlot,
     Set,
     /// An MSET part: no reply bytes, the outcome says whether it was stored.
     SetQuiet,
@@ -92,10 +95,25 @@ pub enum Outcome {
         keys: u32,
     },
     Stats(ShardStats),
+    /// An MGET slot not run: the run's reply bytes were full (see [`OpKind::MgetSlot`]).
+    Skipped,
 }
 
+/// Reply bytes one shard's share of an MGET run may hold before it skips the rest: a
+/// run plans up to thousands of keys, and their values must not all sit in memory.
+pub const RUN_REPLY_BYTES: usize = 256 << 10;
+
 /// Execute `op` against `shard`, appending its reply bytes (if it has any) to `out`.
-pub fn execute(shard: &mut Shard, op: &ShardOp, data: &[u8], out: &mut Vec<u8>) -> Outcome {
+///
+/// `share_start` is where the bytes of this shard's share of the segment begin in `out`:
+/// an MGET slot is skipped once the share holds [`RUN_REPLY_BYTES`].
+pub fn execute(
+    shard: &mut Shard,
+    op: &ShardOp,
+    data: &[u8],
+    out: &mut Vec<u8>,
+    share_start: usize,
+) -> Outcome {
     let key = op.key.get(data);
     let arg = op.arg.get(data);
     let h = op.hash;
@@ -108,7 +126,8 @@ pub fn execute(shard: &mut Shard, op: &ShardOp, data: &[u8], out: &mut Vec<u8>) 
         Err(e) => error(shard, e, out),
     };
     match op.kind {
-        OpKind::Get => {
+        OpKind::MgetSlot if out.len() - share_start >= RUN_REPLY_BYTES => Outcome::Skipped,
+        OpKind::Get | OpKind::MgetSlot => {
             shard.stats.gets += 1;
             match shard.get(h, key) {
                 Some(v) if !representable(v) => {
