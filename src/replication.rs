@@ -15,8 +15,9 @@
 //! Payloads not yet acknowledged (PUBACK) when the connection drops are published
 //! again after reconnecting, unless the broker kept the session (then rumqttc resends
 //! them itself). After a reconnect the thread waits until every peer that was online has
-//! announced itself again (so has re-subscribed), at most [`RESUBSCRIBE_WAIT`], before
-//! publishing: changes published before a peer re-subscribes would never reach it.
+//! announced itself online again (so has re-subscribed; its last will does not count),
+//! at most [`RESUBSCRIBE_WAIT`], before publishing: changes published before a peer
+//! re-subscribes would never reach it.
 
 use crate::changes::{decode, DecodeError, Limits, PayloadBuilder};
 use crate::config::Config;
@@ -637,6 +638,16 @@ impl Link {
         self.outbox_events + self.retry_events
     }
 
+    /// A presence record of `node` arrived; true when it ends the wait for that node.
+    /// An *online* record that arrives after our reconnect settles its node: a live one
+    /// is published after that node re-subscribed; a retained one means the broker kept
+    /// its state (it did not restart), so the node's subscription is there too. An
+    /// offline record (a last will) does not: the node lost its connection too and may
+    /// be re-subscribing right now, so the wait goes on, at most until `settle_until`.
+    fn presence_seen(&mut self, node: &str, online: bool) -> bool {
+        online && self.awaiting.remove(node)
+    }
+
     fn settled(&self, now: Instant) -> bool {
         self.awaiting.is_empty() || self.settle_until.is_none_or(|t| now >= t)
     }
@@ -845,10 +856,7 @@ fn on_presence(ctx: &Context, l: &mut Link, wake: &Notify, node: &str, payload: 
         }
     };
     tracing::info!(node, online = p.online, addr = %p.addr, "peer presence");
-    // A record that arrives after our reconnect settles its node: a live one is
-    // published after that node re-subscribed; a retained one means the broker kept
-    // its state (it did not restart), so the node's subscription is there too.
-    if l.awaiting.remove(node) {
+    if l.presence_seen(node, p.online) {
         wake.notify_one();
     }
     if !ctx.peers.update(node, p) {
@@ -1128,6 +1136,26 @@ mod tests {
             f.push(sent(1));
         }
         assert!(f.full());
+    }
+
+    #[test]
+    fn the_reconnect_hold_ends_only_on_online_records_of_awaited_peers() {
+        let mut l = Link {
+            awaiting: ["a", "b"].map(String::from).into(),
+            settle_until: Some(Instant::now() + RESUBSCRIBE_WAIT),
+            ..Link::default()
+        };
+        // A retained last will says the peer was cut off, not that it re-subscribed:
+        // it may be reconnecting right now, and what we publish first would miss it.
+        assert!(
+            !l.presence_seen("a", false),
+            "an offline record ends no wait"
+        );
+        assert!(!l.presence_seen("c", true), "c was not awaited");
+        assert!(l.presence_seen("b", true));
+        assert!(!l.settled(Instant::now()), "still waiting for a");
+        assert!(l.presence_seen("a", true));
+        assert!(l.settled(Instant::now()));
     }
 
     #[test]
