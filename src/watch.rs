@@ -11,7 +11,7 @@
 use crate::changes::{decode, Limits};
 use crate::config::Config;
 use crate::replication::{mqtt_options, payload_bytes_max, ReplError, Topics};
-use rumqttc::{AsyncClient, Event, Packet, QoS};
+use rumqttc::{Event, Packet, QoS};
 use std::io::Write;
 
 /// Bytes of a value shown before it is cut with `...`.
@@ -36,7 +36,7 @@ pub fn run(config: &Config) -> Result<(), ReplError> {
         crate::replication::broker_address(config)
     );
     rt.block_on(async move {
-        let (client, mut eventloop) = AsyncClient::new(options, 16);
+        let (client, mut eventloop) = crate::replication::mqtt_client(options, 16);
         let stop = crate::server::shutdown_signal();
         tokio::pin!(stop);
         loop {
