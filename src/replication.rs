@@ -9,8 +9,9 @@
 //!   connections stop reading new commands ([`Outbound::admit`]); after
 //!   `backpressure_max_ms` they go on and changes beyond the queue are dropped and
 //!   counted (anti-entropy repairs them), so a stuck broker never stalls clients for long;
-//! - disconnected: changes wait in the outbox up to `offline_buffer_events`, then are
-//!   dropped and counted; after reconnecting they go out, oldest first.
+//! - disconnected: changes wait in the outbox up to `offline_buffer_events` and
+//!   `offline_buffer_bytes`, then are dropped and counted; after reconnecting they go
+//!   out, oldest first.
 //!
 //! Payloads not yet acknowledged (PUBACK) when the connection drops are published
 //! again after reconnecting, unless the broker kept the session (then rumqttc resends
@@ -37,9 +38,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
-/// Events queued from the shards to the replication thread before connections wait:
-/// `offline_buffer_events`, within these bounds (both bound the same path's memory).
+/// Events and bytes queued from the shards to the replication thread before connections
+/// wait: `offline_buffer_events` and `offline_buffer_bytes`, within these bounds (both
+/// bound the same path's memory).
 pub const QUEUE_EVENTS: std::ops::RangeInclusive<usize> = 1024..=64 * 1024;
+pub const QUEUE_BYTES: std::ops::RangeInclusive<usize> = 1 << 20..=64 << 20;
 /// A payload is cut once it holds this many bytes (a single larger event goes alone).
 pub const PAYLOAD_TARGET_BYTES: usize = 64 * 1024;
 /// Payloads published and not yet acknowledged, at most, by count and by bytes. Some
@@ -73,8 +76,9 @@ pub struct ReplStats {
     pub dropped_overflow: AtomicU64,
     /// Changes dropped because the offline buffer was full.
     pub dropped_offline: AtomicU64,
-    /// Gauge: changes waiting in the outbox (the offline buffer).
+    /// Gauges: changes waiting in the outbox (the offline buffer), and their bytes.
     pub buffered_events: AtomicU64,
+    pub buffered_bytes: AtomicU64,
     pub received_events: AtomicU64,
     /// Remote changes that won by LWW and were applied.
     pub applied_events: AtomicU64,
@@ -89,11 +93,11 @@ pub struct ReplStats {
 pub struct ReplSnapshot {
     pub enabled: bool,
     pub connected: bool,
-    pub counters: [u64; 12],
+    pub counters: [u64; 13],
 }
 
 impl ReplSnapshot {
-    pub const NAMES: [&'static str; 12] = [
+    pub const NAMES: [&'static str; 13] = [
         "repl_connects",
         "repl_published_events",
         "repl_published_payloads",
@@ -101,6 +105,7 @@ impl ReplSnapshot {
         "repl_dropped_overflow",
         "repl_dropped_offline",
         "repl_buffered_events",
+        "repl_buffered_bytes",
         "repl_received_events",
         "repl_applied_events",
         "repl_apply_failed",
@@ -127,6 +132,7 @@ impl ReplStats {
             &self.dropped_overflow,
             &self.dropped_offline,
             &self.buffered_events,
+            &self.buffered_bytes,
             &self.received_events,
             &self.applied_events,
             &self.apply_failed,
@@ -144,9 +150,12 @@ impl ReplStats {
 /// The shards' side of the queue to the replication thread.
 pub struct Outbound {
     tx: mpsc::UnboundedSender<Journal>,
-    /// Events in the channel: the channel is unbounded by type, bounded by this gate.
+    /// Events and bytes in the channel: the channel is unbounded by type, bounded by
+    /// this gate.
     queued: AtomicUsize,
+    queued_bytes: AtomicUsize,
     capacity: usize,
+    capacity_bytes: usize,
     /// Set when admission gave up waiting: changes past the bound are dropped.
     overflow: AtomicBool,
     room: Notify,
@@ -155,32 +164,59 @@ pub struct Outbound {
 }
 
 impl Outbound {
+    fn new(
+        mqtt: &crate::config::MqttConfig,
+        tx: mpsc::UnboundedSender<Journal>,
+        stats: Arc<ReplStats>,
+    ) -> Outbound {
+        Outbound {
+            tx,
+            queued: AtomicUsize::new(0),
+            queued_bytes: AtomicUsize::new(0),
+            capacity: (mqtt.offline_buffer_events)
+                .clamp(*QUEUE_EVENTS.start(), *QUEUE_EVENTS.end()),
+            capacity_bytes: (mqtt.offline_buffer_bytes)
+                .clamp(*QUEUE_BYTES.start(), *QUEUE_BYTES.end()),
+            overflow: AtomicBool::new(false),
+            room: Notify::new(),
+            backpressure: Duration::from_millis(mqtt.backpressure_max_ms),
+            stats,
+        }
+    }
+
     /// Queue a shard's journal. Never blocks: over the bound (only after admission gave
     /// up waiting) the changes are dropped and counted.
     pub fn push(&self, journal: Journal) {
-        let n = journal.events as usize;
-        if self.overflow.load(Relaxed) && self.queued.load(Relaxed) >= self.capacity {
+        let (n, bytes) = (journal.events as usize, journal.bytes.len());
+        if self.overflow.load(Relaxed) && self.full() {
             self.stats.dropped_overflow.fetch_add(n as u64, Relaxed);
             return;
         }
         self.queued.fetch_add(n, Relaxed);
+        self.queued_bytes.fetch_add(bytes, Relaxed);
         if self.tx.send(journal).is_err() {
             // The replication thread is gone (shutting down): nothing left to send to.
             self.queued.fetch_sub(n, Relaxed);
+            self.queued_bytes.fetch_sub(bytes, Relaxed);
         }
+    }
+
+    fn full(&self) -> bool {
+        self.queued.load(Relaxed) >= self.capacity
+            || self.queued_bytes.load(Relaxed) >= self.capacity_bytes
     }
 
     /// Wait, before reading more commands, until the queue has room, at most
     /// `backpressure_max_ms`; then stop waiting (and let [`Outbound::push`] drop).
     pub async fn admit(&self) {
-        if self.queued.load(Relaxed) < self.capacity || self.overflow.load(Relaxed) {
+        if !self.full() || self.overflow.load(Relaxed) {
             return;
         }
         self.stats.backpressure_waits.fetch_add(1, Relaxed);
         let deadline = tokio::time::Instant::now() + self.backpressure;
         loop {
             let room = self.room.notified();
-            if self.queued.load(Relaxed) < self.capacity || self.overflow.load(Relaxed) {
+            if !self.full() || self.overflow.load(Relaxed) {
                 return;
             }
             if tokio::time::timeout_at(deadline, room).await.is_err() {
@@ -196,13 +232,15 @@ impl Outbound {
         }
     }
 
-    /// Called by the replication thread after taking `n` events off the queue.
-    fn taken(&self, n: usize) {
+    /// Called by the replication thread after taking `n` events of `bytes` off the queue.
+    fn taken(&self, n: usize, bytes: usize) {
         let left = self.queued.fetch_sub(n, Relaxed) - n;
-        if left < self.capacity / 2 && self.overflow.swap(false, Relaxed) {
+        let left_bytes = self.queued_bytes.fetch_sub(bytes, Relaxed) - bytes;
+        let half_empty = left < self.capacity / 2 && left_bytes < self.capacity_bytes / 2;
+        if half_empty && self.overflow.swap(false, Relaxed) {
             tracing::info!("replication queue has room again: no more changes dropped");
         }
-        if left < self.capacity {
+        if !self.full() {
             self.room.notify_waiters();
         }
     }
@@ -423,16 +461,7 @@ impl Replication {
         let options = mqtt_options(config, &config.mqtt.client_id)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(ReplStats::default());
-        let outbound = Arc::new(Outbound {
-            tx,
-            queued: AtomicUsize::new(0),
-            capacity: (config.mqtt.offline_buffer_events)
-                .clamp(*QUEUE_EVENTS.start(), *QUEUE_EVENTS.end()),
-            overflow: AtomicBool::new(false),
-            room: Notify::new(),
-            backpressure: Duration::from_millis(config.mqtt.backpressure_max_ms),
-            stats: stats.clone(),
-        });
+        let outbound = Arc::new(Outbound::new(&config.mqtt, tx, stats.clone()));
         let (control, control_rx) = tokio::sync::mpsc::unbounded_channel();
         let shards = inboxes.len();
         let ctx = Context {
@@ -453,6 +482,7 @@ impl Replication {
             batch_events: config.mqtt.batch_max_events.max(1),
             batch_delay: Duration::from_micros(config.mqtt.batch_max_delay_us),
             offline_max: config.mqtt.offline_buffer_events as u64,
+            offline_bytes_max: config.mqtt.offline_buffer_bytes,
             inboxes,
             peers,
             outbound: outbound.clone(),
@@ -528,6 +558,7 @@ struct Context {
     batch_events: usize,
     batch_delay: Duration,
     offline_max: u64,
+    offline_bytes_max: usize,
     inboxes: Vec<tokio::sync::mpsc::Sender<ThreadMsg>>,
     peers: Arc<Peers>,
     outbound: Arc<Outbound>,
@@ -638,9 +669,10 @@ struct Link {
     outbox_bytes: usize,
     /// When the oldest event in the outbox arrived.
     outbox_since: Option<Instant>,
-    /// Payloads to publish again, before the outbox, and their events.
+    /// Payloads to publish again, before the outbox, and their events and bytes.
     retry: VecDeque<Sent>,
     retry_events: u64,
+    retry_bytes: usize,
     unconfirmed: InFlight,
     stopping: bool,
 }
@@ -648,6 +680,16 @@ struct Link {
 impl Link {
     fn buffered(&self) -> u64 {
         self.outbox_events + self.retry_events
+    }
+
+    fn buffered_bytes(&self) -> usize {
+        self.outbox_bytes + self.retry_bytes
+    }
+
+    /// Whether `events` more of `bytes` would pass the offline buffer's bounds.
+    fn over(&self, events: u64, bytes: usize, ctx: &Context) -> bool {
+        self.buffered() + events > ctx.offline_max
+            || self.buffered_bytes() + bytes > ctx.offline_bytes_max
     }
 
     /// A presence record of `node` arrived; true when it ends the wait for that node.
@@ -658,6 +700,13 @@ impl Link {
     /// be re-subscribing right now, so the wait goes on, at most until `settle_until`.
     fn presence_seen(&mut self, node: &str, online: bool) -> bool {
         online && self.awaiting.remove(node)
+    }
+
+    fn publish_gauges(&self, stats: &ReplStats) {
+        stats.buffered_events.store(self.buffered(), Relaxed);
+        stats
+            .buffered_bytes
+            .store(self.buffered_bytes() as u64, Relaxed);
     }
 
     fn settled(&self, now: Instant) -> bool {
@@ -840,8 +889,10 @@ fn on_connect(ctx: &Context, l: &mut Link, client: &AsyncClient, session_present
         // publishes: send them again, in order, before anything newer.
         for s in l.unconfirmed.take_all().into_iter().rev() {
             l.retry_events += u64::from(s.events);
+            l.retry_bytes += s.payload.len();
             l.retry.push_front(s);
         }
+        l.publish_gauges(&ctx.stats);
     }
     // Hold publishing until the peers that were online show up again. Not needed when
     // the broker kept our session: it kept theirs, and queues for them.
@@ -930,7 +981,10 @@ async fn intake(
 ) {
     // Connected: leave changes in the queue while the outbox is full, so writers feel
     // backpressure. Disconnected: take them, and drop what does not fit.
-    let hold = |l: &Link| l.connected && l.buffered() >= ctx.offline_max;
+    let hold = |l: &Link| {
+        l.connected
+            && (l.buffered() >= ctx.offline_max || l.buffered_bytes() >= ctx.offline_bytes_max)
+    };
     loop {
         while hold(&link.borrow()) {
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -938,16 +992,18 @@ async fn intake(
         let Some(journal) = rx.recv().await else {
             return;
         };
-        ctx.outbound.taken(journal.events as usize);
+        let bytes = journal.bytes.len();
+        ctx.outbound.taken(journal.events as usize, bytes);
         let mut l = link.borrow_mut();
         let n = u64::from(journal.events);
-        // Connected, the outbox may pass its bound by this one journal (the hold above
+        // Connected, the outbox may pass its bounds by this one journal (the hold above
         // keeps it from growing further); disconnected, it never does.
-        if !l.connected && l.buffered() + n > ctx.offline_max {
+        if !l.connected && l.over(n, bytes, &ctx) {
             let total = ctx.stats.dropped_offline.fetch_add(n, Relaxed) + n;
             if total == n {
                 tracing::warn!(
-                    limit = ctx.offline_max,
+                    events_max = ctx.offline_max,
+                    bytes_max = ctx.offline_bytes_max,
                     "offline buffer full: dropping changes (anti-entropy repairs them)"
                 );
             }
@@ -955,9 +1011,9 @@ async fn intake(
         }
         l.outbox_since.get_or_insert_with(Instant::now);
         l.outbox_events += n;
-        l.outbox_bytes += journal.bytes.len();
+        l.outbox_bytes += bytes;
         l.outbox.push_back(journal);
-        ctx.stats.buffered_events.store(l.buffered(), Relaxed);
+        l.publish_gauges(&ctx.stats);
         wake.notify_one();
     }
 }
@@ -1018,21 +1074,21 @@ async fn publish(ctx: Rc<Context>, link: Rc<RefCell<Link>>, wake: Rc<Notify>, cl
                 }
             }
             Next::Publish => {
-                let sent = {
+                let payload = {
                     let mut l = link.borrow_mut();
-                    match l.retry.pop_front() {
+                    let sent = match l.retry.pop_front() {
                         Some(s) => {
                             l.retry_events -= u64::from(s.events);
+                            l.retry_bytes -= s.payload.len();
                             s
                         }
                         None => next_payload(&ctx, &mut l, &mut builder),
-                    }
+                    };
+                    let payload = sent.payload.clone();
+                    l.unconfirmed.push(sent);
+                    l.publish_gauges(&ctx.stats);
+                    payload
                 };
-                let payload = sent.payload.clone();
-                link.borrow_mut().unconfirmed.push(sent);
-                ctx.stats
-                    .buffered_events
-                    .store(link.borrow().buffered(), Relaxed);
                 if let Err(e) = client
                     .publish_bytes(topic.clone(), QoS::AtLeastOnce, false, payload)
                     .await
@@ -1168,6 +1224,39 @@ mod tests {
         assert!(!l.settled(Instant::now()), "still waiting for a");
         assert!(l.presence_seen("a", true));
         assert!(l.settled(Instant::now()));
+    }
+
+    #[test]
+    fn the_queue_is_full_by_bytes_too_and_drops_only_after_admission_gives_up() {
+        let mut mqtt = Config::defaults(true).mqtt;
+        mqtt.offline_buffer_bytes = 1 << 20;
+        mqtt.backpressure_max_ms = 0;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let out = Outbound::new(&mqtt, tx, Arc::default());
+        let big = || Journal {
+            bytes: vec![0; 600 << 10],
+            events: 1,
+        };
+        out.push(big());
+        assert!(!out.full());
+        out.push(big());
+        assert!(out.full(), "two events, but 1.2 MiB of them");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(out.admit()); // gives up at once: backpressure_max_ms = 0
+        out.push(big());
+        assert_eq!(out.stats.dropped_overflow.load(Relaxed), 1);
+        for _ in 0..2 {
+            let j = rx.try_recv().unwrap();
+            out.taken(j.events as usize, j.bytes.len());
+        }
+        assert!(
+            rx.try_recv().is_err(),
+            "the dropped journal was never queued"
+        );
+        assert!(!out.full() && !out.overflow.load(Relaxed));
     }
 
     #[test]

@@ -810,3 +810,38 @@ fn writes_in_flight_when_the_broker_dies_are_delivered_after_it_returns() {
         );
     });
 }
+
+#[test]
+fn a_broker_outage_with_large_values_keeps_the_offline_buffer_within_its_bytes() {
+    // Nothing listens on the broker port: every change waits in the offline buffer.
+    // 160 changes of 1 MiB are ten times its 16 MiB (a count of 100,000 events, the
+    // default, would hold 100 GB of them).
+    let node = Node::start_with_env(
+        &format!(
+            "mqtt.broker_address = \"tcp://127.0.0.1:{}\"\nnetwork.max_line_bytes = {}\n\
+             storage.pin_threads = false",
+            common::free_port(),
+            2 << 20
+        ),
+        &[("MERKLE_KV_MQTT_OFFLINE_BUFFER_BYTES", "16777216")],
+    );
+    let mut c = node.client();
+    let value = "v".repeat(1 << 20);
+    let set = format!("SET big {value}");
+    assert_eq!(c.one(&set), "OK");
+    let before = common::peak_rss_kb(node.child.id());
+    for _ in 0..160 {
+        assert_eq!(c.one(&set), "OK");
+    }
+    let dropped = eventually(SETTLE, "what overflows is dropped and counted", || {
+        let d = node.stat("repl_dropped_offline");
+        (node.stat("repl_buffered_events") + d == 161).then_some(d)
+    });
+    let grown_mb = (common::peak_rss_kb(node.child.id()) - before) / 1024;
+    assert!(
+        grown_mb < 64,
+        "160 MiB of changes grew the node by {grown_mb} MiB (buffer: 16 MiB)"
+    );
+    assert!(dropped >= 140, "only {dropped} of 161 changes dropped");
+    assert_eq!(c.one("GET big").len(), value.len(), "the node still serves");
+}
