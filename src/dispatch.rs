@@ -114,6 +114,7 @@ pub struct NodeInfo {
     /// 0 = unlimited.
     pub memory_limit_bytes: u64,
     pub peers_online: u64,
+    pub clock_skew: crate::peers::ClockSkew,
     pub replication: crate::replication::ReplSnapshot,
     /// One `sync_peer` INFO line per peer anti-entropy has run with.
     pub sync_peers: Vec<String>,
@@ -522,6 +523,8 @@ impl Batch {
                     ("peers_online", i.peers_online.to_string()),
                     ("loading", u8::from(i.loading).to_string()),
                     ("bootstrap", i.bootstrap),
+                    ("clock_skew_peers", i.clock_skew.peers.to_string()),
+                    ("clock_skew_max_ms", i.clock_skew.max_ms.to_string()),
                 ];
                 let peers = i.sync_peers.into_iter().map(|v| ("sync_peer", v));
                 let fields: Vec<_> = fields.into_iter().chain(peers).collect();
@@ -545,9 +548,12 @@ impl Batch {
                     ("memory_used_bytes", s.bytes_used),
                 ];
                 let repl = ReplSnapshot::NAMES.iter().zip(i.replication.counters);
+                // Counted by the shards: versions refused by replication or anti-entropy.
+                let future = ("repl_rejected_future", s.rejected_future);
                 let fields: Vec<_> = fields
                     .into_iter()
                     .chain(repl.map(|(k, v)| (*k, v)))
+                    .chain([future])
                     .map(|(k, v)| (k, v.to_string()))
                     .collect();
                 write_fields(out, "STATS", &fields);

@@ -23,14 +23,15 @@
 use crate::changes::{decode, DecodeError, Limits, PayloadBuilder};
 use crate::config::Config;
 use crate::keyspace::{shard_of_bucket, KeyHash};
+use crate::logging::LogLimit;
 use crate::ops::Span;
-use crate::peers::{Peers, Presence};
+use crate::peers::{clock_offset_ms, Peers, Presence, Recorded};
 use crate::server::ThreadMsg;
 use crate::shard::{Journal, Shard};
 use crate::version::{origin_of, Version};
 use bytes::Bytes;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -55,6 +56,8 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Longest wait, after a reconnect, for peers to re-subscribe before publishing anyway.
 pub const RESUBSCRIBE_WAIT: Duration = Duration::from_secs(6);
+/// How often a connected node republishes its presence record (with its clock).
+pub const PRESENCE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The largest payload a node sends or accepts: a full batch plus one largest event.
 pub fn payload_bytes_max(value_bytes_max: usize) -> usize {
@@ -473,6 +476,7 @@ impl Replication {
                 addr: client_addr,
                 shards: shards as u32,
                 version: crate::dispatch::VERSION.into(),
+                clock_ms: None,
             },
             shard_bits: shards.trailing_zeros(),
             limits: Limits {
@@ -487,7 +491,9 @@ impl Replication {
             peers,
             outbound: outbound.clone(),
             stats,
-            last_reject_log: std::cell::Cell::new(None),
+            reject_log: Cell::new(LogLimit::new(Duration::from_secs(1))),
+            skew_log: Cell::new(LogLimit::new(Duration::from_secs(10))),
+            max_clock_skew_ms: config.mqtt.max_clock_skew_ms,
         };
         let mut options = options;
         let will = Presence {
@@ -563,24 +569,26 @@ struct Context {
     peers: Arc<Peers>,
     outbound: Arc<Outbound>,
     stats: Arc<ReplStats>,
-    /// When a rejected payload or presence record was last logged: one line per second
-    /// at most, so garbage on the topics cannot flood the log (the counters count all).
-    last_reject_log: std::cell::Cell<Option<Instant>>,
+    /// Rejected payloads and presence records: one line per second at most, so garbage
+    /// on the topics cannot flood the log (the counters count all).
+    reject_log: Cell<LogLimit>,
+    /// Peers with a skewed clock: one line per 10 s at most (INFO counts them).
+    skew_log: Cell<LogLimit>,
+    max_clock_skew_ms: u64,
 }
 
 impl Context {
-    /// Whether a rejection may be logged now: once a second at most.
+    /// Whether a rejection may be logged now.
     fn may_log_rejection(&self) -> bool {
-        let now = Instant::now();
-        let due = self
-            .last_reject_log
-            .get()
-            .is_none_or(|t| now - t >= Duration::from_secs(1));
-        if due {
-            self.last_reject_log.set(Some(now));
-        }
-        due
+        may_log(&self.reject_log)
     }
+}
+
+fn may_log(limit: &Cell<LogLimit>) -> bool {
+    let mut l = limit.get();
+    let due = l.due();
+    limit.set(l);
+    due
 }
 
 /// A published payload awaiting its PUBACK.
@@ -738,6 +746,8 @@ fn run_thread(
             eventloop,
         ));
         tokio::task::spawn_local(intake(ctx.clone(), link.clone(), wake.clone(), rx));
+        let heartbeat =
+            tokio::task::spawn_local(heartbeat(ctx.clone(), link.clone(), client.clone()));
         let publisher = tokio::task::spawn_local(publish(
             ctx.clone(),
             link.clone(),
@@ -762,6 +772,8 @@ fn run_thread(
             }
         }
         publisher.abort();
+        // No `online` record may follow the goodbye below.
+        heartbeat.abort();
         if link.borrow().connected {
             let gone = Presence {
                 online: false,
@@ -862,7 +874,8 @@ async fn drive(
                 if p.topic == ctx.topics.updates {
                     receive(&ctx, p.payload).await;
                 } else if let Some(node) = ctx.topics.presence_node(&p.topic) {
-                    on_presence(&ctx, &mut link.borrow_mut(), &wake, node, &p.payload);
+                    let l = &mut link.borrow_mut();
+                    on_presence(&ctx, l, &wake, node, &p.payload, p.retain);
                 }
             }
             _ => {}
@@ -879,11 +892,7 @@ fn on_connect(ctx: &Context, l: &mut Link, client: &AsyncClient, session_present
     if let Err(e) = client.try_subscribe_many(subs) {
         tracing::error!("cannot subscribe: {e}");
     }
-    let topic = ctx.topics.presence(&ctx.node_id);
-    // QoS 0: its packet id (0) never mixes with the payloads' acknowledgements.
-    if let Err(e) = client.try_publish(topic, QoS::AtMostOnce, true, ctx.me.to_line()) {
-        tracing::error!("cannot publish presence: {e}");
-    }
+    announce(ctx, client);
     if !session_present {
         // The broker forgot our session, and rumqttc dropped its unacknowledged
         // publishes: send them again, in order, before anything newer.
@@ -904,7 +913,39 @@ fn on_connect(ctx: &Context, l: &mut Link, client: &AsyncClient, session_present
     l.settle_until = Some(Instant::now() + RESUBSCRIBE_WAIT);
 }
 
-fn on_presence(ctx: &Context, l: &mut Link, wake: &Notify, node: &str, payload: &[u8]) {
+/// Publish this node's presence record (retained), with its clock as of now.
+fn announce(ctx: &Context, client: &AsyncClient) {
+    let topic = ctx.topics.presence(&ctx.node_id);
+    let me = Presence {
+        clock_ms: Some(crate::version::now_us() / 1000),
+        ..ctx.me.clone()
+    };
+    // QoS 0: its packet id (0) never mixes with the payloads' acknowledgements.
+    if let Err(e) = client.try_publish(topic, QoS::AtMostOnce, true, me.to_line()) {
+        tracing::error!("cannot publish presence: {e}");
+    }
+}
+
+/// Announce this node every [`PRESENCE_INTERVAL`] while connected, so peers measure its
+/// clock (a retained record is as old as its publication, so a record seen on
+/// subscribing cannot tell), and notice drift.
+async fn heartbeat(ctx: Rc<Context>, link: Rc<RefCell<Link>>, client: AsyncClient) {
+    loop {
+        tokio::time::sleep(PRESENCE_INTERVAL).await;
+        if link.borrow().connected {
+            announce(&ctx, &client);
+        }
+    }
+}
+
+fn on_presence(
+    ctx: &Context,
+    l: &mut Link,
+    wake: &Notify,
+    node: &str,
+    payload: &[u8],
+    retained: bool,
+) {
     if node == ctx.node_id {
         return;
     }
@@ -918,18 +959,35 @@ fn on_presence(ctx: &Context, l: &mut Link, wake: &Notify, node: &str, payload: 
             return;
         }
     };
-    tracing::info!(node, online = p.online, addr = %p.addr, "peer presence");
     if l.presence_seen(node, p.online) {
         wake.notify_one();
     }
-    if !ctx.peers.update(node, p) {
-        ctx.stats.rejected_presence.fetch_add(1, Relaxed);
-        if ctx.may_log_rejection() {
-            let max = crate::peers::PEERS_MAX;
+    let offset = clock_offset_ms(&p, retained, crate::version::now_us() / 1000);
+    let skewed = offset.filter(|o| o.unsigned_abs() > ctx.max_clock_skew_ms);
+    if let Some(offset_ms) = skewed {
+        if may_log(&ctx.skew_log) {
             tracing::warn!(
                 node,
-                "ignoring a new peer: the peer table is full ({max} online peers)"
+                offset_ms,
+                max_clock_skew_ms = ctx.max_clock_skew_ms,
+                "a peer's clock differs from this node's (positive: ahead): last-write-wins \
+                 favours the node whose clock runs ahead; synchronise the clocks (NTP)"
             );
+        }
+    }
+    let (online, addr) = (p.online, p.addr.clone());
+    match ctx.peers.update(node, p, offset) {
+        Recorded::News => tracing::info!(node, online, %addr, "peer presence"),
+        Recorded::Same => {}
+        Recorded::Refused => {
+            ctx.stats.rejected_presence.fetch_add(1, Relaxed);
+            if ctx.may_log_rejection() {
+                let max = crate::peers::PEERS_MAX;
+                tracing::warn!(
+                    node,
+                    "ignoring a new peer: the peer table is full ({max} online peers)"
+                );
+            }
         }
     }
 }

@@ -4,7 +4,7 @@
 //! ```text
 //! node-1 SET user:1 "alice" hlc=1764170000123456
 //! node-2 DEL user:1 hlc=1764170000200000
-//! presence node-3: online addr=127.0.0.1:7880 shards=2 version=0.1.0
+//! presence node-3: online addr=127.0.0.1:7880 shards=2 version=0.1.0 clock_ms=1764170000201
 //! rejected payload (412 bytes): unknown format version 9 (this node speaks 1)
 //! ```
 
