@@ -61,6 +61,9 @@ pub struct MqttConfig {
     pub offline_buffer_events: usize,
     /// At shutdown, how long to keep publishing (or hand changes to a peer) before exiting.
     pub shutdown_flush_ms: u64,
+    pub offline_buffer_bytes: usize,
+    /// A peer whose clock is further than this from ours is logged and counted.
+    pub max_clock_skew_ms: u64,
     pub embedded_broker: EmbeddedBrokerConfig,
 }
 
@@ -228,6 +231,9 @@ static SCHEMA: &[Field] = &[
     f!("mqtt", "backpressure_max_ms", ANY, |c, v| c.mqtt.backpressure_max_ms = int(&v)),
     f!("mqtt", "offline_buffer_events", range(1, i64::MAX as u64), |c, v| c.mqtt.offline_buffer_events = size(&v)),
     f!("mqtt", "shutdown_flush_ms", range(0, 600_000), |c, v| c.mqtt.shutdown_flush_ms = int(&v)),
+    // Below 1 MiB, a single change of a default-sized value could never be kept.
+    f!("mqtt", "offline_buffer_bytes", range(MIB, i64::MAX as u64), |c, v| c.mqtt.offline_buffer_bytes = size(&v)),
+    f!("mqtt", "max_clock_skew_ms", range(1, i64::MAX as u64), |c, v| c.mqtt.max_clock_skew_ms = int(&v)),
     f!("mqtt.embedded_broker", "enabled", Kind::Bool, |c, v| c.mqtt.embedded_broker.enabled = v.as_bool() == Some(true)),
     f!("mqtt.embedded_broker", "listen", Kind::Str, |c, v| c.mqtt.embedded_broker.listen = text(v)),
     f!("anti_entropy", "enabled", Kind::Bool, |c, v| c.anti_entropy.enabled = v.as_bool() == Some(true)),
@@ -350,6 +356,8 @@ impl Config {
                 backpressure_max_ms: 500,
                 offline_buffer_events: 100_000,
                 shutdown_flush_ms: 5000,
+                offline_buffer_bytes: 256 * MIB as usize,
+                max_clock_skew_ms: 1000,
                 embedded_broker: EmbeddedBrokerConfig {
                     enabled: !file_given,
                     listen: "127.0.0.1:1883".into(),

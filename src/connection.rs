@@ -478,6 +478,9 @@ fn node_info(shared: &Shared) -> NodeInfo {
             .memory_limit_mb
             .saturating_mul(1 << 20),
         peers_online: shared.peers.online().len() as u64,
+        clock_skew: shared
+            .peers
+            .clock_skew(shared.config.mqtt.max_clock_skew_ms),
         replication: shared
             .outbound
             .as_ref()

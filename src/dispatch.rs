@@ -119,6 +119,7 @@ pub struct NodeInfo {
     /// 0 = unlimited.
     pub memory_limit_bytes: u64,
     pub peers_online: u64,
+    pub clock_skew: crate::peers::ClockSkew,
     pub replication: crate::replication::ReplSnapshot,
     /// One `sync_peer` INFO line per peer anti-entropy has run with.
     pub sync_peers: Vec<String>,
@@ -246,7 +247,9 @@ impl Batch {
         }) = self.replies.last()
         {
             let slots = &mut self.ops[first as usize..(first + n) as usize];
-            slots.iter_mut().for_each(|(_, op)| op.kind = OpKind::MgetSlot);
+            slots
+                .iter_mut()
+                .for_each(|(_, op)| op.kind = OpKind::MgetSlot);
         }
     }
 
@@ -576,6 +579,8 @@ impl Batch {
                     ("peers_online", i.peers_online.to_string()),
                     ("loading", u8::from(i.loading).to_string()),
                     ("bootstrap", i.bootstrap),
+                    ("clock_skew_peers", i.clock_skew.peers.to_string()),
+                    ("clock_skew_max_ms", i.clock_skew.max_ms.to_string()),
                 ];
                 let peers = i.sync_peers.into_iter().map(|v| ("sync_peer", v));
                 let fields: Vec<_> = fields.into_iter().chain(peers).collect();
@@ -599,9 +604,12 @@ impl Batch {
                     ("memory_used_bytes", s.bytes_used),
                 ];
                 let repl = ReplSnapshot::NAMES.iter().zip(i.replication.counters);
+                // Counted by the shards: versions refused by replication or anti-entropy.
+                let future = ("repl_rejected_future", s.rejected_future);
                 let fields: Vec<_> = fields
                     .into_iter()
                     .chain(repl.map(|(k, v)| (*k, v)))
+                    .chain([future])
                     .map(|(k, v)| (k, v.to_string()))
                     .collect();
                 write_fields(out, "STATS", &fields);
@@ -953,14 +961,22 @@ mod tests {
         assert!(runs > 3, "{runs} runs");
         batch.fill(&mut framer, &input.as_bytes()[used..]);
         execute_all(&mut s, &batch, &input.as_bytes()[used..], &mut results);
-        batch.assemble(&input.as_bytes()[used..], &results, &NodeInfo::default, &mut out);
+        batch.assemble(
+            &input.as_bytes()[used..],
+            &results,
+            &NodeInfo::default,
+            &mut out,
+        );
         let mut expected = format!("VALUES {}\r\n", KEYS + 1);
         for i in 0..KEYS {
             expected += &String::from_utf8(vec![b'a' + (i % 26) as u8; VALUE]).unwrap();
             expected += "\r\n";
         }
         expected += "(null)\r\nPONG\r\n";
-        assert!(String::from_utf8(out).unwrap() == expected, "values out of order or lost");
+        assert!(
+            String::from_utf8(out).unwrap() == expected,
+            "values out of order or lost"
+        );
         // The same through the whole path, and with a command after it in the segment.
         assert_eq!(run(&mut s, &input), expected);
     }

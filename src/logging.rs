@@ -1,7 +1,33 @@
-//! Logging set-up: `tracing` to stderr or a file, as text or JSON, from `[logging]`.
+//! Logging set-up: `tracing` to stderr or a file, as text or JSON, from `[logging]`;
+//! and [`LogLimit`], which keeps repeatable warnings from flooding the log.
 
 use crate::config::{LogFormat, LoggingConfig};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// At most one log line per period, for what a peer, a client or bad input can repeat
+/// at will (a counter beside it counts every case).
+#[derive(Debug, Clone, Copy)]
+pub struct LogLimit {
+    every: Duration,
+    last: Option<Instant>,
+}
+
+impl LogLimit {
+    pub const fn new(every: Duration) -> LogLimit {
+        LogLimit { every, last: None }
+    }
+
+    /// Whether a line may be logged now (and, if so, the period starts again).
+    pub fn due(&mut self) -> bool {
+        let now = Instant::now();
+        let due = self.last.is_none_or(|t| now - t >= self.every);
+        if due {
+            self.last = Some(now);
+        }
+        due
+    }
+}
 use tracing_subscriber::EnvFilter;
 
 /// Install the global subscriber. `RUST_LOG`, when set, refines the configured level.
@@ -45,4 +71,18 @@ pub fn init(cfg: &LoggingConfig) -> Result<(), String> {
         }
     };
     result.map_err(|e| format!("cannot install the logger: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_limit_lets_the_first_line_through_then_waits_its_period() {
+        let mut hourly = LogLimit::new(Duration::from_secs(3600));
+        assert!(hourly.due());
+        assert!(!hourly.due());
+        let mut always = LogLimit::new(Duration::ZERO);
+        assert!(always.due() && always.due());
+    }
 }

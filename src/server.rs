@@ -293,6 +293,7 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
         tasks.spawn_local(purge_tombstones(shard.clone()));
     }
     tasks.block_on(&rt, async move {
+        let mut future_log = FutureLog::default();
         while let Some(msg) = inbox.recv().await {
             match msg {
                 ThreadMsg::Conn(stream) => {
@@ -323,13 +324,15 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
                         &request,
                         now_us(),
                     );
+                    future_log.check(*i, &shard.borrow());
                     let _ = reply.send(part);
                 }
                 ThreadMsg::Apply(changes) => {
-                    let (_, shard) = local
+                    let (i, shard) = local
                         .as_ref()
                         .expect("changes sent to a thread without a shard");
                     let done = apply_remote(&mut shard.borrow_mut(), &changes, now_us());
+                    future_log.check(*i, &shard.borrow());
                     if let Some(out) = &shared.outbound {
                         out.stats.applied_events.fetch_add(done.applied, Relaxed);
                         if done.failed > 0 {
@@ -355,6 +358,46 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
             }
         }
     });
+}
+
+/// The shard thread's log of remote versions refused for being in the future
+/// ([`Shard::apply`]): one line per 10 s at most, as a writer with a wrong clock
+/// repeats them with every write.
+struct FutureLog {
+    logged_total: u64,
+    limit: crate::logging::LogLimit,
+}
+
+impl Default for FutureLog {
+    fn default() -> FutureLog {
+        FutureLog {
+            logged_total: 0,
+            limit: crate::logging::LogLimit::new(Duration::from_secs(10)),
+        }
+    }
+}
+
+impl FutureLog {
+    fn check(&mut self, shard_index: usize, shard: &Shard) {
+        let total = shard.stats.rejected_future;
+        if total == self.logged_total || !self.limit.due() {
+            return;
+        }
+        let refused = total - self.logged_total;
+        self.logged_total = total;
+        if let Some((v, ahead_us)) = shard.last_future {
+            tracing::warn!(
+                shard = shard_index,
+                refused,
+                origin = format_args!("{:08x}", v.origin),
+                ahead_s = ahead_us / 1_000_000,
+                "refused remote versions from the future (more than {} s ahead of this \
+                 node's clock): the writer's clock is wrong, and its writes are not \
+                 applied here (STATS repl_rejected_future)",
+                crate::shard::CLOCK_SKEW_MAX_US / 1_000_000
+            );
+        }
+    }
 }
 
 /// Hand the shard's recorded local writes to replication (no-op when standalone).
@@ -392,7 +435,8 @@ async fn accept_loop(shared: &Arc<Shared>, listener: tokio::net::TcpListener) {
         0..shards
     };
     let mut next = 0;
-    let mut last_reject_log = None;
+    // One line per second at most: a connection flood must not flood the log.
+    let mut reject_log = crate::logging::LogLimit::new(Duration::from_secs(1));
     let mut shutdown = shared.shutdown.subscribe();
     let signal = shutdown_signal();
     tokio::pin!(signal);
@@ -413,10 +457,8 @@ async fn accept_loop(shared: &Arc<Shared>, listener: tokio::net::TcpListener) {
         let max = shared.config.network.max_connections;
         if shared.connections.load(Relaxed) >= max {
             let total = shared.connections_rejected.fetch_add(1, Relaxed) + 1;
-            // One line per second at most: a connection flood must not flood the log.
-            if last_reject_log.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(1)) {
+            if reject_log.due() {
                 tracing::warn!(%peer, max, total, "connection refused: too many connections");
-                last_reject_log = Some(Instant::now());
             }
             reject(stream, max);
             continue;

@@ -242,6 +242,8 @@ pub struct ShardStats {
     pub writes: u64,
     pub dels: u64,
     pub storage_full: u64,
+    /// Remote versions refused for being more than [`CLOCK_SKEW_MAX_US`] ahead.
+    pub rejected_future: u64,
 }
 
 impl ShardStats {
@@ -254,6 +256,7 @@ impl ShardStats {
         self.writes += o.writes;
         self.dels += o.dels;
         self.storage_full += o.storage_full;
+        self.rejected_future += o.rejected_future;
     }
 }
 
@@ -280,6 +283,9 @@ pub struct Shard {
     /// ([`crate::changes`]) for replication; `None` when nobody replicates.
     journal: Option<Journal>,
     pub stats: ShardStats,
+    /// The last version refused for being in the future, and how far ahead of this
+    /// node's clock it was (µs): for the caller's log line.
+    pub last_future: Option<(Version, u64)>,
 }
 
 /// Change events of local writes, in write order, ready to be appended to a payload.
@@ -313,6 +319,7 @@ impl Shard {
             wall_clock: now_us,
             journal: None,
             stats: ShardStats::default(),
+            last_future: None,
         }
     }
 
@@ -403,8 +410,9 @@ impl Shard {
     /// entry exactly when it wins by last-write-wins ([`remote_wins`]); applying the same
     /// write twice is a no-op. Ignored: a tombstone already past the grace period (so
     /// purging never brings keys back), a version more than [`CLOCK_SKEW_MAX_US`] ahead
-    /// of this node's clock (one bad peer must not drag every clock into the future),
-    /// and entries this node [refuses](Shard::refuses). True when applied.
+    /// of this node's clock (one bad peer must not drag every clock into the future;
+    /// counted in `stats.rejected_future`, the caller logs it), and entries this node
+    /// [refuses](Shard::refuses). True when applied.
     pub fn apply(
         &mut self,
         h: KeyHash,
@@ -415,6 +423,10 @@ impl Shard {
     ) -> bool {
         let expired = value.is_none() && v.hlc.saturating_add(self.grace_us) < now_us;
         let from_the_future = v.hlc > now_us.saturating_add(CLOCK_SKEW_MAX_US);
+        if from_the_future {
+            self.stats.rejected_future += 1;
+            self.last_future = Some((v, v.hlc - now_us));
+        }
         if expired || from_the_future || self.refuses(key, value) {
             return false;
         }
@@ -895,11 +907,13 @@ mod tests {
             origin: 2,
         };
         assert!(!s.apply(h(b"k"), b"k", Some(b"v"), future, now));
+        assert_eq!(s.last_future, Some((future, CLOCK_SKEW_MAX_US + 1)));
         let max = Version {
             hlc: u64::MAX,
             origin: 2,
         };
         assert!(!s.apply(h(b"k"), b"k", Some(b"v"), max, now));
+        assert_eq!(s.stats.rejected_future, 2, "both counted");
         let big_key = vec![b'k'; crate::protocol::KEY_BYTES_MAX + 1];
         assert!(!s.apply(
             h(&big_key),

@@ -4,14 +4,14 @@
 //! ```text
 //! node-1 SET user:1 "alice" hlc=1764170000123456
 //! node-2 DEL user:1 hlc=1764170000200000
-//! presence node-3: online addr=127.0.0.1:7880 shards=2 version=0.1.0
+//! presence node-3: online addr=127.0.0.1:7880 shards=2 version=0.1.0 clock_ms=1764170000201
 //! rejected payload (412 bytes): unknown format version 9 (this node speaks 1)
 //! ```
 
 use crate::changes::{decode, Limits};
 use crate::config::Config;
 use crate::replication::{mqtt_options, payload_bytes_max, ReplError, Topics};
-use rumqttc::{AsyncClient, Event, Packet, QoS};
+use rumqttc::{Event, Packet, QoS};
 use std::io::Write;
 
 /// Bytes of a value shown before it is cut with `...`.
@@ -36,7 +36,7 @@ pub fn run(config: &Config) -> Result<(), ReplError> {
         crate::replication::broker_address(config)
     );
     rt.block_on(async move {
-        let (client, mut eventloop) = AsyncClient::new(options, 16);
+        let (client, mut eventloop) = crate::replication::mqtt_client(options, 16);
         let stop = crate::server::shutdown_signal();
         tokio::pin!(stop);
         loop {

@@ -1,7 +1,7 @@
 //! A real node over real TCP: pipelining, half-close, bad input, limits, shutdown.
 
 mod common;
-use common::{Client, Node};
+use common::{peak_rss_kb, Client, Node};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -344,13 +344,6 @@ fn shipped_configs_are_valid() {
     }
 }
 
-/// Peak resident memory of a process, from /proc.
-fn peak_rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 #[test]
 fn a_huge_mget_reply_is_streamed_not_buffered() {
     let node = Node::start("");
@@ -421,17 +414,6 @@ fn a_clean_shutdown_logs_no_error_or_warning() {
     );
 }
 
-/// Peak resident memory of a process in bytes (`VmHWM`: the kernel's high-water mark).
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/PID/status");
-    kb * 1024
-}
-
 /// A request may cost memory in proportion to its own line, by a small factor: an EXISTS
 /// of 500k keys in one 4 MB line is planned in bounded runs, not as 500k ops at once.
 #[test]
@@ -444,7 +426,7 @@ fn huge_multi_key_requests_cost_memory_in_proportion_to_their_line() {
     assert!(line.len() > 4_000_000);
     let mut setup = node.client();
     assert_eq!(setup.one("MSET k000007 a k499999 b"), "OK");
-    let base = peak_rss(node.child.id());
+    let base = peak_rss_kb(node.child.id()) * 1024;
     let run = |clients: usize| {
         std::thread::scope(|s| {
             for _ in 0..clients {
@@ -455,7 +437,7 @@ fn huge_multi_key_requests_cost_memory_in_proportion_to_their_line() {
                 });
             }
         });
-        peak_rss(node.child.id()) - base
+        peak_rss_kb(node.child.id()) * 1024 - base
     };
     let one = run(1);
     assert!(

@@ -236,8 +236,13 @@ fn replication_rides_out_a_broker_restart() {
     });
 }
 
-/// Publish raw payloads on the cluster's update topic, as a misbehaving client would.
+/// Publish raw payloads on a topic, as a misbehaving client would.
 fn publish_raw(broker: &Broker, topic: &str, payloads: &[Vec<u8>]) {
+    publish_as(broker, topic, payloads, false)
+}
+
+/// Publish payloads on a topic, retained or not, and wait for the broker's PUBACKs.
+fn publish_as(broker: &Broker, topic: &str, payloads: &[Vec<u8>], retain: bool) {
     let mut opts = rumqttc::MqttOptions::new(
         format!("raw-{}", std::process::id()),
         "127.0.0.1",
@@ -247,7 +252,7 @@ fn publish_raw(broker: &Broker, topic: &str, payloads: &[Vec<u8>]) {
     let (client, mut connection) = rumqttc::Client::new(opts, 64);
     for p in payloads {
         client
-            .publish(topic, rumqttc::QoS::AtLeastOnce, false, p.clone())
+            .publish(topic, rumqttc::QoS::AtLeastOnce, retain, p.clone())
             .unwrap();
     }
     let mut acked = 0;
@@ -808,5 +813,88 @@ fn writes_in_flight_when_the_broker_dies_are_delivered_after_it_returns() {
             nodes[0].stat("repl_dropped_offline") + nodes[0].stat("repl_dropped_overflow"),
             0
         );
+    });
+}
+
+#[test]
+fn a_broker_outage_with_large_values_keeps_the_offline_buffer_within_its_bytes() {
+    // Nothing listens on the broker port: every change waits in the offline buffer.
+    // 160 changes of 1 MiB are ten times its 16 MiB (a count of 100,000 events, the
+    // default, would hold 100 GB of them).
+    let node = Node::start_with_env(
+        &format!(
+            "mqtt.broker_address = \"tcp://127.0.0.1:{}\"\nnetwork.max_line_bytes = {}\n\
+             storage.pin_threads = false",
+            common::free_port(),
+            2 << 20
+        ),
+        &[("MERKLE_KV_MQTT_OFFLINE_BUFFER_BYTES", "16777216")],
+    );
+    let mut c = node.client();
+    let value = "v".repeat(1 << 20);
+    let set = format!("SET big {value}");
+    assert_eq!(c.one(&set), "OK");
+    let before = common::peak_rss_kb(node.child.id());
+    for _ in 0..160 {
+        assert_eq!(c.one(&set), "OK");
+    }
+    let dropped = eventually(SETTLE, "what overflows is dropped and counted", || {
+        let d = node.stat("repl_dropped_offline");
+        (node.stat("repl_buffered_events") + d == 161).then_some(d)
+    });
+    let grown_mb = (common::peak_rss_kb(node.child.id()) - before) / 1024;
+    assert!(
+        grown_mb < 64,
+        "160 MiB of changes grew the node by {grown_mb} MiB (buffer: 16 MiB)"
+    );
+    assert!(dropped >= 140, "only {dropped} of 161 changes dropped");
+    assert_eq!(c.one("GET big").len(), value.len(), "the node still serves");
+}
+
+#[test]
+fn clock_skew_is_seen_and_versions_from_the_future_are_counted() {
+    each_broker(|broker, prefix| {
+        let now_ms = || merkle_kv::version::now_us() / 1000;
+        let record = |clock_ms: u64| {
+            format!("online addr=127.0.0.1:1 shards=1 version=0.1.0 clock_ms={clock_ms}")
+                .into_bytes()
+        };
+        // A retained record is as old as its last publication: its clock says nothing
+        // about the peer's. An hour-old one is there before the node subscribes.
+        let sleeper = format!("{prefix}/nodes/sleeper");
+        publish_as(broker, &sleeper, &[record(now_ms() - 3_600_000)], true);
+        let nodes = cluster(broker, prefix, 1, "");
+        let node = &nodes[0];
+        eventually(SETTLE, "the retained record arrives", || {
+            (node.field("INFO", "peers_online") == "1").then_some(())
+        });
+        assert_eq!(node.field("INFO", "clock_skew_peers"), "0");
+        // A live record from a peer whose clock is 5 s ahead.
+        publish_raw(
+            broker,
+            &format!("{prefix}/nodes/ahead"),
+            &[record(now_ms() + 5000)],
+        );
+        let max: u64 = eventually(SETTLE, "the skewed peer is counted", || {
+            (node.field("INFO", "clock_skew_peers") == "1")
+                .then(|| node.field("INFO", "clock_skew_max_ms").parse().unwrap())
+        });
+        assert!((4000..=5000).contains(&max), "clock_skew_max_ms:{max}");
+        assert!(node.log().contains("clock differs"), "{}", node.log());
+        // A change stamped 10 minutes ahead is refused, counted and logged.
+        let future = {
+            let mut b = merkle_kv::changes::PayloadBuilder::new(7, "ahead");
+            let mut e = Vec::new();
+            let hlc = merkle_kv::version::now_us() + 600_000_000;
+            merkle_kv::changes::encode_event(&mut e, hlc, b"later", Some(b"v"));
+            b.extend(&e, 1);
+            b.take()
+        };
+        publish_raw(broker, &format!("{prefix}/updates"), &[future]);
+        eventually(SETTLE, "the future version is counted", || {
+            (node.stat("repl_rejected_future") == 1).then_some(())
+        });
+        assert_eq!(get(node, "later"), "(null)");
+        assert!(node.log().contains("from the future"), "{}", node.log());
     });
 }
