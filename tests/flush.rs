@@ -126,3 +126,58 @@ fn a_node_that_missed_a_flush_drops_its_old_entries_instead_of_pushing_them_back
     assert_eq!(c.client().one("HASH"), root);
     assert_eq!(d.client().one("HASH"), root);
 }
+
+#[test]
+fn a_flush_made_while_the_broker_is_down_reaches_every_node_and_late_changes_stay_flushed() {
+    let mut broker = Broker::start(BrokerKind::Embedded);
+    let prefix = format!("flush-down-{}", std::process::id());
+    let ae = "anti_entropy.enabled = true\nanti_entropy.interval_seconds = 1";
+    let nodes: Vec<Node> = (0..3)
+        .map(|_| Node::replicated(&broker, &prefix, ae))
+        .collect();
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    eventually(SETTLE, "the nodes see each other", || {
+        nodes
+            .iter()
+            .all(|n| n.field("INFO", "peers_online") == "2")
+            .then_some(())
+    });
+    fill(a, "old:", 50);
+    wait_dbsize(&[a, b, c], 50, "the keys replicate");
+
+    broker.kill();
+    for n in &nodes {
+        eventually(SETTLE, "the nodes notice the outage", || {
+            (n.field("INFO", "replication") == "disconnected").then_some(())
+        });
+    }
+    // Made before the flush, held in B's offline buffer: published only after it.
+    assert_eq!(b.client().one("SET late 1"), "OK");
+    assert_eq!(a.client().one("FLUSHDB"), "OK");
+    // Nobody hears the flush by MQTT: anti-entropy carries it to every node.
+    wait_dbsize(
+        &[a, b, c],
+        0,
+        "the flush reaches every node by anti-entropy",
+    );
+    assert_eq!(c.client().one("SET after 1"), "OK");
+    wait_dbsize(
+        &[a, b, c],
+        1,
+        "the write after the flush reaches every node",
+    );
+
+    // The broker returns: B's late change and A's flush go out now, in any order.
+    broker.restart();
+    eventually(SETTLE, "the buffered changes are delivered", || {
+        let sent = b.stat("repl_buffered_events") == 0 && a.stat("repl_buffered_events") == 0;
+        (sent && a.stat("repl_received_events") >= 2 && c.stat("repl_received_events") >= 52)
+            .then_some(())
+    });
+    for (i, n) in nodes.iter().enumerate() {
+        sync(n, &nodes[(i + 1) % nodes.len()]);
+        assert_eq!(get(n, "late"), "(null)", "a flushed change came back");
+        assert_eq!(get(n, "after"), "1");
+        assert_eq!(dbsize(n), 1);
+    }
+}
