@@ -10,16 +10,19 @@
 //! u8      node id length L (1..=255), then L bytes of node id (UTF-8)
 //! u32 LE  event count N
 //! N × event:
-//!   u8      kind: 1 = set, 2 = delete (tombstone)
+//!   u8      kind: 1 = set, 2 = delete (tombstone), 3 = flush (FLUSHDB)
 //!   varint  hlc (the version's clock, microseconds)
-//!   varint  key length (1..=KEY_BYTES_MAX), then the key (no whitespace or control
-//!           bytes: [`crate::protocol::is_valid_key`])
+//!   set and delete only:
+//!     varint  key length (1..=KEY_BYTES_MAX), then the key (no whitespace or control
+//!             bytes: [`crate::protocol::is_valid_key`])
 //!   set only: varint value length, then the value
 //! ```
 //!
 //! Varints are unsigned LEB128 (7 bits per byte, low first, at most 10 bytes). Every
 //! event carries the resulting state of a write (INCR and APPEND included), never the
-//! operation, so applying an event twice or out of order is harmless under LWW.
+//! operation, so applying an event twice or out of order is harmless under LWW. A flush
+//! is a marker, `(hlc, origin)`: every entry not newer than it is dropped, whatever
+//! order it arrives in relative to the writes around it ([`crate::shard::Shard::apply_flush`]).
 
 use crate::protocol::{is_valid_key, KEY_BYTES_MAX};
 
@@ -28,6 +31,11 @@ pub const FORMAT_VERSION: u8 = 1;
 pub const NODE_ID_BYTES_MAX: usize = 255;
 const KIND_SET: u8 = 1;
 const KIND_DEL: u8 = 2;
+const KIND_FLUSH: u8 = 3;
+/// The fewest bytes an event takes (a flush: kind and a one-byte varint).
+const EVENT_BYTES_MIN: usize = 2;
+/// The fewest bytes a set or delete takes: sizes what a decoder allocates up front.
+const CHANGE_BYTES_MIN: usize = 4;
 /// Bytes before the first event, besides the node id.
 const HEADER_FIXED_BYTES: usize = 1 + 4 + 1 + 4;
 
@@ -72,7 +80,17 @@ pub struct Event<'a> {
 pub struct Decoded<'a> {
     pub origin: u32,
     pub node_id: &'a str,
+    /// The sets and deletes, in payload order.
     pub events: Vec<Event<'a>>,
+    /// The clock of the newest flush in the payload, if it holds any: a newer flush
+    /// marker covers every older one, so one per payload is all a receiver applies.
+    pub flush: Option<u64>,
+}
+
+/// One event as read: a change to a key, or a flush.
+enum Item<'a> {
+    Change(Event<'a>),
+    Flush(u64),
 }
 
 /// What a decoder accepts.
@@ -92,6 +110,12 @@ pub fn encode_event(out: &mut Vec<u8>, hlc: u64, key: &[u8], value: Option<&[u8]
         put_varint(out, v.len() as u64);
         out.extend_from_slice(v);
     }
+}
+
+/// Append a flush (FLUSHDB at `hlc` on the payload's origin) to `out`.
+pub fn encode_flush(out: &mut Vec<u8>, hlc: u64) {
+    out.push(KIND_FLUSH);
+    put_varint(out, hlc);
 }
 
 /// Builds one payload: a header, then whole events appended as encoded bytes.
@@ -172,14 +196,19 @@ pub fn decode(payload: &[u8], limits: Limits) -> Result<Decoded<'_>, DecodeError
         .filter(|id| !id.is_empty())
         .ok_or(DecodeError::BadNodeId)?;
     let count = u32::from_le_bytes(r.array()?) as usize;
-    // Every event takes at least 4 bytes: a count larger than that is a lie, and
-    // must not size an allocation.
-    if count > (payload.len() - r.at) / 4 {
+    // A count larger than the bytes left can hold is a lie, and must not size an
+    // allocation.
+    let left = payload.len() - r.at;
+    if count > left / EVENT_BYTES_MIN {
         return Err(DecodeError::Truncated(payload.len()));
     }
-    let mut events = Vec::with_capacity(count);
+    let mut events = Vec::with_capacity(count.min(left / CHANGE_BYTES_MIN));
+    let mut flush = None;
     for _ in 0..count {
-        events.push(r.event(limits.value_bytes_max)?);
+        match r.event(limits.value_bytes_max)? {
+            Item::Change(e) => events.push(e),
+            Item::Flush(hlc) => flush = flush.max(Some(hlc)),
+        }
     }
     if r.at != payload.len() {
         return Err(DecodeError::Trailing(payload.len() - r.at));
@@ -188,6 +217,7 @@ pub fn decode(payload: &[u8], limits: Limits) -> Result<Decoded<'_>, DecodeError
         origin,
         node_id,
         events,
+        flush,
     })
 }
 
@@ -266,12 +296,15 @@ impl<'a> Reader<'a> {
         Err(DecodeError::BadVarint(start))
     }
 
-    fn event(&mut self, value_max: usize) -> Result<Event<'a>, DecodeError> {
+    fn event(&mut self, value_max: usize) -> Result<Item<'a>, DecodeError> {
         let kind = self.byte()?;
-        if kind != KIND_SET && kind != KIND_DEL {
+        if kind != KIND_SET && kind != KIND_DEL && kind != KIND_FLUSH {
             return Err(DecodeError::BadKind(kind));
         }
         let hlc = self.varint()?;
+        if kind == KIND_FLUSH {
+            return Ok(Item::Flush(hlc));
+        }
         let key_len = self.varint()?;
         if key_len == 0 || key_len > KEY_BYTES_MAX as u64 {
             return Err(DecodeError::BadKey(key_len));
@@ -289,7 +322,7 @@ impl<'a> Reader<'a> {
         } else {
             None
         };
-        Ok(Event { hlc, key, value })
+        Ok(Item::Change(Event { hlc, key, value }))
     }
 }
 
@@ -341,6 +374,29 @@ mod tests {
             2, 0x01, 1, b'k', // delete k at hlc 1
         ];
         assert_eq!(p, want);
+    }
+
+    #[test]
+    fn a_flush_travels_as_kind_and_clock_and_the_newest_one_counts() {
+        let mut e = Vec::new();
+        encode_flush(&mut e, 300);
+        assert_eq!(e, [3, 0xac, 0x02], "the example in docs/REPLICATION.md");
+        encode_event(&mut e, 301, b"k", Some(b"v"));
+        encode_flush(&mut e, 1);
+        let mut b = PayloadBuilder::new(7, "node-a");
+        b.extend(&e, 3);
+        let p = b.take();
+        let d = decode(&p, LIMITS).unwrap();
+        assert_eq!((d.flush, d.events.len()), (Some(300), 1));
+        assert_eq!(prefix_len(&e, 1, usize::MAX, false), (3, 1));
+        // A payload holding only a flush is valid (its event is 2 bytes at least).
+        let mut b = PayloadBuilder::new(7, "node-a");
+        let mut f = Vec::new();
+        encode_flush(&mut f, 5);
+        b.extend(&f, 1);
+        let p = b.take();
+        let d = decode(&p, LIMITS).unwrap();
+        assert_eq!((d.flush, d.events.len()), (Some(5), 0));
     }
 
     #[test]

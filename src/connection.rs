@@ -288,10 +288,17 @@ impl Connection {
         for (i, rx) in waiting {
             parts[i] = Some(rx.await.map_err(|_| stopping())?);
         }
-        let parts = parts
+        let parts: Vec<crate::sync::Part> = parts
             .into_iter()
             .map(|p| p.expect("every shard answered"))
             .collect();
+        let flushed: u64 = parts.iter().map(|p| p.flushed).sum();
+        if flushed > 0 {
+            tracing::info!(
+                entries_dropped = flushed,
+                "an anti-entropy peer knew of a newer FLUSHDB: applied its flush marker"
+            );
+        }
         Ok(crate::sync::assemble(&request, parts))
     }
 

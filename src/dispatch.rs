@@ -58,6 +58,9 @@ enum Reply {
     Scan(u32),
     /// One op per shard, `first..first + shards`.
     Fanout(Fanout, u32),
+    /// FLUSHDB's first phase, one clock reading per shard from `first`: no reply yet;
+    /// the flush at their maximum is the next segment ([`Rest::Flush`]).
+    FlushTick(u32),
 }
 
 /// Commands over many keys. They are planned a segment's worth of keys at a time, so
@@ -86,11 +89,16 @@ impl Multi {
     }
 }
 
-/// The unfinished multi-key command: its kind and its remaining arguments.
+/// The unfinished command, continued by the next segment.
 #[derive(Clone, Copy, Debug)]
-struct Rest {
-    kind: Multi,
-    args: Span,
+enum Rest {
+    /// A multi-key command: its kind and its remaining arguments.
+    Multi { kind: Multi, args: Span },
+    /// FLUSHDB after its first phase: flush every shard at `hlc`, the highest clock
+    /// reading of every shard (set when the readings are assembled), so the flush is
+    /// newer than every write made before it and older than every write after it.
+    /// Nothing of the connection's runs between the two phases.
+    Flush { hlc: u64 },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -141,8 +149,9 @@ pub struct Batch {
     pub shutdown: bool,
     /// Protocol errors in this batch (for STATS).
     pub errors: u32,
-    /// The arguments of a multi-key command that did not fit this segment (a span of
-    /// this segment's data), to be continued by [`Batch::fill_rest`] on the same data.
+    /// The command to continue in the next segment, by [`Batch::fill_rest`] on the same
+    /// data: the arguments of a multi-key command that did not fit this segment (a span
+    /// of its data), or FLUSHDB's second phase.
     rest: Option<Rest>,
     /// What a multi-key command's runs add up to so far: keys counted (EXISTS, DEL) and
     /// the first failure (MSET, DEL). Reset by its first run, used by its last.
@@ -253,8 +262,8 @@ impl Batch {
         }
     }
 
-    /// True when a multi-key command is not finished: call [`Batch::fill_rest`] with
-    /// the same data.
+    /// True when a command is not finished (a multi-key command, FLUSHDB): call
+    /// [`Batch::fill_rest`] with the same data.
     pub fn has_rest(&self) -> bool {
         self.rest.is_some()
     }
@@ -266,7 +275,16 @@ impl Batch {
             .take()
             .expect("fill_rest without an unfinished command");
         self.clear();
-        let reply = self.multi(rest.kind, Args::new(rest.args.get(data)), data, false);
+        let reply = match rest {
+            Rest::Multi { kind, args } => self.multi(kind, Args::new(args.get(data)), data, false),
+            Rest::Flush { hlc } => {
+                let first = self.fanout_ops(|shard| OpKind::Flush {
+                    hlc,
+                    publish: shard == 0,
+                });
+                Reply::Fanout(Fanout::Flush, first)
+            }
+        };
         self.replies.push(reply);
         self.let_the_last_mget_stop_early();
     }
@@ -297,7 +315,7 @@ impl Batch {
         }
         let end = later.is_empty();
         if !end {
-            self.rest = Some(Rest {
+            self.rest = Some(Rest::Multi {
                 kind,
                 args: Span::of(base, later.as_bytes()),
             });
@@ -322,8 +340,8 @@ impl Batch {
     fn resume_mget_at(&mut self, at: u32, run_end: u32, data: &[u8]) {
         let from = self.ops[at as usize].1.key.start;
         let to = match self.rest {
-            Some(rest) => rest.args.start + rest.args.len,
-            None => {
+            Some(Rest::Multi { args, .. }) => args.start + args.len,
+            _ => {
                 let last = self.ops[run_end as usize - 1].1.key;
                 last.start + last.len
             }
@@ -333,7 +351,7 @@ impl Batch {
             len: to - from,
         };
         debug_assert!(args.get(data).first() != Some(&b' '));
-        self.rest = Some(Rest {
+        self.rest = Some(Rest::Multi {
             kind: Multi::Mget,
             args,
         });
@@ -370,17 +388,22 @@ impl Batch {
     }
 
     fn fanout(&mut self, what: Fanout, kind: OpKind) -> Reply {
+        Reply::Fanout(what, self.fanout_ops(|_| kind))
+    }
+
+    /// One op per shard, `kind(shard)`; returns the index of the first.
+    fn fanout_ops(&mut self, kind: impl Fn(usize) -> OpKind) -> u32 {
         let first = self.ops.len() as u32;
         for shard in 0..1 << self.shard_bits {
             let op = ShardOp {
-                kind,
+                kind: kind(shard),
                 hash: KeyHash(0),
                 key: Span::default(),
                 arg: Span::default(),
             };
             self.ops.push((shard, op));
         }
-        Reply::Fanout(what, first)
+        first
     }
 
     /// Add one parsed line. Its slices must borrow from `base`, the batch's data.
@@ -424,7 +447,11 @@ impl Batch {
                     Reply::Scan(first)
                 }
                 Command::Dbsize => self.fanout(Fanout::Dbsize, OpKind::Dbsize),
-                Command::Flushdb => self.fanout(Fanout::Flush, OpKind::Flush),
+                Command::Flushdb => {
+                    // Ends the segment: the flush itself must run before what follows.
+                    self.rest = Some(Rest::Flush { hlc: 0 });
+                    Reply::FlushTick(self.fanout_ops(|_| OpKind::Tick))
+                }
                 Command::Hash => self.fanout(Fanout::Hash, OpKind::Root),
                 Command::HashShards => self.fanout(Fanout::HashShards, OpKind::Root),
                 Command::Info => self.fanout(Fanout::Info, OpKind::Stats),
@@ -517,6 +544,17 @@ impl Batch {
                     out.extend_from_slice(results.bytes(i));
                 }
                 Reply::Fanout(what, first) => self.fanout_reply(what, first, results, info, out),
+                Reply::FlushTick(first) => {
+                    let n = 1u32 << self.shard_bits;
+                    let hlc = (first..first + n)
+                        .map(|i| match results.outcome(i) {
+                            Outcome::Count(hlc) => hlc,
+                            o => unreachable!("clock op gave {o:?}"),
+                        })
+                        .max()
+                        .expect("a node has at least one shard");
+                    self.rest = Some(Rest::Flush { hlc });
+                }
             }
         }
     }
@@ -992,6 +1030,29 @@ mod tests {
             out,
             "OK\r\nDELETED\r\nNOT_FOUND\r\nDELETED 1\r\nDELETED 0\r\n0\r\n"
         );
+    }
+
+    #[test]
+    fn flushdb_runs_between_the_commands_around_it_on_every_shard() {
+        for n in [1, 2, 8] {
+            let mut s = shards(n);
+            let out = run(
+                &mut s,
+                "MSET a 1 b 2 c 3\nDEL c\nFLUSHDB\nSET d 4\nDBSIZE\nMGET a b d\nFLUSHDB\nFLUSHDB\nDBSIZE\n",
+            );
+            assert_eq!(
+                out,
+                "OK\r\nDELETED\r\nOK\r\nOK\r\n1\r\nVALUES 3\r\n(null)\r\n(null)\r\n4\r\nOK\r\nOK\r\n0\r\n"
+            );
+            // One marker for the node, newer than every write before it.
+            let markers: Vec<_> = s.iter().map(Shard::flushed).collect();
+            assert!(markers.iter().all(|m| *m == markers[0]), "{markers:?}");
+            assert_eq!(
+                s.iter().map(|s| s.snapshot_stats().tombstones).sum::<u64>(),
+                0
+            );
+            assert_eq!(run(&mut s, "HASH\n"), run(&mut shards(n), "HASH\n"));
+        }
     }
 
     #[test]

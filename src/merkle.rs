@@ -151,11 +151,6 @@ impl Subtree {
         }
     }
 
-    /// Reset every leaf to empty (FLUSHDB).
-    pub fn clear(&mut self) {
-        *self = Subtree::new(self.height);
-    }
-
     /// The digest of node `index` at `depth` below this subtree's root (depth 0 is the
     /// root, depth `height` the leaves), recomputing only stale nodes under it.
     pub fn node(&mut self, depth: u32, index: usize) -> Digest {

@@ -69,7 +69,14 @@ pub enum OpKind {
         count: u32,
     },
     Dbsize,
-    Flush,
+    /// FLUSHDB, first phase: a fresh reading of the shard's clock (`Outcome::Count`).
+    Tick,
+    /// FLUSHDB, second phase: flush at `hlc`, the highest reading of the first, on
+    /// every shard; `publish` on one of them, so the flush is replicated once.
+    Flush {
+        hlc: u64,
+        publish: bool,
+    },
     Root,
     Stats,
 }
@@ -203,8 +210,9 @@ pub fn execute(
             }
         }
         OpKind::Dbsize => Outcome::Count(shard.snapshot_stats().keys),
-        OpKind::Flush => {
-            shard.flush();
+        OpKind::Tick => Outcome::Count(shard.tick_clock()),
+        OpKind::Flush { hlc, publish } => {
+            shard.flush(hlc, publish);
             Outcome::Done
         }
         OpKind::Root => Outcome::Root(shard.root()),

@@ -265,6 +265,9 @@ pub struct RemoteChanges {
     pub data: Bytes,
     pub origin: u32,
     pub events: Vec<RemoteEvent>,
+    /// The clock of the payload's newest flush (a flush is node-wide: every shard
+    /// gets it).
+    pub flush: Option<u64>,
 }
 
 pub struct RemoteEvent {
@@ -287,8 +290,13 @@ pub struct Applied {
 /// period are ignored, sets as well as deletes: the delete that may have followed an
 /// old set could already be purged everywhere, and applying the set alone would bring
 /// the key back. (Anti-entropy, which compares states rather than replaying changes,
-/// does apply old sets.)
+/// does apply old sets.) A flush is applied first; the order does not matter, since
+/// the flush marker drops older entries and refuses older ones that come later alike.
 pub fn apply_remote(shard: &mut Shard, changes: &RemoteChanges, now_us: u64) -> Applied {
+    if let Some(hlc) = changes.flush {
+        let origin = changes.origin;
+        shard.apply_flush(Version { hlc, origin }, now_us);
+    }
     let grace = shard.tombstone_grace_us();
     let full_before = shard.stats.storage_full;
     let mut applied = 0;
@@ -326,16 +334,20 @@ pub fn route(data: &Bytes, shard_bits: u32, limits: Limits) -> Result<Routed, De
     Ok(Routed {
         node_id: decoded.node_id.to_string(),
         origin: decoded.origin,
-        events: decoded.events.len(),
+        events: decoded.events.len() + usize::from(decoded.flush.is_some()),
         per_shard,
+        flush: decoded.flush,
     })
 }
 
 pub struct Routed {
     pub node_id: String,
     pub origin: u32,
+    /// Sets and deletes, plus one for a flush.
     pub events: usize,
     pub per_shard: Vec<Vec<RemoteEvent>>,
+    /// For every shard: the clock of the payload's newest flush.
+    pub flush: Option<u64>,
 }
 
 /// Topics of one cluster.
@@ -1043,14 +1055,18 @@ async fn receive(ctx: &Context, payload: Bytes) {
     stats
         .received_events
         .fetch_add(routed.events as u64, Relaxed);
+    if let Some(hlc) = routed.flush {
+        tracing::info!(node = %routed.node_id, hlc, "a peer flushed the database (FLUSHDB): applying its flush marker");
+    }
     for (shard, events) in routed.per_shard.into_iter().enumerate() {
-        if events.is_empty() {
+        if events.is_empty() && routed.flush.is_none() {
             continue;
         }
         let changes = RemoteChanges {
             data: payload.clone(),
             origin: routed.origin,
             events,
+            flush: routed.flush,
         };
         // Waiting here slows reading from the broker: backpressure, not loss.
         let _ = ctx.inboxes[shard].send(ThreadMsg::Apply(changes)).await;

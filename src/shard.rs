@@ -282,6 +282,11 @@ pub struct Shard {
     /// Local writes since the last [`Shard::take_journal`], encoded as change events
     /// ([`crate::changes`]) for replication; `None` when nobody replicates.
     journal: Option<Journal>,
+    /// The newest flush marker applied here (this node's FLUSHDB, or a peer's by
+    /// replication or anti-entropy). Invariant: every entry held is newer, and a remote
+    /// entry that is not newer is refused (it was flushed). `Version::default()`: never
+    /// flushed. Never forgotten: it is what keeps flushed entries from coming back.
+    flushed: Version,
     pub stats: ShardStats,
     /// The last version refused for being in the future, and how far ahead of this
     /// node's clock it was (µs): for the caller's log line.
@@ -318,6 +323,7 @@ impl Shard {
             purge_cursor: 0,
             wall_clock: now_us,
             journal: None,
+            flushed: Version::default(),
             stats: ShardStats::default(),
             last_future: None,
         }
@@ -411,7 +417,8 @@ impl Shard {
     /// write twice is a no-op. Ignored: a tombstone already past the grace period (so
     /// purging never brings keys back), a version more than [`CLOCK_SKEW_MAX_US`] ahead
     /// of this node's clock (one bad peer must not drag every clock into the future;
-    /// counted in `stats.rejected_future`, the caller logs it), and entries this node
+    /// counted in `stats.rejected_future`, the caller logs it), a version not newer than
+    /// the flush marker (the entry was flushed), and entries this node
     /// [refuses](Shard::refuses). True when applied.
     pub fn apply(
         &mut self,
@@ -427,7 +434,8 @@ impl Shard {
             self.stats.rejected_future += 1;
             self.last_future = Some((v, v.hlc - now_us));
         }
-        if expired || from_the_future || self.refuses(key, value) {
+        let flushed = !v.wins_over(self.flushed);
+        if expired || from_the_future || flushed || self.refuses(key, value) {
             return false;
         }
         self.clock.observe(v.hlc);
@@ -676,14 +684,103 @@ impl Shard {
         bucket
     }
 
-    /// Drop every entry.
-    pub fn flush(&mut self) {
+    /// Back to a fresh shard: every entry dropped, the flush marker and the clock
+    /// forgotten. Never for a node's data — forgetting a marker lets flushed entries
+    /// back — but for harnesses that reuse a shard because building one (a table per
+    /// bucket, the Merkle tree) costs more than what they run on it (the fuzz targets).
+    pub fn reset(&mut self) {
         self.tables.iter_mut().for_each(HashTable::clear);
-        self.tree.clear();
+        self.tree = Subtree::new(BUCKET_BITS - self.tree_bits());
         self.budget.shrink(self.bytes_used);
         self.bytes_used = 0;
         self.stats.keys = 0;
         self.stats.tombstones = 0;
+        self.flushed = Version::default();
+        self.clock = Clock::default();
+    }
+
+    /// A fresh reading of this shard's clock. FLUSHDB's first phase takes one from every
+    /// shard and flushes at the highest, so the flush is newer than every write any
+    /// shard made before it.
+    pub fn tick_clock(&mut self) -> u64 {
+        self.clock.tick((self.wall_clock)())
+    }
+
+    /// The newest flush marker applied here.
+    pub fn flushed(&self) -> Version {
+        self.flushed
+    }
+
+    /// This node's FLUSHDB at `hlc` (the same on every shard of the node): the marker
+    /// `(hlc, this node's origin)` is applied ([`Shard::apply_flush`]) and, with
+    /// `publish`, journaled for replication — one shard per node publishes, so the flush
+    /// crosses the broker once. Returns how many entries were dropped.
+    pub fn flush(&mut self, hlc: u64, publish: bool) -> u64 {
+        let dropped = self.drop_flushed(Version {
+            hlc,
+            origin: self.origin,
+        });
+        if let Some(j) = self.journal.as_mut().filter(|_| publish) {
+            crate::changes::encode_flush(&mut j.bytes, hlc);
+            j.events += 1;
+        }
+        dropped
+    }
+
+    /// Apply a peer's flush marker (replication or anti-entropy): when it is newer than
+    /// the one held, every entry — value or tombstone — whose version is not newer than
+    /// it is dropped, and later remote entries that are not newer are refused. Writes
+    /// made after the flush have newer versions and stay. Ignored, like any remote
+    /// version, when more than [`CLOCK_SKEW_MAX_US`] ahead. Returns how many entries
+    /// were dropped.
+    pub fn apply_flush(&mut self, marker: Version, now_us: u64) -> u64 {
+        if marker.hlc > now_us.saturating_add(CLOCK_SKEW_MAX_US) {
+            return 0;
+        }
+        self.drop_flushed(marker)
+    }
+
+    fn drop_flushed(&mut self, marker: Version) -> u64 {
+        if !marker.wins_over(self.flushed) {
+            return 0;
+        }
+        self.flushed = marker;
+        // Local writes after the flush must be newer than it.
+        self.clock.observe(marker.hlc);
+        let gone = |e: &Entry| !e.version().wins_over(marker);
+        let (mut dropped, mut freed, mut keys) = (0, 0, 0);
+        for (b, table) in self.tables.iter_mut().enumerate() {
+            let (mut delta, before) = (EMPTY_LEAF, dropped);
+            let mut drop_one = |e: &Entry| {
+                dropped += 1;
+                freed += e.bytes();
+                keys += u64::from(e.value().is_some());
+            };
+            if table.iter().all(gone) {
+                // The common case (a local FLUSHDB): the whole bucket goes, and its leaf
+                // becomes empty without hashing a single entry.
+                table.iter().for_each(&mut drop_one);
+                table.clear();
+                delta = *self.tree.leaf(b);
+            } else {
+                table.retain(|e| {
+                    let keep = !gone(e);
+                    if !keep {
+                        drop_one(e);
+                        xor_into(&mut delta, &e.digest());
+                    }
+                    keep
+                });
+            }
+            if dropped > before {
+                self.tree.toggle(b, &delta);
+            }
+        }
+        self.bytes_used -= freed;
+        self.budget.shrink(freed);
+        self.stats.keys -= keys;
+        self.stats.tombstones -= dropped - keys;
+        dropped
     }
 
     /// The root of this shard's Merkle subtree (recomputes only dirty paths).
@@ -1052,8 +1149,9 @@ mod tests {
         b.set(h(&kb), &kb, &[b'x'; 800]).unwrap();
         let used = |s: &Shard| s.snapshot_stats().bytes_used;
         assert_eq!(budget.used(), used(&a) + used(&b));
-        b.flush();
-        a.flush();
+        let hlc = a.tick_clock().max(b.tick_clock());
+        b.flush(hlc, false);
+        a.flush(hlc, false);
         assert_eq!(budget.used(), 0);
     }
 
@@ -1112,14 +1210,89 @@ mod tests {
         }
     }
 
+    fn v(hlc: u64, origin: u32) -> Version {
+        Version { hlc, origin }
+    }
+
     #[test]
-    fn flush_empties_everything() {
-        let mut s = shard();
+    fn a_local_flush_covers_every_earlier_write_and_no_later_one() {
+        let mut s = shard().with_identity(1, 3600).with_journal();
         let empty = s.root();
+        let now = now_us();
+        // A peer's write ahead of our wall clock (within the skew bound) is covered too.
+        assert!(s.apply(
+            h(b"ahead"),
+            b"ahead",
+            Some(b"x"),
+            v(now + 60_000_000, 2),
+            now
+        ));
         s.set(h(b"a"), b"a", b"1").unwrap();
-        s.flush();
-        assert_eq!(s.get(h(b"a"), b"a"), None);
+        s.del(h(b"d"), b"d").unwrap();
+        let hlc = s.tick_clock();
+        assert_eq!(s.flush(hlc, true), 3, "values and tombstones");
+        assert_eq!(s.flushed(), v(hlc, 1));
         assert_eq!(s.root(), empty);
-        assert_eq!(s.snapshot_stats().bytes_used, 0);
+        assert_eq!(s.snapshot_stats(), ShardStats::default());
+        s.set(h(b"a"), b"a", b"2").unwrap();
+        assert!(s.version_of(h(b"a"), b"a").unwrap().wins_over(s.flushed()));
+        // The flush is journaled in write order, for replication.
+        let j = s.take_journal().unwrap();
+        let mut p = crate::changes::PayloadBuilder::new(1, "n");
+        p.extend(&j.bytes, j.events);
+        let limits = crate::changes::Limits {
+            payload_bytes_max: 1 << 20,
+            value_bytes_max: 1 << 20,
+        };
+        let payload = p.take();
+        let d = crate::changes::decode(&payload, limits).unwrap();
+        assert_eq!((j.events, d.events.len(), d.flush), (4, 3, Some(hlc)));
+        // A harness's reset forgets the marker: an old entry is taken again.
+        s.reset();
+        assert_eq!((s.root(), s.flushed()), (empty, Version::default()));
+        assert!(s.apply(h(b"old"), b"old", Some(b"1"), v(now - 1, 2), now));
+    }
+
+    #[test]
+    fn a_flush_marker_drops_older_entries_keeps_newer_ones_and_refuses_late_older_ones() {
+        let now = now_us();
+        let mut s = shard().with_identity(1, 3600);
+        // "mixed" shares a bucket with "new": that bucket keeps one entry of two.
+        let mixed = (0..)
+            .map(|i| format!("k{i}").into_bytes())
+            .find(|k| h(k).bucket() == h(b"new").bucket())
+            .unwrap();
+        for (key, value, hlc) in [
+            (&b"old"[..], Some(&b"1"[..]), now - 30),
+            (b"gone", None, now - 20),
+            (&mixed, Some(b"m"), now - 25),
+            (b"new", Some(b"2"), now - 10),
+        ] {
+            assert!(s.apply(h(key), key, value, v(hlc, 3), now));
+        }
+        let marker = v(now - 15, 2);
+        assert_eq!(s.apply_flush(marker, now), 3);
+        assert_eq!(s.flushed(), marker);
+        assert_eq!(s.version_of(h(b"gone"), b"gone"), None, "tombstones go too");
+        assert_eq!(s.get(h(&mixed), &mixed), None);
+        assert_eq!(s.get(h(b"old"), b"old"), None);
+        assert_eq!(s.get(h(b"new"), b"new"), Some(&b"2"[..]));
+        let stats = s.snapshot_stats();
+        assert_eq!((stats.keys, stats.tombstones), (1, 0));
+        assert_eq!(stats.bytes_used, 4 + ENTRY_OVERHEAD_BYTES);
+        // The same root as a shard that only ever held the newer entry.
+        let mut only_new = shard();
+        assert!(only_new.apply(h(b"new"), b"new", Some(b"2"), v(now - 10, 3), now));
+        assert_eq!(s.root(), only_new.root());
+        // Late entries that are not newer than the marker were flushed: refused.
+        assert!(!s.apply(h(b"old"), b"old", Some(b"late"), v(now - 16, 9), now));
+        assert!(!s.apply(h(b"old"), b"old", None, marker, now));
+        assert!(s.apply(h(b"old"), b"old", Some(b"after"), v(now - 14, 9), now));
+        // An older, equal or far-future marker changes nothing.
+        for stale in [v(now - 20, 9), marker, v(now + CLOCK_SKEW_MAX_US + 1, 9)] {
+            assert_eq!(s.apply_flush(stale, now), 0);
+            assert_eq!(s.flushed(), marker);
+        }
+        assert_eq!(s.snapshot_stats().keys, 2);
     }
 }

@@ -3,7 +3,10 @@
 //! initiator's algorithm. No I/O: the transport is whatever carries [`Peer::call`].
 //!
 //! The exchange, in round trips to the peer:
-//! 1. compare roots (64-bit truncated digests); equal → done, one round trip;
+//! 1. compare roots (64-bit truncated digests); equal → done, one round trip. The root
+//!    message carries the newest flush marker (FLUSHDB) both ways, and each side applies
+//!    the other's before its root is read: a node that missed a flush drops what was
+//!    flushed before any entry is compared, so it never pushes flushed entries back;
 //! 2. descend the fixed 2^16-bucket tree [`FANOUT_BITS`] levels per round trip, asking
 //!    only for the descendants of nodes that differ (levels 4, 8, 12, 16);
 //! 3. for the buckets that differ, compare listings (key hash + entry digest per entry);
@@ -87,16 +90,12 @@ pub struct Report {
 /// A parsed request.
 #[derive(Debug)]
 pub enum Request {
-    Root,
+    /// Apply this flush marker (when newer), then give the root and the newest marker.
+    Root { marker: Version },
     /// Truncated digests of these nodes of `level` (sorted indices).
-    Nodes {
-        level: u32,
-        indices: Vec<usize>,
-    },
+    Nodes { level: u32, indices: Vec<usize> },
     /// Listings of these buckets (sorted).
-    Listings {
-        buckets: Vec<usize>,
-    },
+    Listings { buckets: Vec<usize> },
     /// Apply `entries`; reply with the entries of `wanted` (bucket, sorted 32-bit key
     /// hashes) as they were before applying, as many as `room` takes.
     Exchange {
@@ -170,13 +169,19 @@ pub struct Part {
     entries: Vec<(usize, Vec<OwnedEntry>)>,
     applied: u64,
     refused: u64,
+    /// The shard's flush marker, after applying the request's.
+    marker: Version,
+    /// Entries the request's flush marker dropped here (the caller logs them).
+    pub flushed: u64,
 }
 
 /// Parse a request. Malformed input is an error, never a panic.
 pub fn parse(request: &[u8]) -> Result<Request, SyncError> {
     let mut r = Reader::new(request);
     let req = match r.byte()? {
-        MSG_ROOT => Request::Root,
+        MSG_ROOT => Request::Root {
+            marker: r.version()?,
+        },
         MSG_NODES => {
             let level = u32::from(r.byte()?);
             if level > BUCKET_BITS {
@@ -218,7 +223,11 @@ pub fn answer_part(shard: &mut Shard, index: usize, bits: u32, req: &Request, no
     let mut part = Part::default();
     let owns_bucket = |b: usize| shard_of_bucket(b, bits) == index;
     match req {
-        Request::Root => part.root = Some(shard.root()),
+        Request::Root { marker } => {
+            part.flushed = shard.apply_flush(*marker, now_us);
+            part.marker = shard.flushed();
+            part.root = Some(shard.root());
+        }
         // Above the shards' subtrees: every shard gives its root, `assemble` combines.
         Request::Nodes { level, .. } if *level < bits => part.root = Some(shard.root()),
         Request::Nodes { level, indices } => {
@@ -282,8 +291,10 @@ pub fn assemble(req: &Request, parts: Vec<Part>) -> Vec<u8> {
     let bits = parts.len().trailing_zeros();
     let roots = |parts: &[Part]| -> Vec<Digest> { parts.iter().filter_map(|p| p.root).collect() };
     match req {
-        Request::Root => {
-            out.extend_from_slice(&short_digest(&combine_roots(&roots(&parts))).to_le_bytes())
+        Request::Root { .. } => {
+            out.extend_from_slice(&short_digest(&combine_roots(&roots(&parts))).to_le_bytes());
+            let marker = parts.iter().map(|p| p.marker).max().unwrap_or_default();
+            put_version(&mut out, marker);
         }
         Request::Nodes { level, indices } if *level < bits => {
             let roots = roots(&parts);
@@ -371,7 +382,15 @@ pub const BUCKETS_PER_ROUND: usize = 256;
 /// `peer`. Differences that appear while it runs are found by the next exchange.
 pub fn exchange(local: &mut dyn Peer, peer: &mut dyn Peer) -> Result<Report, SyncError> {
     let mut report = Report::default();
-    let (mine, theirs) = ask_both(local, peer, vec![MSG_ROOT], &mut report)?;
+    // The newest flush marker first, both ways, so each root is read after it applied:
+    // ours goes to the peer, and theirs, when newer, comes back to us.
+    let (mine, marker) = root_reply(&local.call(&root_request(Version::default()))?)?;
+    let (theirs, their_marker) = root_reply(&ask(peer, &root_request(marker), &mut report)?)?;
+    let mine = if their_marker.wins_over(marker) {
+        root_reply(&local.call(&root_request(their_marker))?)?.0
+    } else {
+        mine
+    };
     if mine == theirs {
         return Ok(report);
     }
@@ -446,6 +465,24 @@ pub fn exchange(local: &mut dyn Peer, peer: &mut dyn Peer) -> Result<Report, Syn
         report.entries_refused += there.1 + here.1;
     }
     Ok(report)
+}
+
+/// A root request carrying `marker`.
+fn root_request(marker: Version) -> Vec<u8> {
+    let mut req = vec![MSG_ROOT];
+    put_version(&mut req, marker);
+    req
+}
+
+/// A root reply: the root's first 8 bytes, and the newest flush marker.
+fn root_reply(reply: &[u8]) -> Result<(u64, Version), SyncError> {
+    let mut r = Reader::new(reply);
+    let root = u64::from_le_bytes(r.bytes(8)?.try_into().expect("8 bytes"));
+    let marker = r.version()?;
+    if !r.done() {
+        return Err(SyncError::Malformed("root reply"));
+    }
+    Ok((root, marker))
 }
 
 /// An exchange reply: (entries applied, entries refused) of the request's, and the
@@ -552,14 +589,19 @@ fn encode_entry(out: &mut Vec<u8>, e: &OwnedEntry) {
     } else {
         KIND_DEL
     });
-    put_varint(out, e.version.hlc);
-    out.extend_from_slice(&e.version.origin.to_le_bytes());
+    put_version(out, e.version);
     put_varint(out, e.key.len() as u64);
     out.extend_from_slice(&e.key);
     if let Some(v) = &e.value {
         put_varint(out, v.len() as u64);
         out.extend_from_slice(v);
     }
+}
+
+/// A version as sent: varint hlc, u32 origin.
+fn put_version(out: &mut Vec<u8>, v: Version) {
+    put_varint(out, v.hlc);
+    out.extend_from_slice(&v.origin.to_le_bytes());
 }
 
 struct Reader<'a> {
@@ -681,8 +723,7 @@ impl<'a> Reader<'a> {
         if kind != KIND_SET && kind != KIND_DEL {
             return Err(SyncError::Malformed("entry kind"));
         }
-        let hlc = self.varint()?;
-        let origin = u32::from_le_bytes(self.bytes(4)?.try_into().expect("4 bytes"));
+        let version = self.version()?;
         // The key and value rules are the receiving shard's (`Shard::refuses`): an
         // entry that breaks them is refused alone, the rest of the message applies.
         let key_len = self.varint()? as usize;
@@ -696,7 +737,14 @@ impl<'a> Reader<'a> {
         Ok(OwnedEntry {
             key,
             value,
-            version: Version { hlc, origin },
+            version,
+        })
+    }
+
+    fn version(&mut self) -> Result<Version, SyncError> {
+        Ok(Version {
+            hlc: self.varint()?,
+            origin: self.u32()?,
         })
     }
 }
@@ -913,6 +961,95 @@ mod tests {
         assert_eq!((report.entries_received, report.entries_ignored), (2, 1));
     }
 
+    /// Store `key` on the shard that owns it, at version (`hlc`, 9).
+    fn put_at(shards: &mut [Shard], key: &[u8], value: Option<&[u8]>, hlc: u64) {
+        let h = KeyHash::of(key);
+        let bits = shards.len().trailing_zeros();
+        let v = Version { hlc, origin: 9 };
+        assert!(shards[h.shard(bits)].apply(h, key, value, v, hlc));
+    }
+
+    #[test]
+    fn an_exchange_carries_the_newest_flush_marker_both_ways_before_comparing() {
+        let t = 1u64 << 50;
+        for a_starts in [true, false] {
+            // Both hold the same old entries; A is flushed at t, then each side gets a
+            // newer write. B never heard of the flush.
+            let (mut a, mut b) = (node(2, 1 << 10), node(1, 1 << 10));
+            for k in keys("old", 50) {
+                put_at(&mut a, &k, Some(b"v"), t - 1000);
+                put_at(&mut b, &k, Some(b"v"), t - 1000);
+            }
+            put_at(&mut b, b"deleted", None, t - 500);
+            for s in a.iter_mut() {
+                s.flush(t, false);
+            }
+            put_at(&mut a, b"a-after", Some(b"1"), t + 1);
+            put_at(&mut b, b"b-after", Some(b"2"), t + 2);
+            let report = {
+                let mut a = Shards {
+                    shards: &mut a,
+                    now_us: t,
+                };
+                let mut b = Shards {
+                    shards: &mut b,
+                    now_us: t,
+                };
+                if a_starts {
+                    exchange(&mut a, &mut b)
+                } else {
+                    exchange(&mut b, &mut a)
+                }
+                .unwrap()
+            };
+            // Nothing flushed crossed: only the two newer writes did.
+            assert_eq!(report.keys_repaired, 2, "{report:?}");
+            assert_eq!(report.entries_sent + report.entries_received, 2);
+            for n in [&a[..], &b[..]] {
+                assert!(stored(n, b"a-after") && stored(n, b"b-after"));
+                assert!(!stored(n, &keys("old", 50)[7]));
+                let held: u64 = n.iter().map(|s| s.snapshot_stats().keys).sum();
+                let tombstones: u64 = n.iter().map(|s| s.snapshot_stats().tombstones).sum();
+                assert_eq!((held, tombstones), (2, 0));
+                for s in n {
+                    assert_eq!(s.flushed(), Version { hlc: t, origin: 0 });
+                }
+            }
+            let root = |n: &mut [Shard]| {
+                let roots: Vec<Digest> = n.iter_mut().map(Shard::root).collect();
+                combine_roots(&roots)
+            };
+            assert_eq!(root(&mut a), root(&mut b));
+        }
+    }
+
+    #[test]
+    fn equal_contents_under_different_markers_still_pass_the_marker_in_one_round_trip() {
+        let t = 1u64 << 50;
+        let (mut a, mut b) = (node(1, 1 << 10), node(2, 1 << 10));
+        a[0].flush(t, false);
+        let mut local = Shards {
+            shards: &mut b,
+            now_us: t,
+        };
+        let mut peer = Shards {
+            shards: &mut a,
+            now_us: t,
+        };
+        let report = exchange(&mut local, &mut peer).unwrap();
+        assert_eq!(report.round_trips, 1);
+        for s in &b {
+            assert_eq!(s.flushed(), Version { hlc: t, origin: 0 });
+        }
+        // A late copy of a write the flush covered is refused there now.
+        let late = Version {
+            hlc: t - 1,
+            origin: 9,
+        };
+        let h = KeyHash::of(b"x");
+        assert!(!b[h.shard(1)].apply(h, b"x", Some(b"old"), late, t));
+    }
+
     #[test]
     fn malformed_requests_are_errors_not_panics() {
         let mut shards: Vec<Shard> = (0..2)
@@ -926,11 +1063,12 @@ mod tests {
             &[][..],
             &[9],
             &[MSG_NODES, 17, 1, 0],
-            &[MSG_NODES, 4, 2, 3, 0], // not increasing
-            &[MSG_NODES, 4, 1, 16],   // index out of range
-            &[MSG_LISTINGS, 200],     // count larger than the bytes
-            &[MSG_EXCHANGE, 0, 1, 7], // a bad entry
-            &[MSG_ROOT, 0],           // trailing byte
+            &[MSG_NODES, 4, 2, 3, 0],      // not increasing
+            &[MSG_NODES, 4, 1, 16],        // index out of range
+            &[MSG_LISTINGS, 200],          // count larger than the bytes
+            &[MSG_EXCHANGE, 0, 1, 7],      // a bad entry
+            &[MSG_ROOT, 0],                // a marker cut short
+            &[MSG_ROOT, 0, 0, 0, 0, 0, 0], // trailing byte
         ] {
             assert!(node.call(bad).is_err(), "{bad:?}");
         }

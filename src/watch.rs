@@ -83,6 +83,9 @@ pub fn describe_payload(payload: &[u8], limits: Limits) -> String {
         Err(e) => return format!("rejected payload ({} bytes): {e}\n", payload.len()),
     };
     let mut s = String::new();
+    if let Some(hlc) = d.flush {
+        s.push_str(&format!("{} FLUSHDB hlc={hlc}\n", d.node_id));
+    }
     for e in d.events {
         let key = show(e.key);
         match e.value {
@@ -133,14 +136,15 @@ mod tests {
         encode_event(&mut e, 10, b"user:1", Some(b"al\"ice\n"));
         encode_event(&mut e, 11, b"user:1", None);
         encode_event(&mut e, 12, "café".as_bytes(), Some(b"caf\xc3\xa9 \xff\x01"));
-        b.extend(&e, 3);
+        crate::changes::encode_flush(&mut e, 13);
+        b.extend(&e, 4);
         let limits = Limits {
             payload_bytes_max: 1 << 20,
             value_bytes_max: 1 << 20,
         };
         assert_eq!(
             describe_payload(&b.take(), limits),
-            "node-1 SET user:1 \"al\\\"ice\\n\" hlc=10\nnode-1 DEL user:1 hlc=11\n\
+            "node-1 FLUSHDB hlc=13\nnode-1 SET user:1 \"al\\\"ice\\n\" hlc=10\nnode-1 DEL user:1 hlc=11\n\
              node-1 SET café \"café \\xff\\u{1}\" hlc=12\n"
         );
         assert!(describe_payload(b"\x09junk", limits).starts_with("rejected payload (5 bytes)"));

@@ -117,6 +117,7 @@ fn run(seed: u64, heal: bool) {
             data: payload.clone(),
             origin: routed.origin,
             events: routed.per_shard.into_iter().next().unwrap(),
+            flush: routed.flush,
         };
         apply_remote(&mut r.shard, &changes, sim_now());
     };

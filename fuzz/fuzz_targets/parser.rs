@@ -10,6 +10,7 @@ use libfuzzer_sys::fuzz_target;
 use merkle_kv::dispatch::{answer_all, NodeInfo};
 use merkle_kv::protocol::{parse, Command, Framer, Step};
 use merkle_kv::shard::{MemoryBudget, Shard};
+use merkle_kv::version::Version;
 use std::cell::RefCell;
 
 /// Small, so the fuzzer reaches the line-too-long and storage-full paths.
@@ -17,8 +18,8 @@ const LINE_MAX: usize = 256;
 
 thread_local! {
     // Building shards (65,536 bucket tables, a 4 MB tree) costs far more than a run, so
-    // they are built once and flushed after any run that stored something: every run
-    // starts from an empty node and a crash reproduces from its input alone.
+    // they are built once and reset after any run that stored or flushed something:
+    // every run starts from an empty node and a crash reproduces from its input alone.
     static SHARDS: RefCell<Vec<Shard>> = RefCell::new({
         let budget = MemoryBudget::new(1 << 14);
         (0..2).map(|i| Shard::new(i, 1, budget.clone(), LINE_MAX)).collect()
@@ -37,8 +38,8 @@ fuzz_target!(|data: &[u8]| {
         assert!(out.is_empty() || binary || out.ends_with(b"\r\n"));
         for s in shards.iter_mut() {
             let stats = s.snapshot_stats();
-            if stats.keys > 0 || stats.tombstones > 0 {
-                s.flush();
+            if stats.keys > 0 || stats.tombstones > 0 || s.flushed() != Version::default() {
+                s.reset();
             }
         }
     });

@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use merkle_kv::changes::{decode, encode_event, Limits, PayloadBuilder};
+use merkle_kv::changes::{decode, encode_event, encode_flush, Limits, PayloadBuilder};
 use merkle_kv::replication::{apply_remote, route, RemoteChanges};
 use merkle_kv::shard::{MemoryBudget, Shard};
 use std::cell::RefCell;
@@ -31,7 +31,10 @@ fuzz_target!(|data: &[u8]| {
     for ev in &d.events {
         encode_event(&mut e, ev.hlc, ev.key, ev.value);
     }
-    b.extend(&e, d.events.len() as u32);
+    if let Some(hlc) = d.flush {
+        encode_flush(&mut e, hlc);
+    }
+    b.extend(&e, (d.events.len() + usize::from(d.flush.is_some())) as u32);
     let again = b.take();
     assert_eq!(decode(&again, LIMITS).unwrap(), d);
 
@@ -39,9 +42,14 @@ fuzz_target!(|data: &[u8]| {
     let routed = route(&bytes, 1, LIMITS).expect("decoded once, routes");
     SHARDS.with_borrow_mut(|shards| {
         for (shard, events) in shards.iter_mut().zip(routed.per_shard) {
-            let changes = RemoteChanges { data: bytes.clone(), origin: routed.origin, events };
+            let changes = RemoteChanges {
+                data: bytes.clone(),
+                origin: routed.origin,
+                events,
+                flush: routed.flush,
+            };
             apply_remote(shard, &changes, 1_800_000_000_000_000);
-            shard.flush();
+            shard.reset(); // a flush marker would refuse the next input's events
         }
     });
 });
