@@ -62,8 +62,11 @@ pub struct Seen {
 /// What the bootstrap decides after an observation.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
-    /// Run an exchange with this peer next.
-    Exchange(String),
+    /// Ask this peer whether it is ready; exchange with it if it is.
+    Probe(String),
+    /// Exchange with this peer although it is loading too: no ready peer answered (a
+    /// cluster's cold start, where every node is loading).
+    ExchangeLoading(String),
     /// Nothing to do now; look again shortly.
     Wait,
     /// Loading is over, for this reason (logged, and shown in INFO).
@@ -76,21 +79,32 @@ pub enum Reason {
     TimedOut,
 }
 
-/// The bootstrap's pure core: which peers failed, and when to give up.
+/// How long a node with MQTT waits for its broker before exchanging with `peer_list`:
+/// exchanging first could end LOADING before the node is subscribed, and changes
+/// published in between would be missed until the next exchange.
+pub const BROKER_WAIT: Duration = Duration::from_secs(2);
+
+/// The bootstrap's pure core: which peers failed or are loading, and when to give up.
 pub struct Bootstrap {
     mqtt: bool,
+    started: Instant,
     deadline: Instant,
-    /// Peers whose last exchange failed (they are tried again once every other
-    /// candidate has failed too).
+    /// Peers whose last exchange or probe failed (tried again once every other
+    /// candidate has been tried).
     failed: Vec<String>,
+    /// Peers that answered they are loading themselves: a restarted, empty peer must
+    /// not pass for the cluster's state while a ready one may answer.
+    loading: Vec<String>,
 }
 
 impl Bootstrap {
     pub fn new(mqtt: bool, timeout: Duration, now: Instant) -> Bootstrap {
         Bootstrap {
             mqtt,
+            started: now,
             deadline: now + timeout,
             failed: Vec::new(),
+            loading: Vec::new(),
         }
     }
 
@@ -99,9 +113,15 @@ impl Bootstrap {
         self.deadline
     }
 
-    pub fn exchange_failed(&mut self, peer: &str) {
+    pub fn failed(&mut self, peer: &str) {
         if !self.failed.iter().any(|p| p == peer) {
             self.failed.push(peer.to_string());
+        }
+    }
+
+    pub fn is_loading(&mut self, peer: &str) {
+        if !self.loading.iter().any(|p| p == peer) {
+            self.loading.push(peer.to_string());
         }
     }
 
@@ -109,8 +129,16 @@ impl Bootstrap {
         if now >= self.deadline {
             return Step::Ready(Reason::TimedOut);
         }
-        if let Some(peer) = seen.candidates.iter().find(|c| !self.failed.contains(c)) {
-            return Step::Exchange(peer.clone());
+        if self.mqtt && seen.connected_for.is_none() && now < self.started + BROKER_WAIT {
+            return Step::Wait;
+        }
+        let tried = |p: &String| self.failed.contains(p) || self.loading.contains(p);
+        if let Some(peer) = seen.candidates.iter().find(|c| !tried(c)) {
+            return Step::Probe(peer.clone());
+        }
+        let loading = seen.candidates.iter().find(|c| self.loading.contains(c));
+        if let Some(peer) = loading.filter(|c| !self.failed.contains(c)) {
+            return Step::ExchangeLoading(peer.clone());
         }
         // Every candidate (if any) has failed. Nobody to learn from, unless the broker
         // may still tell of someone: it is not connected yet, or has not had time to
@@ -123,6 +151,7 @@ impl Bootstrap {
         if !seen.candidates.is_empty() {
             // Someone is (or was) online: try them all again, a round at a time.
             self.failed.clear();
+            self.loading.clear();
         }
         Step::Wait
     }
@@ -159,15 +188,19 @@ async fn catch_up(shared: &Arc<Shared>) {
     let me = crate::antientropy::self_address(shared.local_addr);
     let advertised = config.network.advertise_address.clone();
     let timeout = Duration::from_secs(config.anti_entropy.bootstrap_timeout_seconds);
-    let mut state = Bootstrap::new(config.mqtt.enabled, timeout, Instant::now());
+    let started = Instant::now();
+    let mut state = Bootstrap::new(config.mqtt.enabled, timeout, started);
     let mut connected_since: Option<Instant> = None;
     let mut shutdown = shared.shutdown.subscribe();
+    let ready = |why: String| {
+        let ms = started.elapsed().as_millis();
+        shared
+            .readiness
+            .set(false, format!("{why} (after {ms} ms)"));
+    };
     loop {
-        let connected = shared
-            .outbound
-            .as_ref()
-            .is_some_and(|o| o.stats.connected.load(Relaxed));
-        connected_since = connected.then(|| connected_since.unwrap_or_else(Instant::now));
+        connected_since =
+            broker_connected(shared).then(|| connected_since.unwrap_or_else(Instant::now));
         let online = shared.peers.online_addrs();
         let mut candidates: Vec<String> = config.anti_entropy.peer_list.clone();
         candidates.extend(online.iter().cloned());
@@ -179,62 +212,32 @@ async fn catch_up(shared: &Arc<Shared>) {
             presence_online: !online.is_empty(),
             connected_for: connected_since.map(|t| t.elapsed()),
         };
-        match state.next(&seen, Instant::now()) {
-            Step::Exchange(peer) => {
-                shared
-                    .readiness
-                    .set(true, format!("exchanging with {peer}"));
-                let (local, target) = (me.clone(), peer.clone());
-                let exchange = tokio::task::spawn_blocking(move || {
-                    crate::antientropy::run_exchange(&local, &target)
-                });
-                // A peer that accepts and never answers must not hold the node past its
-                // deadline: stop waiting (the exchange's own deadline ends its thread).
-                let deadline = tokio::time::Instant::from_std(state.deadline());
-                let result = tokio::select! {
-                    r = exchange => r,
-                    _ = tokio::time::sleep_until(deadline) => continue,
-                    _ = shutdown.wait_for(|&s| s) => return,
-                };
-                match result {
-                    Ok(Ok((report, took))) => {
-                        tracing::info!(
-                            %peer,
-                            keys_repaired = report.keys_repaired,
-                            ms = took.as_millis() as u64,
-                            "caught up with a peer: serving clients"
-                        );
-                        let ended = Instant::now();
-                        let periodic = crate::antientropy::Started::Periodic;
-                        shared
-                            .sync_log
-                            .record(&peer, Ok((report, took)), periodic, ended);
-                        shared.readiness.set(false, format!("synced with {peer}"));
-                        return;
+        let peer = match state.next(&seen, Instant::now()) {
+            Step::Probe(peer) => {
+                let target = peer.clone();
+                match tokio::task::spawn_blocking(move || peer_is_loading(&target)).await {
+                    Ok(Some(false)) => peer,
+                    Ok(Some(true)) => {
+                        state.is_loading(&peer);
+                        continue;
                     }
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, "bootstrap exchange failed: {e}");
-                        shared.readiness.set(true, format!("{peer} failed: {e}"));
-                        state.exchange_failed(&peer);
-                    }
-                    Err(e) => {
-                        tracing::error!("bootstrap exchange task failed: {e}");
-                        state.exchange_failed(&peer);
+                    _ => {
+                        state.failed(&peer);
+                        continue;
                     }
                 }
             }
+            Step::ExchangeLoading(peer) => peer,
             Step::Wait => {
                 tokio::select! {
                     _ = tokio::time::sleep(POLL) => {}
                     _ = shutdown.wait_for(|&s| s) => return,
                 }
+                continue;
             }
             Step::Ready(Reason::NobodyToLearnFrom) => {
                 tracing::info!("no peer to learn from: serving clients");
-                shared
-                    .readiness
-                    .set(false, "no peer to learn from".to_string());
-                return;
+                return ready("no peer to learn from".into());
             }
             Step::Ready(Reason::TimedOut) => {
                 tracing::warn!(
@@ -242,21 +245,72 @@ async fn catch_up(shared: &Arc<Shared>) {
                     "bootstrap timed out before an exchange with a peer completed: serving \
                      clients with what this node has ([anti_entropy] bootstrap_timeout_seconds)"
                 );
-                shared.readiness.set(false, "timed out".to_string());
-                return;
+                return ready("timed out".into());
             }
-        }
-        if *shutdown.borrow() {
-            return;
+        };
+        shared
+            .readiness
+            .set(true, format!("exchanging with {peer}"));
+        // A peer that accepts and never answers must not hold the node past its
+        // deadline: stop waiting (the exchange's own deadline ends its thread).
+        let deadline = tokio::time::Instant::from_std(state.deadline());
+        let result = tokio::select! {
+            r = copy_from(shared, &me, &peer) => r,
+            _ = tokio::time::sleep_until(deadline) => continue,
+            _ = shutdown.wait_for(|&s| s) => return,
+        };
+        match result {
+            Ok(repaired) => {
+                tracing::info!(%peer, keys_repaired = repaired, "caught up with a peer: serving clients");
+                return ready(format!("synced with {peer}"));
+            }
+            Err(e) => {
+                tracing::debug!(%peer, "bootstrap exchange failed: {e}");
+                shared.readiness.set(true, format!("{peer} failed: {e}"));
+                state.failed(&peer);
+            }
         }
     }
 }
 
+/// Exchange with `peer` until an exchange repairs nothing: one exchange moves at most a
+/// reply's worth of entries per round (16 MiB), so a large difference takes several.
+/// Returns the keys repaired in all.
+async fn copy_from(shared: &Arc<Shared>, me: &str, peer: &str) -> Result<u64, String> {
+    const EXCHANGES_MAX: usize = 1000;
+    let mut repaired = 0;
+    for _ in 0..EXCHANGES_MAX {
+        let (local, target) = (me.to_string(), peer.to_string());
+        let result =
+            tokio::task::spawn_blocking(move || crate::antientropy::run_exchange(&local, &target))
+                .await
+                .map_err(|e| e.to_string())?;
+        let (report, took) = result.map_err(|e| e.to_string())?;
+        let n = report.keys_repaired;
+        let periodic = crate::antientropy::Started::Periodic;
+        shared
+            .sync_log
+            .record(peer, Ok((report, took)), periodic, Instant::now());
+        repaired += n;
+        if n == 0 {
+            return Ok(repaired);
+        }
+    }
+    Err(format!("still repairing after {EXCHANGES_MAX} exchanges"))
+}
+
+fn broker_connected(shared: &Shared) -> bool {
+    shared
+        .outbound
+        .as_ref()
+        .is_some_and(|o| o.stats.connected.load(Relaxed))
+}
+
 /// A node cut off from every peer and the broker for longer than the tombstone grace
 /// may hold keys whose deletes its peers have since purged: pushed back, they would
-/// come back to life everywhere. So once its last contact (the broker connected, or an
-/// exchange completed) is older than the grace, it goes back to LOADING and rejoins
-/// (docs/ANTI_ENTROPY.md, "Long isolation").
+/// come back to life everywhere. So once its last contact (connected to the broker, or
+/// an exchange it ran completed) is older than the grace, it goes back to LOADING and
+/// rejoins (docs/ANTI_ENTROPY.md, "Long isolation").
 async fn watch_isolation(shared: &Arc<Shared>) {
     use crate::version::now_us;
     let grace_us = shared.config.storage.tombstone_grace_seconds * 1_000_000;
@@ -268,24 +322,15 @@ async fn watch_isolation(shared: &Arc<Shared>) {
             _ = shutdown.wait_for(|&s| s) => return,
         }
         let now = now_us();
-        // Through the broker: the last moment it had confirmed all this node wrote (a
-        // write it never confirmed is newer, so it is kept through a rejoin).
-        if let Some(o) = &shared.outbound {
-            let s = &o.stats;
-            contact = contact.max(s.settled_at_us.load(Relaxed));
-            // Connected and idle: no event may come for a keep-alive period, yet the
-            // broker has everything.
-            let idle = s.buffered_events.load(Relaxed) == 0 && o.queued() == 0;
-            if s.connected.load(Relaxed) && s.settled.load(Relaxed) && idle {
-                contact = now;
-            }
+        if broker_connected(shared) {
+            contact = now;
         }
         if let Some(t) = shared.sync_log.last_success() {
             contact = contact.max(now.saturating_sub(t.elapsed().as_micros() as u64));
         }
         let silent = now.saturating_sub(contact);
         if silent > grace_us {
-            if !rejoin(shared, contact, Duration::from_micros(silent)).await {
+            if !rejoin(shared, cut(shared, now), Duration::from_micros(silent)).await {
                 return;
             }
             contact = now_us();
@@ -293,14 +338,34 @@ async fn watch_isolation(shared: &Arc<Shared>) {
     }
 }
 
+/// What a rejoin keeps: entries newer than the last moment this node knew its writes
+/// had reached the others — the broker had confirmed all of them, or an exchange it ran
+/// started. Earlier entries the peers hold (or deleted); later ones may be only here.
+/// Conservative: a write whose confirmation is unknown is newer, so it is kept.
+fn cut(shared: &Shared, now: u64) -> u64 {
+    let broker = shared
+        .outbound
+        .as_ref()
+        .map_or(0, |o| o.stats.settled_at_us.load(Relaxed));
+    let exchange = shared
+        .sync_log
+        .last_success()
+        .map_or(0, |t| now.saturating_sub(t.elapsed().as_micros() as u64));
+    broker.max(exchange)
+}
+
 /// LOADING until this node has caught up with a peer that is itself ready (not loading
 /// or rejoining): only such a peer knows which deletes happened meanwhile. Right before
-/// the first exchange with it, every entry older than `cut` (the last contact) is
-/// dropped; the exchange fetches back what is still live and hands the peer the writes
-/// made since. When the only peers reachable are loading too (the whole cluster was cut
-/// apart), it waits `bootstrap_timeout_seconds`, then merges with one without dropping
-/// anything: losing data would be worse than deletes that reappear. Returns false when
-/// the node stops meanwhile.
+/// the first exchange with it, every entry older than `cut` is dropped; the exchange
+/// fetches back what is still live and hands the peer the writes made since.
+///
+/// While nobody can be reached the node stays LOADING: that is what isolation means.
+/// Once contact is back without a ready peer, it does not wait for ever: with the broker
+/// up and no other node announced within the settle time there is nobody to learn from;
+/// and after `bootstrap_timeout_seconds` with only loading peers (the whole cluster was
+/// cut apart, so no side knows more) it merges with one without dropping anything —
+/// deletes made elsewhere meanwhile may reappear, but nothing is lost. Returns false
+/// when the node stops meanwhile.
 async fn rejoin(shared: &Arc<Shared>, cut: u64, silent: Duration) -> bool {
     tracing::warn!(
         silent_s = silent.as_secs(),
@@ -312,7 +377,7 @@ async fn rejoin(shared: &Arc<Shared>, cut: u64, silent: Duration) -> bool {
     shared.readiness.set(true, progress);
     let timeout = Duration::from_secs(shared.config.anti_entropy.bootstrap_timeout_seconds);
     let me = crate::antientropy::self_address(shared.local_addr);
-    let (mut forgot, mut loading_peer_since) = (false, None::<Instant>);
+    let (mut forgot, mut back_since) = (false, None::<Instant>);
     let mut shutdown = shared.shutdown.subscribe();
     loop {
         let mut loading_peer = None;
@@ -326,7 +391,7 @@ async fn rejoin(shared: &Arc<Shared>, cut: u64, silent: Duration) -> bool {
                         tracing::info!(dropped, %peer, "dropped entries older than the last contact; fetching from a ready peer");
                         forgot = true;
                     }
-                    if exchange(shared, &me, &peer).await {
+                    if copy_from(shared, &me, &peer).await.is_ok() {
                         tracing::info!(%peer, "rejoined after a long isolation: serving clients");
                         shared.readiness.set(false, format!("rejoined via {peer}"));
                         return true;
@@ -336,18 +401,37 @@ async fn rejoin(shared: &Arc<Shared>, cut: u64, silent: Duration) -> bool {
                 _ => {}
             }
         }
-        match loading_peer {
-            Some(peer) if !forgot => {
-                let since = *loading_peer_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= timeout && exchange(shared, &me, &peer).await {
-                    tracing::warn!(%peer, "no ready peer to rejoin through (every reachable one is loading too): merged with one without dropping old entries; deletes made elsewhere during the isolation may reappear");
-                    shared
-                        .readiness
-                        .set(false, format!("merged with {peer} (no ready peer)"));
-                    return true;
-                }
+        let connected = broker_connected(shared);
+        if connected || loading_peer.is_some() {
+            let since = *back_since.get_or_insert_with(Instant::now);
+            let nobody =
+                connected && loading_peer.is_none() && shared.peers.online_addrs().is_empty();
+            if nobody && since.elapsed() >= PRESENCE_SETTLE {
+                tracing::info!("contact is back and no other node is there: serving clients");
+                shared
+                    .readiness
+                    .set(false, "rejoined: no peer to learn from".into());
+                return true;
             }
-            _ => loading_peer_since = None,
+            if since.elapsed() >= timeout {
+                let merged = match &loading_peer {
+                    Some(peer) => copy_from(shared, &me, peer).await.is_ok(),
+                    None => false,
+                };
+                tracing::warn!(
+                    merged,
+                    dropped_old_entries = forgot,
+                    "contact is back but no ready peer answered within \
+                     bootstrap_timeout_seconds: serving clients with what this node has; \
+                     deletes made elsewhere during the isolation may reappear"
+                );
+                shared
+                    .readiness
+                    .set(false, "rejoined without a ready peer".into());
+                return true;
+            }
+        } else {
+            back_since = None;
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -373,29 +457,6 @@ pub fn every_known_peer(shared: &Shared) -> Vec<String> {
     let advertised = shared.config.network.advertise_address.as_ref();
     all.retain(|p| *p != me && Some(p) != advertised);
     all
-}
-
-/// One exchange with `peer` through this node's own port (open, and SYNC.MSG is served
-/// while loading); true when it completed.
-async fn exchange(shared: &Arc<Shared>, me: &str, peer: &str) -> bool {
-    let (local, target) = (me.to_string(), peer.to_string());
-    let result =
-        tokio::task::spawn_blocking(move || crate::antientropy::run_exchange(&local, &target))
-            .await;
-    match result {
-        Ok(Ok((report, took))) => {
-            let periodic = crate::antientropy::Started::Periodic;
-            shared
-                .sync_log
-                .record(peer, Ok((report, took)), periodic, Instant::now());
-            true
-        }
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, "rejoin exchange failed: {e}");
-            false
-        }
-        Err(_) => false,
-    }
 }
 
 /// Drop every shard's entries older than `cut`; returns how many were dropped.
@@ -452,22 +513,43 @@ mod tests {
     fn tries_each_candidate_then_finds_nobody_once_the_broker_had_time_to_tell() {
         let t0 = Instant::now();
         let mut b = Bootstrap::new(true, Duration::from_secs(30), t0);
-        let peers = seen(&["a:1", "b:2"], false, None);
-        assert_eq!(b.next(&peers, t0), Step::Exchange("a:1".into()));
-        b.exchange_failed("a:1");
-        assert_eq!(b.next(&peers, t0), Step::Exchange("b:2".into()));
-        b.exchange_failed("b:2");
-        // The broker is not connected yet: it may still tell of a peer. Wait, then try
-        // the same peers again (one of them may have been starting too).
+        let peers = seen(&["a:1", "b:2"], false, Some(0));
+        assert_eq!(b.next(&peers, t0), Step::Probe("a:1".into()));
+        b.failed("a:1");
+        assert_eq!(b.next(&peers, t0), Step::Probe("b:2".into()));
+        b.failed("b:2");
+        // The broker has not had time to deliver presence: wait, then try them again
+        // (one of them may have been starting too).
         assert_eq!(b.next(&peers, t0), Step::Wait);
-        let peers = seen(&["a:1", "b:2"], false, Some(200));
-        assert_eq!(b.next(&peers, t0), Step::Exchange("a:1".into()));
-        b.exchange_failed("a:1");
-        b.exchange_failed("b:2");
-        assert_eq!(b.next(&peers, t0), Step::Wait);
+        assert_eq!(b.next(&peers, t0), Step::Probe("a:1".into()));
+        b.failed("a:1");
+        b.failed("b:2");
         let peers = seen(&["a:1", "b:2"], false, Some(1000));
-        b.exchange_failed("a:1");
-        b.exchange_failed("b:2");
+        assert_eq!(b.next(&peers, t0), Step::Ready(Reason::NobodyToLearnFrom));
+    }
+
+    #[test]
+    fn with_mqtt_it_waits_for_the_broker_before_dialling_the_peer_list() {
+        let t0 = Instant::now();
+        let mut b = Bootstrap::new(true, Duration::from_secs(30), t0);
+        let peers = seen(&["a:1"], false, None);
+        assert_eq!(b.next(&peers, t0), Step::Wait, "not subscribed yet");
+        // The broker stays away: the peer list is tried anyway.
+        assert_eq!(b.next(&peers, t0 + BROKER_WAIT), Step::Probe("a:1".into()));
+    }
+
+    #[test]
+    fn a_loading_peer_is_used_only_when_no_ready_one_answers() {
+        let t0 = Instant::now();
+        let mut b = Bootstrap::new(false, Duration::from_secs(30), t0);
+        let peers = seen(&["empty:1", "full:2"], false, None);
+        assert_eq!(b.next(&peers, t0), Step::Probe("empty:1".into()));
+        b.is_loading("empty:1");
+        assert_eq!(b.next(&peers, t0), Step::Probe("full:2".into()));
+        b.failed("full:2");
+        // Nobody ready answered: a cluster starting cold, every node loading.
+        assert_eq!(b.next(&peers, t0), Step::ExchangeLoading("empty:1".into()));
+        b.failed("empty:1");
         assert_eq!(b.next(&peers, t0), Step::Ready(Reason::NobodyToLearnFrom));
     }
 
@@ -476,11 +558,11 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Bootstrap::new(true, Duration::from_secs(30), t0);
         let peers = seen(&["c:3"], true, Some(5000));
-        assert_eq!(b.next(&peers, t0), Step::Exchange("c:3".into()));
-        b.exchange_failed("c:3");
+        assert_eq!(b.next(&peers, t0), Step::Probe("c:3".into()));
+        b.failed("c:3");
         assert_eq!(b.next(&peers, t0), Step::Wait);
         // The next round tries it again.
-        assert_eq!(b.next(&peers, t0), Step::Exchange("c:3".into()));
+        assert_eq!(b.next(&peers, t0), Step::Probe("c:3".into()));
         let late = t0 + Duration::from_secs(30);
         assert_eq!(b.next(&peers, late), Step::Ready(Reason::TimedOut));
     }
@@ -490,8 +572,8 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Bootstrap::new(false, Duration::from_secs(30), t0);
         let peers = seen(&["a:1"], false, None);
-        assert_eq!(b.next(&peers, t0), Step::Exchange("a:1".into()));
-        b.exchange_failed("a:1");
+        assert_eq!(b.next(&peers, t0), Step::Probe("a:1".into()));
+        b.failed("a:1");
         assert_eq!(b.next(&peers, t0), Step::Ready(Reason::NobodyToLearnFrom));
         let mut alone = Bootstrap::new(true, Duration::from_secs(30), t0);
         assert_eq!(

@@ -145,6 +145,8 @@ pub struct Batch {
     pub quit: bool,
     /// The node is LOADING: data commands get [`LOADING`] (set before each `fill`).
     pub loading: bool,
+    /// Keys the next run of an MGET plans (see [`Batch::multi`]).
+    mget_run: usize,
     /// SHUTDOWN was seen: answer, then stop the node.
     pub shutdown: bool,
     /// Protocol errors in this batch (for STATS).
@@ -179,6 +181,7 @@ impl Batch {
             shard_bits,
             quit: false,
             loading: false,
+            mget_run: RUN_OPS_MAX,
             shutdown: false,
             errors: 0,
             rest: None,
@@ -294,10 +297,15 @@ impl Batch {
     /// rest is not scanned here.
     fn multi(&mut self, kind: Multi, args: Args<'_>, base: &[u8], start: bool) -> Reply {
         let first = self.ops.len() as u32;
-        let cap = if self.replies.is_empty() {
-            RUN_OPS_MAX
-        } else {
-            SEGMENT_OPS_MAX
+        if start {
+            self.mget_run = RUN_OPS_MAX;
+        }
+        let cap = match (self.replies.is_empty(), kind) {
+            // Large values stop runs early: plan about what the last run got through,
+            // so the keys after a stop are not planned (and run) again and again.
+            (true, Multi::Mget) => self.mget_run,
+            (true, _) => RUN_OPS_MAX,
+            (false, _) => SEGMENT_OPS_MAX,
         };
         let room = cap.saturating_sub(self.ops.len()).max(1);
         let (now, later) = args.split_after(room * kind.args_per_op());
@@ -525,6 +533,10 @@ impl Batch {
                             (first..done).for_each(|i| out.extend_from_slice(results.bytes(i)));
                             if done < first + n {
                                 self.resume_mget_at(done, first + n, data);
+                                let got = (done - first) as usize;
+                                self.mget_run = (2 * got).clamp(16, RUN_OPS_MAX);
+                            } else {
+                                self.mget_run = (2 * self.mget_run).min(RUN_OPS_MAX);
                             }
                         }
                         _ if !end => {}

@@ -140,9 +140,10 @@ impl Peers {
     }
 
     /// [`Peers::update`] at `now`. Bounded, since anyone who can publish on the broker
-    /// can announce node ids: offline peers not seen for [`FORGET_AFTER`] are forgotten
-    /// (an online one stays: its record stands until its last will says otherwise), and
-    /// a newcomer to a full table takes the place of the offline peer seen longest ago.
+    /// can announce node ids: peers not heard from for [`FORGET_AFTER`] are forgotten (a
+    /// live node republishes its record every 30 s, so an online record that old is a
+    /// ghost), and a newcomer to a full table takes the place of the offline peer seen
+    /// longest ago.
     fn update_at(
         &self,
         node_id: &str,
@@ -150,9 +151,8 @@ impl Peers {
         clock_offset_ms: Option<i64>,
         now: Instant,
     ) -> Recorded {
-        self.table.retain(|_, p| {
-            p.presence.online || now.saturating_duration_since(p.updated) <= FORGET_AFTER
-        });
+        self.table
+            .retain(|_, p| now.saturating_duration_since(p.updated) <= FORGET_AFTER);
         if let Some(mut peer) = self.table.get_mut(node_id) {
             let same = Presence {
                 clock_ms: peer.presence.clock_ms,
@@ -361,7 +361,7 @@ mod tests {
     }
 
     #[test]
-    fn offline_peers_not_seen_for_a_day_are_forgotten() {
+    fn peers_not_heard_from_for_a_day_are_forgotten() {
         let peers = Peers::default();
         let t0 = Instant::now();
         let day = std::time::Duration::from_secs(86_400);
@@ -369,8 +369,10 @@ mod tests {
         peers.update_at("left", record(true), None, t0);
         peers.mark_offline_at("left", t0 + day);
         peers.update_at("quiet", record(true), None, t0);
+        peers.update_at("alive", record(true), None, t0 + day);
         // A day and a second later: "gone" was last seen over a day ago; "left" went
-        // offline a second ago; "quiet" is online (its record stands until its will).
+        // offline a second ago; "quiet" still says online but has not republished its
+        // record for a day (a live node does every 30 s): a ghost; "alive" has.
         peers.update_at(
             "new",
             record(true),
@@ -378,7 +380,7 @@ mod tests {
             t0 + day + std::time::Duration::from_secs(1),
         );
         let ids: Vec<_> = peers.snapshot().into_iter().map(|(id, _)| id).collect();
-        assert_eq!(ids, vec!["left", "new", "quiet"]);
+        assert_eq!(ids, vec!["alive", "left", "new"]);
     }
 
     #[test]

@@ -199,9 +199,7 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
     drop_connections(&shared).await;
     // Shards still run: changes the broker has not confirmed can still be handed to a
     // peer by anti-entropy, which needs them.
-    if let Some(r) = &replication {
-        flush_replication(&shared, r).await;
-    }
+    keep_writes_at_shutdown(&shared, replication.as_ref()).await;
     for inbox in &shared.inboxes {
         let _ = inbox.send(ThreadMsg::Stop).await;
     }
@@ -289,11 +287,10 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
         .build()
         .expect("thread runtime");
     let tasks = tokio::task::LocalSet::new();
-    if let Some((_, shard)) = &local {
-        tasks.spawn_local(purge_tombstones(shard.clone()));
+    if let Some((i, shard)) = &local {
+        tasks.spawn_local(every_second(*i, shard.clone()));
     }
     tasks.block_on(&rt, async move {
-        let mut future_log = FutureLog::default();
         while let Some(msg) = inbox.recv().await {
             match msg {
                 ThreadMsg::Conn(stream) => {
@@ -324,15 +321,13 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
                         &request,
                         now_us(),
                     );
-                    future_log.check(*i, &shard.borrow());
                     let _ = reply.send(part);
                 }
                 ThreadMsg::Apply(changes) => {
-                    let (i, shard) = local
+                    let (_, shard) = local
                         .as_ref()
                         .expect("changes sent to a thread without a shard");
                     let done = apply_remote(&mut shard.borrow_mut(), &changes, now_us());
-                    future_log.check(*i, &shard.borrow());
                     if let Some(out) = &shared.outbound {
                         out.stats.applied_events.fetch_add(done.applied, Relaxed);
                         if done.failed > 0 {
@@ -412,8 +407,13 @@ pub fn ship_changes(shard: &mut Shard, outbound: &Option<Arc<Outbound>>) {
 /// Walk the shard's buckets for expired tombstones, a slice at a time, so the purge
 /// never holds the shard thread for long: a full pass over 2^16 buckets takes
 /// `BUCKETS / PURGE_BUCKETS_PER_TICK` seconds.
-async fn purge_tombstones(shard: Rc<RefCell<Shard>>) {
+///
+/// Also logs, once a second at most, the remote versions the shard refused for being
+/// in the future, whichever path brought them (replication, an exchange answered on
+/// this thread or inline by a connection).
+async fn every_second(index: usize, shard: Rc<RefCell<Shard>>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut future_log = FutureLog::default();
     loop {
         tick.tick().await;
         let purged = shard
@@ -422,6 +422,7 @@ async fn purge_tombstones(shard: Rc<RefCell<Shard>>) {
         if purged > 0 {
             tracing::debug!(purged, "expired tombstones purged");
         }
+        future_log.check(index, &shard.borrow());
     }
 }
 
@@ -502,65 +503,91 @@ fn reject(stream: tokio::net::TcpStream, max: usize) {
     });
 }
 
-/// At shutdown: keep publishing until the broker has confirmed every change, for up to
-/// `[mqtt] shutdown_flush_ms`. While the broker is unreachable, hand the changes to a peer
-/// instead, by one anti-entropy exchange within the same bound (it carries every
-/// difference, so those changes too). Logs exactly what was left, never claiming peers
-/// will repair what only this node holds.
-async fn flush_replication(shared: &Arc<Shared>, r: &crate::replication::Replication) {
+/// At shutdown, with the shards still running: make sure the writes this node
+/// acknowledged reach the cluster, within `[mqtt] shutdown_flush_ms`.
+///
+/// With MQTT: publish until the broker has confirmed every change (a broker that is
+/// down is retried meanwhile). While the broker is unreachable, hand the changes to the
+/// peers instead: one anti-entropy exchange with each peer it can reach (it carries
+/// every difference, so those changes too). Without MQTT, anti-entropy is the only way
+/// out: one exchange with each `peer_list` peer. Logs exactly what was left.
+async fn keep_writes_at_shutdown(shared: &Arc<Shared>, repl: Option<&Replication>) {
     let budget = Duration::from_millis(shared.config.mqtt.shutdown_flush_ms);
     let deadline = Instant::now() + budget;
+    let Some(r) = repl else {
+        if shared.config.anti_entropy.peer_list.is_empty() {
+            return;
+        }
+        let handed = hand_off(shared, deadline).await;
+        match handed.as_slice() {
+            [] => tracing::error!(
+                "stopping without reaching any peer: writes since the last anti-entropy \
+                 exchange exist only on this node and are lost unless it comes back with them"
+            ),
+            peers => tracing::info!(
+                ?peers,
+                "handed this node's writes to its peers by anti-entropy"
+            ),
+        }
+        return;
+    };
     r.flush();
-    let mut handed_to = None;
-    let mut tried = Vec::new();
+    let mut handed = Vec::new();
     // Give a broker that is down a moment to come back before dialling peers.
-    let mut dial_after = Instant::now() + Duration::from_millis(500).min(budget / 4);
+    let dial_at = Instant::now() + Duration::from_millis(500).min(budget / 4);
     let left = loop {
         let left = r.unconfirmed();
         if left == 0 || Instant::now() >= deadline {
             break left;
         }
-        if !r.connected() && Instant::now() >= dial_after {
-            let next = crate::bootstrap::every_known_peer(shared);
-            if let Some(peer) = next.into_iter().find(|p| !tried.contains(p)) {
-                tried.push(peer.clone());
-                let shards = shared.inboxes[..1 << shared.shard_bits].to_vec();
-                let target = peer.clone();
-                let exchange = tokio::task::spawn_blocking(move || {
-                    crate::antientropy::run_exchange_in_process(shards, &target)
-                });
-                let at = tokio::time::Instant::from_std(deadline);
-                match tokio::time::timeout_at(at, exchange).await {
-                    Ok(Ok(Ok(_))) => {
-                        handed_to = Some(peer);
-                        break r.unconfirmed();
-                    }
-                    Ok(Ok(Err(e))) => tracing::warn!(%peer, "could not hand changes to peer: {e}"),
-                    Ok(Err(e)) => tracing::warn!(%peer, "could not hand changes to peer: {e}"),
-                    Err(_) => {}
-                }
-                continue;
-            }
-            dial_after = deadline; // every peer was tried
+        if !r.connected() && Instant::now() >= dial_at {
+            handed = hand_off(shared, deadline).await;
+            break r.unconfirmed();
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    let left = if left == u64::MAX { 0 } else { left }; // never counted: nothing was held
-    match (left, handed_to) {
+    // u64::MAX: the replication thread never got to count (a zero budget, say).
+    let n = if left == u64::MAX {
+        "an unknown number of".to_string()
+    } else {
+        left.to_string()
+    };
+    match (left, handed.as_slice()) {
         (0, _) => tracing::debug!("every change is confirmed by the broker"),
-        (n, Some(peer)) => tracing::warn!(
-            unconfirmed = n,
-            %peer,
-            "the broker did not confirm {n} changes; an anti-entropy exchange handed them to \
-             {peer}, from where anti-entropy spreads them to the other replicas"
-        ),
-        (n, None) => tracing::error!(
-            unconfirmed = n,
+        (_, []) => tracing::error!(
+            unconfirmed = %n,
             waited_ms = budget.as_millis() as u64,
             "stopping with {n} changes neither confirmed by the broker nor handed to a peer: \
              they exist only on this node and are lost unless it comes back with them"
         ),
+        (_, peers) => tracing::warn!(
+            unconfirmed = %n,
+            ?peers,
+            "the broker did not confirm {n} changes; anti-entropy exchanges handed them to \
+             the peers listed (the other replicas get them from those by anti-entropy)"
+        ),
     }
+}
+
+/// One exchange with every peer this node knows of, until `deadline`, against its
+/// shards in-process (its client port is closed by now). Returns the peers that took it.
+async fn hand_off(shared: &Arc<Shared>, deadline: Instant) -> Vec<String> {
+    let mut handed = Vec::new();
+    for peer in crate::bootstrap::every_known_peer(shared) {
+        let shards = shared.inboxes[..1 << shared.shard_bits].to_vec();
+        let target = peer.clone();
+        let exchange = tokio::task::spawn_blocking(move || {
+            crate::antientropy::run_exchange_in_process(shards, &target)
+        });
+        let at = tokio::time::Instant::from_std(deadline);
+        match tokio::time::timeout_at(at, exchange).await {
+            Ok(Ok(Ok(_))) => handed.push(peer),
+            Ok(Ok(Err(e))) => tracing::warn!(%peer, "could not hand changes to peer: {e}"),
+            Ok(Err(e)) => tracing::warn!(%peer, "could not hand changes to peer: {e}"),
+            Err(_) => break, // out of time
+        }
+    }
+    handed
 }
 
 /// Wait (bounded) for connections to answer what they had read and close.

@@ -735,6 +735,8 @@ impl Shard {
     /// were dropped.
     pub fn apply_flush(&mut self, marker: Version, now_us: u64) -> u64 {
         if marker.hlc > now_us.saturating_add(CLOCK_SKEW_MAX_US) {
+            self.stats.rejected_future += 1;
+            self.last_future = Some((marker, marker.hlc - now_us));
             return 0;
         }
         self.drop_flushed(marker)
