@@ -186,7 +186,6 @@ async fn catch_up(shared: &Arc<Shared>) {
         return;
     }
     let me = crate::antientropy::self_address(shared.local_addr);
-    let advertised = config.network.advertise_address.clone();
     let timeout = Duration::from_secs(config.anti_entropy.bootstrap_timeout_seconds);
     let started = Instant::now();
     let mut state = Bootstrap::new(config.mqtt.enabled, timeout, started);
@@ -201,15 +200,9 @@ async fn catch_up(shared: &Arc<Shared>) {
     loop {
         connected_since =
             broker_connected(shared).then(|| connected_since.unwrap_or_else(Instant::now));
-        let online = shared.peers.online_addrs();
-        let mut candidates: Vec<String> = config.anti_entropy.peer_list.clone();
-        candidates.extend(online.iter().cloned());
-        candidates.sort();
-        candidates.dedup();
-        candidates.retain(|p| *p != me && Some(p) != advertised.as_ref());
         let seen = Seen {
-            candidates,
-            presence_online: !online.is_empty(),
+            candidates: peer_addrs(shared, true),
+            presence_online: !shared.peers.online_addrs().is_empty(),
             connected_for: connected_since.map(|t| t.elapsed()),
         };
         let peer = match state.next(&seen, Instant::now()) {
@@ -444,14 +437,16 @@ async fn rejoin(shared: &Arc<Shared>, cut: u64, silent: Duration) -> bool {
 /// (online or not: with the broker gone, online flags are stale). For a rejoin, and for
 /// the hand-off at shutdown.
 pub fn every_known_peer(shared: &Shared) -> Vec<String> {
+    peer_addrs(shared, false)
+}
+
+/// `peer_list` and the addresses presence announced (only those online, or all), sorted,
+/// without this node.
+fn peer_addrs(shared: &Shared, online_only: bool) -> Vec<String> {
     let me = crate::antientropy::self_address(shared.local_addr);
-    let known = shared
-        .peers
-        .snapshot()
-        .into_iter()
-        .map(|(_, p)| p.presence.addr);
+    let known = shared.peers.snapshot().into_iter().map(|(_, p)| p.presence);
     let mut all: Vec<String> = shared.config.anti_entropy.peer_list.clone();
-    all.extend(known);
+    all.extend(known.filter(|p| p.online || !online_only).map(|p| p.addr));
     all.sort();
     all.dedup();
     let advertised = shared.config.network.advertise_address.as_ref();

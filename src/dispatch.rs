@@ -734,7 +734,7 @@ impl Results {
     pub fn run_inline(&mut self, i: usize, shard: &mut Shard, op: &ShardOp, data: &[u8]) {
         let start = self.bufs[0].len();
         // bufs[0] holds this thread's own shard's share of the segment.
-        let outcome = execute(shard, op, data, &mut self.bufs[0], 0);
+        let outcome = execute(shard, op, data, &mut self.bufs[0]);
         self.items[i] = OpResult {
             buf: 0,
             start,
@@ -789,7 +789,7 @@ pub fn serve_ops(shard: &mut Shard, ops: &[ShardOp], data: &[u8]) -> ShardReply 
     let ends = ops
         .iter()
         .map(|op| {
-            let outcome = execute(shard, op, data, &mut out, 0);
+            let outcome = execute(shard, op, data, &mut out);
             (out.len(), outcome)
         })
         .collect();

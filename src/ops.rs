@@ -110,17 +110,10 @@ pub enum Outcome {
 /// run plans up to thousands of keys, and their values must not all sit in memory.
 pub const RUN_REPLY_BYTES: usize = 256 << 10;
 
-/// Execute `op` against `shard`, appending its reply bytes (if it has any) to `out`.
-///
-/// `share_start` is where the bytes of this shard's share of the segment begin in `out`:
-/// an MGET slot is skipped once the share holds [`RUN_REPLY_BYTES`].
-pub fn execute(
-    shard: &mut Shard,
-    op: &ShardOp,
-    data: &[u8],
-    out: &mut Vec<u8>,
-    share_start: usize,
-) -> Outcome {
+/// Execute `op` against `shard`, appending its reply bytes (if it has any) to `out`,
+/// which holds only this shard's share of the segment: an MGET slot is skipped once it
+/// holds [`RUN_REPLY_BYTES`].
+pub fn execute(shard: &mut Shard, op: &ShardOp, data: &[u8], out: &mut Vec<u8>) -> Outcome {
     let key = op.key.get(data);
     let arg = op.arg.get(data);
     let h = op.hash;
@@ -133,7 +126,7 @@ pub fn execute(
         Err(e) => error(shard, e, out),
     };
     match op.kind {
-        OpKind::MgetSlot if out.len() - share_start >= RUN_REPLY_BYTES => Outcome::Skipped,
+        OpKind::MgetSlot if out.len() >= RUN_REPLY_BYTES => Outcome::Skipped,
         OpKind::Get | OpKind::MgetSlot => {
             shard.stats.gets += 1;
             match shard.get(h, key) {

@@ -71,11 +71,8 @@ pub struct ReplStats {
     /// While stopping: changes not yet confirmed by the broker (see `Replication::flush`).
     pub unconfirmed: AtomicU64,
     /// Wall-clock µs when the broker last had confirmed every change this node had made:
-    /// the node's last contact through the broker (src/bootstrap.rs, long isolation).
+    /// what a rejoin after a long isolation may drop is older (src/bootstrap.rs, `cut`).
     pub settled_at_us: AtomicU64,
-    /// Whether, at the last event from the broker, it had confirmed everything (cleared
-    /// by every publish): connected, settled and nothing queued means in contact now.
-    pub settled: AtomicBool,
     pub connects: AtomicU64,
     pub published_events: AtomicU64,
     pub published_payloads: AtomicU64,
@@ -239,11 +236,6 @@ impl Outbound {
                 return;
             }
         }
-    }
-
-    /// Changes waiting in the queue to the replication thread.
-    pub fn queued(&self) -> usize {
-        self.queued.load(Relaxed)
     }
 
     /// Called by the replication thread after taking `n` events of `bytes` off the queue.
@@ -917,7 +909,6 @@ async fn drive(
                     .settled_at_us
                     .store(crate::version::now_us(), Relaxed);
             }
-            ctx.stats.settled.store(settled, Relaxed);
         }
     }
 }
@@ -1190,7 +1181,6 @@ async fn publish(ctx: Rc<Context>, link: Rc<RefCell<Link>>, wake: Rc<Notify>, cl
                     l.publish_gauges(&ctx.stats);
                     payload
                 };
-                ctx.stats.settled.store(false, Relaxed);
                 if let Err(e) = client
                     .publish_bytes(topic.clone(), QoS::AtLeastOnce, false, payload)
                     .await

@@ -408,9 +408,9 @@ pub fn ship_changes(shard: &mut Shard, outbound: &Option<Arc<Outbound>>) {
 /// never holds the shard thread for long: a full pass over 2^16 buckets takes
 /// `BUCKETS / PURGE_BUCKETS_PER_TICK` seconds.
 ///
-/// Also logs, once a second at most, the remote versions the shard refused for being
-/// in the future, whichever path brought them (replication, an exchange answered on
-/// this thread or inline by a connection).
+/// Also looks, once a second, for remote versions the shard refused for being in the
+/// future, whichever path brought them (replication, an exchange answered on this
+/// thread or inline by a connection), and logs them ([`FutureLog`]).
 async fn every_second(index: usize, shard: Rc<RefCell<Shard>>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut future_log = FutureLog::default();

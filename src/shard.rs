@@ -571,24 +571,46 @@ impl Shard {
         for _ in 0..buckets.min(self.tables.len()) {
             let b = self.purge_cursor;
             self.purge_cursor = (b + 1) % self.tables.len();
-            let (mut delta, mut freed) = (EMPTY_LEAF, 0);
-            self.tables[b].retain(|e| {
-                let expired = e.value().is_none() && e.hlc < cutoff;
-                if expired {
-                    xor_into(&mut delta, &e.digest());
-                    freed += e.bytes();
-                    purged += 1;
-                }
-                !expired
-            });
-            if freed > 0 {
-                self.tree.toggle(b, &delta);
-                self.bytes_used -= freed;
-                self.budget.shrink(freed);
-            }
+            purged += self.drop_in_bucket(b, |e| e.value().is_none() && e.hlc < cutoff);
         }
-        self.stats.tombstones -= purged;
         purged
+    }
+
+    /// Drop the entries of bucket `b` that `gone` selects, keeping the Merkle leaf, byte
+    /// accounting and counts in step; returns how many went. The one way entries leave
+    /// without a delete (tombstone purge, rejoin, flush marker).
+    fn drop_in_bucket(&mut self, b: usize, gone: impl Fn(&Entry) -> bool) -> u64 {
+        let table = &mut self.tables[b];
+        let (mut delta, mut freed, mut keys, mut dropped) = (EMPTY_LEAF, 0, 0, 0);
+        let mut drop_one = |e: &Entry| {
+            dropped += 1;
+            freed += e.bytes();
+            keys += u64::from(e.value().is_some());
+        };
+        if !table.is_empty() && table.iter().all(&gone) {
+            // The whole bucket goes (a FLUSHDB, say): its leaf becomes empty without
+            // hashing a single entry.
+            table.iter().for_each(&mut drop_one);
+            table.clear();
+            delta = *self.tree.leaf(b);
+        } else {
+            table.retain(|e| {
+                let keep = !gone(e);
+                if !keep {
+                    drop_one(e);
+                    xor_into(&mut delta, &e.digest());
+                }
+                keep
+            });
+        }
+        if dropped > 0 {
+            self.tree.toggle(b, &delta);
+            self.bytes_used -= freed;
+            self.budget.shrink(freed);
+            self.stats.keys -= keys;
+            self.stats.tombstones -= dropped - keys;
+        }
+        dropped
     }
 
     /// Drop every entry, value or tombstone, whose version is older than `hlc`: what a
@@ -597,30 +619,9 @@ impl Shard {
     /// fetches it back (src/bootstrap.rs). Records no change: nothing is replicated.
     /// Returns the number of entries dropped.
     pub fn forget_older_than(&mut self, hlc: u64) -> u64 {
-        let (mut keys, mut tombstones) = (0, 0);
-        for b in 0..self.tables.len() {
-            let (mut delta, mut freed) = (EMPTY_LEAF, 0);
-            self.tables[b].retain(|e| {
-                let old = e.hlc < hlc;
-                if old {
-                    xor_into(&mut delta, &e.digest());
-                    freed += e.bytes();
-                    match e.value() {
-                        Some(_) => keys += 1,
-                        None => tombstones += 1,
-                    }
-                }
-                !old
-            });
-            if freed > 0 {
-                self.tree.toggle(b, &delta);
-                self.bytes_used -= freed;
-                self.budget.shrink(freed);
-            }
-        }
-        self.stats.keys -= keys;
-        self.stats.tombstones -= tombstones;
-        keys + tombstones
+        (0..self.tables.len())
+            .map(|b| self.drop_in_bucket(b, |e| e.hlc < hlc))
+            .sum()
     }
 
     /// Add `delta` to the integer stored at `key` (absent = 0); returns the new value.
@@ -749,40 +750,9 @@ impl Shard {
         self.flushed = marker;
         // Local writes after the flush must be newer than it.
         self.clock.observe(marker.hlc);
-        let gone = |e: &Entry| !e.version().wins_over(marker);
-        let (mut dropped, mut freed, mut keys) = (0, 0, 0);
-        for (b, table) in self.tables.iter_mut().enumerate() {
-            let (mut delta, before) = (EMPTY_LEAF, dropped);
-            let mut drop_one = |e: &Entry| {
-                dropped += 1;
-                freed += e.bytes();
-                keys += u64::from(e.value().is_some());
-            };
-            if table.iter().all(gone) {
-                // The common case (a local FLUSHDB): the whole bucket goes, and its leaf
-                // becomes empty without hashing a single entry.
-                table.iter().for_each(&mut drop_one);
-                table.clear();
-                delta = *self.tree.leaf(b);
-            } else {
-                table.retain(|e| {
-                    let keep = !gone(e);
-                    if !keep {
-                        drop_one(e);
-                        xor_into(&mut delta, &e.digest());
-                    }
-                    keep
-                });
-            }
-            if dropped > before {
-                self.tree.toggle(b, &delta);
-            }
-        }
-        self.bytes_used -= freed;
-        self.budget.shrink(freed);
-        self.stats.keys -= keys;
-        self.stats.tombstones -= dropped - keys;
-        dropped
+        (0..self.tables.len())
+            .map(|b| self.drop_in_bucket(b, |e| !e.version().wins_over(marker)))
+            .sum()
     }
 
     /// The root of this shard's Merkle subtree (recomputes only dirty paths).
