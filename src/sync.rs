@@ -923,6 +923,40 @@ mod tests {
         assert_eq!((report.keys_repaired, report.entries_refused), (10, 1));
     }
 
+    #[test]
+    fn an_entry_a_full_receiver_cannot_store_does_not_block_the_rest_of_its_chunk() {
+        // This node's memory budget holds the ten small entries, not the 100 KB one the
+        // peer lists first: "Storage full" for it, the small ones come all the same.
+        let now = 1 << 50;
+        let full = crate::shard::MemoryBudget::new(4096);
+        let mut a: Vec<Shard> = vec![Shard::new(0, 0, full, 1 << 20)];
+        let mut b = node(1, 1 << 20);
+        let small = keys("small", 10);
+        for k in &small {
+            put(&mut b, k, b"v");
+        }
+        let lowest = KeyHash::of(&small[0]).0;
+        let big = (0..)
+            .map(|i| format!("big{i}").into_bytes())
+            .find(|k| KeyHash::of(k).0 < lowest)
+            .unwrap();
+        put(&mut b, &big, &vec![b'x'; 100_000]);
+        let mut local = Shards {
+            shards: &mut a,
+            now_us: now,
+        };
+        let mut peer = Shards {
+            shards: &mut b,
+            now_us: now,
+        };
+        let report = exchange(&mut local, &mut peer).unwrap();
+        for k in &small {
+            assert!(stored(&a, k), "{:?}", String::from_utf8_lossy(k));
+        }
+        assert!(!stored(&a, &big));
+        assert_eq!((report.keys_repaired, report.entries_refused), (10, 1));
+    }
+
     /// A peer that slips an entry nobody asked for into its exchange replies.
     struct Slipping<'a> {
         peer: Shards<'a>,
