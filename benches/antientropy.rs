@@ -5,10 +5,10 @@
 //! against the minimum (the changed entries' own bytes) and shipping everything.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use merkle_kv::keyspace::KeyHash;
-use merkle_kv::shard::{MemoryBudget, Shard};
-use merkle_kv::sync::{exchange, Shards};
-use merkle_kv::version::Version;
+use merkle_kv::antientropy::exchange::{exchange, Shards};
+use merkle_kv::store::keyspace::KeyHash;
+use merkle_kv::store::shard::{MemoryBudget, Shard};
+use merkle_kv::store::version::Version;
 
 const KEYS: usize = 1_000_000;
 const NOW: u64 = 1_800_000_000_000_000;

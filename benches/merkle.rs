@@ -4,9 +4,9 @@
 //! the point: nothing here may scan the data or rebuild the tree.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use merkle_kv::keyspace::KeyHash;
-use merkle_kv::merkle::{entry_digest, Subtree};
-use merkle_kv::shard::{MemoryBudget, Shard};
+use merkle_kv::store::keyspace::KeyHash;
+use merkle_kv::store::merkle::{entry_digest, Subtree};
+use merkle_kv::store::shard::{MemoryBudget, Shard};
 use std::hint::black_box;
 
 const SIZES: [usize; 2] = [10_000, 1_000_000];
@@ -101,7 +101,7 @@ fn tree_only(c: &mut Criterion) {
         .map(|i| entry_digest(&i.to_le_bytes(), Some(b"v")))
         .collect();
     g.bench_function("rebuild_all_65536_leaves", |b| {
-        b.iter(|| black_box(merkle_kv::merkle::combine_roots(&leaves)))
+        b.iter(|| black_box(merkle_kv::store::merkle::combine_roots(&leaves)))
     });
     g.finish();
 }

@@ -4,8 +4,9 @@
 //! default batch size (512) and one event per payload.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use merkle_kv::changes::{decode, encode_event, Limits, PayloadBuilder};
-use merkle_kv::replication::route;
+use merkle_kv::replication::changes::{decode, Limits, PayloadBuilder};
+use merkle_kv::replication::thread::route;
+use merkle_kv::store::journal::encode_event;
 use std::hint::black_box;
 
 const LIMITS: Limits = Limits {

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use toml::{Table, Value};
 
-/// Upper bound for `storage.shards`; also caps auto-resolution on big machines.
-pub const MAX_SHARDS: usize = 256;
+use crate::limits::SHARDS_MAX;
+
 const MIB: u64 = 1024 * 1024;
 const ENV_PREFIX: &str = "MERKLE_KV";
 
@@ -242,7 +242,7 @@ static SCHEMA: &[Field] = &[
     f!("anti_entropy", "max_concurrent_syncs", range(1, 1024), |c, v| c.anti_entropy.max_concurrent_syncs = size(&v)),
     f!("anti_entropy", "peer_list", Kind::List, |c, v| c.anti_entropy.peer_list = list(&v)),
     f!("anti_entropy", "bootstrap_timeout_seconds", range(1, 86_400), |c, v| c.anti_entropy.bootstrap_timeout_seconds = int(&v)),
-    f!("storage", "shards", range(0, MAX_SHARDS as u64), |c, v| c.storage.shards = size(&v)),
+    f!("storage", "shards", range(0, SHARDS_MAX as u64), |c, v| c.storage.shards = size(&v)),
     f!("storage", "memory_limit_mb", ANY, |c, v| c.storage.memory_limit_mb = int(&v)),
     f!("storage", "persistence_enabled", Kind::Bool, |c, v| c.storage.persistence_enabled = v.as_bool() == Some(true)),
     f!("storage", "backup_interval_hours", ANY, |c, v| c.storage.backup_interval_hours = int(&v)),
@@ -512,13 +512,13 @@ impl Config {
             ));
         }
 
-        if self.node_id.len() > crate::changes::NODE_ID_BYTES_MAX
+        if self.node_id.len() > crate::limits::NODE_ID_BYTES_MAX
             || self.node_id.contains(['/', '+', '#'])
         {
             problems.push(format!(
                 "node_id: at most {} bytes, without `/`, `+` or `#` (it names the node's \
                  MQTT presence topic), found {:?}",
-                crate::changes::NODE_ID_BYTES_MAX,
+                crate::limits::NODE_ID_BYTES_MAX,
                 self.node_id
             ));
         }
@@ -590,7 +590,7 @@ impl Config {
         let shards = self.storage.shards;
         if shards != 0 && !shards.is_power_of_two() {
             problems.push(format!(
-                "storage.shards: expected 0 (auto) or a power of two from 1 to {MAX_SHARDS}, found {shards}"
+                "storage.shards: expected 0 (auto) or a power of two from 1 to {SHARDS_MAX}, found {shards}"
             ));
         }
     }
@@ -758,10 +758,10 @@ fn check_host_port(s: &str) -> Result<(), String> {
 }
 
 /// 0 = auto: the core count rounded down to a power of two. Always within
-/// 1..=MAX_SHARDS and a power of two.
+/// 1..=SHARDS_MAX and a power of two.
 fn resolve_shards(shards: usize, cores: usize) -> usize {
     let want = if shards == 0 { cores } else { shards };
-    let want = want.clamp(1, MAX_SHARDS);
+    let want = want.clamp(1, SHARDS_MAX);
     1 << want.ilog2()
 }
 

@@ -1,43 +1,28 @@
 //! MerkleKV: an eventually consistent, peer-to-peer key-value store.
 //!
 //! # Layout
-//! - [`protocol`]: bytes → lines → [`protocol::Command`]s. Pure.
-//! - [`keyspace`]: key → hash → Merkle bucket → shard. The only place that routes.
-//! - [`merkle`]: the fixed 2^16-bucket tree, leaf digests and incremental roots. Pure.
-//! - [`shard`]: one shard's entries and Merkle subtree. Owned by one thread; no I/O.
-//! - [`version`]: entry versions (hybrid logical clock + origin) and the LWW rule. Pure.
-//! - [`ops`]: the op messages a shard executes and what they return.
-//! - [`dispatch`]: commands → per-shard ops → replies in order. Pure.
-//! - [`changes`]: the replication wire format (change events in MQTT payloads). Pure.
-//! - [`peers`]: presence records and the peer table.
-//! - [`replication`]: the MQTT replication thread (I/O edge).
-//! - [`broker`]: the embedded MQTT broker (rumqttd).
-//! - [`sync`]: anti-entropy messages, their server side and the exchange. Pure.
-//! - [`antientropy`]: exchanges over TCP, per-peer results (I/O edge).
-//! - [`bootstrap`]: readiness at start (LOADING until caught up with a peer).
-//! - [`connection`]: a client connection's read/execute/write loop (I/O edge).
-//! - [`server`]: threads, accept loop, signals, shutdown (I/O edge).
-//! - [`config`]: TOML + environment configuration and its validation.
-//! - [`logging`]: `tracing` set-up from `[logging]`.
+//! - [`store`]: keys, versions, the Merkle tree and one shard's data. Pure; owned by one thread.
+//! - [`protocol`]: bytes → lines → commands (the native text protocol). Pure.
+//! - [`replication`]: the MQTT replication wire format, its thread and the broker.
+//! - [`antientropy`]: Merkle anti-entropy messages, exchanges and their schedule.
+//! - [`node`]: threads, connections, dispatch to shards, readiness; uses every part above.
+//! - [`config`], [`logging`], [`limits`], [`wire`]: shared by every part.
 //!
-//! ARCHITECTURE.md at the repository root has the whole map and the invariants.
+//! Dependencies run one way: `store` and `protocol` use none of the folders;
+//! `replication` and `antientropy` use `store` (and `node::inbox`); `node` uses them all.
+//! `tests/architecture.rs` checks it. ARCHITECTURE.md has the whole map and the invariants.
+
+#![deny(unsafe_code)]
 
 pub mod antientropy;
-pub mod bootstrap;
-pub mod broker;
-pub mod changes;
 pub mod config;
-pub mod connection;
-pub mod dispatch;
-pub mod keyspace;
+pub mod limits;
 pub mod logging;
-pub mod merkle;
-pub mod ops;
-pub mod peers;
+pub mod node;
 pub mod protocol;
 pub mod replication;
-pub mod server;
-pub mod shard;
-pub mod sync;
-pub mod version;
-pub mod watch;
+pub mod store;
+pub mod wire;
+
+/// This build's version, as INFO and presence records report it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -75,8 +75,11 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let result = match args.command {
-        None => merkle_kv::server::run(config).map_err(|e| e.to_string()),
-        Some(Sub::Watch) => merkle_kv::watch::run(&config).map_err(|e| e.to_string()),
+        None => merkle_kv::node::server::run(config).map_err(|e| e.to_string()),
+        Some(Sub::Watch) => {
+            merkle_kv::replication::watch::run(&config, merkle_kv::node::server::shutdown_signal())
+                .map_err(|e| e.to_string())
+        }
         Some(Sub::Broker { listen }) => run_broker(&config, listen),
     };
     match result {
@@ -91,12 +94,12 @@ fn main() -> ExitCode {
 
 /// `merkle-kv broker`: the embedded broker alone, until SIGINT or SIGTERM.
 fn run_broker(config: &Config, listen: std::net::SocketAddr) -> Result<(), String> {
-    let max = merkle_kv::replication::payload_bytes_max(config.network.max_line_bytes);
-    merkle_kv::broker::start(listen, max).map_err(|e| e.to_string())?;
+    let max = merkle_kv::replication::thread::payload_bytes_max(config.network.max_line_bytes);
+    merkle_kv::replication::broker::start(listen, max).map_err(|e| e.to_string())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    rt.block_on(merkle_kv::server::shutdown_signal());
+    rt.block_on(merkle_kv::node::server::shutdown_signal());
     Ok(())
 }

@@ -4,10 +4,10 @@
 //! exchange through the real message encoding. Afterwards both equal the model, their
 //! roots are equal, and exactly the divergent entries crossed, once each way.
 
-use merkle_kv::keyspace::KeyHash;
-use merkle_kv::shard::{MemoryBudget, Shard};
-use merkle_kv::sync::{exchange, Report, Shards};
-use merkle_kv::version::Version;
+use merkle_kv::antientropy::exchange::{exchange, Report, Shards};
+use merkle_kv::store::keyspace::KeyHash;
+use merkle_kv::store::shard::{MemoryBudget, Shard};
+use merkle_kv::store::version::Version;
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 
@@ -107,7 +107,7 @@ proptest! {
         }
         let root = |s: &mut Vec<Shard>| {
             let roots: Vec<_> = s.iter_mut().map(Shard::root).collect();
-            merkle_kv::merkle::combine_roots(&roots)
+            merkle_kv::store::merkle::combine_roots(&roots)
         };
         prop_assert_eq!(root(&mut a), root(&mut b));
         if divergent == (0, 0) {
@@ -115,7 +115,7 @@ proptest! {
         } else {
             // Root, four levels, then a listing and an exchange round trip per chunk
             // of differing buckets.
-            let chunks = report.buckets_compared.div_ceil(merkle_kv::sync::BUCKETS_PER_ROUND as u64);
+            let chunks = report.buckets_compared.div_ceil(merkle_kv::antientropy::exchange::BUCKETS_PER_ROUND as u64);
             prop_assert!(report.round_trips <= 5 + 2 * chunks, "{:?}", report);
         }
         // A second exchange finds nothing.
@@ -150,7 +150,8 @@ fn replies_are_bounded_and_the_next_exchange_takes_the_rest() {
             break; // equal
         }
         assert!(
-            r.bytes_received < (merkle_kv::sync::ENTRY_BYTES_PER_REPLY + (2 << 20)) as u64 * 2,
+            r.bytes_received
+                < (merkle_kv::antientropy::exchange::ENTRY_BYTES_PER_REPLY + (2 << 20)) as u64 * 2,
             "{r:?}"
         );
         received += r.entries_received;
@@ -169,8 +170,11 @@ struct Moving<'a> {
     writes: u64,
 }
 
-impl merkle_kv::sync::Peer for Moving<'_> {
-    fn call(&mut self, request: &[u8]) -> Result<Vec<u8>, merkle_kv::sync::SyncError> {
+impl merkle_kv::antientropy::exchange::Peer for Moving<'_> {
+    fn call(
+        &mut self,
+        request: &[u8],
+    ) -> Result<Vec<u8>, merkle_kv::antientropy::exchange::SyncError> {
         let reply = self.node.call(request);
         self.writes += 1;
         let key = format!("moving:{}", self.writes).into_bytes();

@@ -137,11 +137,11 @@ fn a_delete_racing_a_set_ends_the_same_everywhere_and_never_resurrects() {
         // A delete of a key the deleting node has never seen still wins over an older
         // set that arrives later: DEL writes a fresh tombstone anyway.
         assert_eq!(nodes[1].client().one("DEL late-set"), "NOT_FOUND");
-        let older = merkle_kv::version::now_us() - 1_000_000;
+        let older = merkle_kv::store::version::now_us() - 1_000_000;
         let late = {
-            let mut b = merkle_kv::changes::PayloadBuilder::new(42, "slow-peer");
+            let mut b = merkle_kv::replication::changes::PayloadBuilder::new(42, "slow-peer");
             let mut e = Vec::new();
-            merkle_kv::changes::encode_event(&mut e, older, b"late-set", Some(b"zombie"));
+            merkle_kv::store::journal::encode_event(&mut e, older, b"late-set", Some(b"zombie"));
             b.extend(&e, 1);
             b.take()
         };
@@ -277,9 +277,9 @@ fn garbage_payloads_are_rejected_and_counted() {
         // Small values, so the payload limit is small enough to exceed cheaply.
         let nodes = cluster(broker, prefix, 2, "network.max_line_bytes = 4096");
         let valid = {
-            let mut b = merkle_kv::changes::PayloadBuilder::new(1, "intruder");
+            let mut b = merkle_kv::replication::changes::PayloadBuilder::new(1, "intruder");
             let mut e = Vec::new();
-            merkle_kv::changes::encode_event(&mut e, 1, b"k", Some(b"v"));
+            merkle_kv::store::journal::encode_event(&mut e, 1, b"k", Some(b"v"));
             b.extend(&e, 1);
             b.take()
         };
@@ -287,15 +287,18 @@ fn garbage_payloads_are_rejected_and_counted() {
         foreign[0] = 99;
         let truncated = valid[..valid.len() - 1].to_vec();
         let mut oversized = valid.clone();
-        oversized.resize(merkle_kv::replication::payload_bytes_max(4096) + 1, 0);
+        oversized.resize(
+            merkle_kv::replication::thread::payload_bytes_max(4096) + 1,
+            0,
+        );
         // A key no client could write (it would break SCAN's framing) rejects its
         // whole payload, the valid event beside it included.
         let bad_key = {
-            let mut b = merkle_kv::changes::PayloadBuilder::new(1, "intruder");
+            let mut b = merkle_kv::replication::changes::PayloadBuilder::new(1, "intruder");
             let mut e = Vec::new();
-            let now = merkle_kv::version::now_us();
-            merkle_kv::changes::encode_event(&mut e, now, b"beside", Some(b"v"));
-            merkle_kv::changes::encode_event(&mut e, now, b"x\r\nKEYS 0 1", Some(b"v"));
+            let now = merkle_kv::store::version::now_us();
+            merkle_kv::store::journal::encode_event(&mut e, now, b"beside", Some(b"v"));
+            merkle_kv::store::journal::encode_event(&mut e, now, b"x\r\nKEYS 0 1", Some(b"v"));
             b.extend(&e, 2);
             b.take()
         };
@@ -341,10 +344,10 @@ fn garbage_payloads_are_rejected_and_counted() {
         });
         // A well-formed, recent payload from another node is applied.
         let valid = {
-            let mut b = merkle_kv::changes::PayloadBuilder::new(1, "intruder");
+            let mut b = merkle_kv::replication::changes::PayloadBuilder::new(1, "intruder");
             let mut e = Vec::new();
-            let now = merkle_kv::version::now_us();
-            merkle_kv::changes::encode_event(&mut e, now, b"k", Some(b"v"));
+            let now = merkle_kv::store::version::now_us();
+            merkle_kv::store::journal::encode_event(&mut e, now, b"k", Some(b"v"));
             b.extend(&e, 1);
             b.take()
         };
@@ -858,7 +861,7 @@ fn a_broker_outage_with_large_values_keeps_the_offline_buffer_within_its_bytes()
 #[test]
 fn clock_skew_is_seen_and_versions_from_the_future_are_counted() {
     each_broker(|broker, prefix| {
-        let now_ms = || merkle_kv::version::now_us() / 1000;
+        let now_ms = || merkle_kv::store::version::now_us() / 1000;
         let record = |clock_ms: u64| {
             format!("online addr=127.0.0.1:1 shards=1 version=0.1.0 clock_ms={clock_ms}")
                 .into_bytes()
@@ -889,10 +892,10 @@ fn clock_skew_is_seen_and_versions_from_the_future_are_counted() {
         });
         // A change stamped 10 minutes ahead is refused, counted and logged.
         let future = {
-            let mut b = merkle_kv::changes::PayloadBuilder::new(7, "ahead");
+            let mut b = merkle_kv::replication::changes::PayloadBuilder::new(7, "ahead");
             let mut e = Vec::new();
-            let hlc = merkle_kv::version::now_us() + 600_000_000;
-            merkle_kv::changes::encode_event(&mut e, hlc, b"later", Some(b"v"));
+            let hlc = merkle_kv::store::version::now_us() + 600_000_000;
+            merkle_kv::store::journal::encode_event(&mut e, hlc, b"later", Some(b"v"));
             b.extend(&e, 1);
             b.take()
         };

@@ -14,12 +14,13 @@
 //!
 //! A failure prints its seed; rerun one with MKV_SIM_SEED=<seed>.
 
-use merkle_kv::changes::{Limits, PayloadBuilder};
-use merkle_kv::keyspace::KeyHash;
-use merkle_kv::replication::{apply_remote, route, RemoteChanges};
-use merkle_kv::shard::{MemoryBudget, Shard};
-use merkle_kv::sync::{exchange, Shards};
-use merkle_kv::version::{origin_of, Version};
+use merkle_kv::antientropy::exchange::{exchange, Shards};
+use merkle_kv::node::inbox::RemoteChanges;
+use merkle_kv::replication::changes::{Limits, PayloadBuilder};
+use merkle_kv::replication::thread::{apply_remote, route};
+use merkle_kv::store::keyspace::KeyHash;
+use merkle_kv::store::shard::{MemoryBudget, Shard};
+use merkle_kv::store::version::{origin_of, Version};
 use std::cell::Cell;
 use std::collections::BTreeMap;
 

@@ -6,7 +6,8 @@
 //! peer, and to this node's own port — so it uses exactly the path a peer uses, and no
 //! shard thread ever waits on the network.
 
-use crate::sync::{exchange, Peer, Report, SyncError};
+use crate::antientropy::exchange::{exchange, Peer, Report, SyncError};
+use crate::node::inbox::ThreadMsg;
 use dashmap::DashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -23,7 +24,7 @@ const FIRST_ROUND_AFTER: Duration = Duration::from_secs(2);
 /// How often the periodic loop looks for peers that are due.
 const TICK: Duration = Duration::from_secs(1);
 /// Longest reply accepted (the server's own message limit).
-const REPLY_BYTES_MAX: usize = crate::protocol::SYNC_MSG_BYTES_MAX as usize;
+const REPLY_BYTES_MAX: usize = crate::limits::SYNC_MSG_BYTES_MAX as usize;
 
 /// A node reached over its client port. Counts the bytes it moves, framing included.
 pub struct TcpPeer {
@@ -144,51 +145,37 @@ impl Peer for TcpPeer {
     }
 }
 
-/// One exchange between the node at `local` (this one) and `peer`. The report's bytes
-/// are the peer connection's, framing included.
-pub fn run_exchange(local: &str, peer: &str) -> Result<(Report, Duration), SyncError> {
-    run_exchange_from(|deadline| TcpPeer::connect(local, deadline), peer)
-}
-
-/// One exchange between this node, reached by `mine`, and `peer`.
-fn run_exchange_from<P: Peer>(
-    mine: impl FnOnce(Instant) -> Result<P, SyncError>,
+/// One exchange between this node, whose shards are reached through their inboxes
+/// `shards`, and `peer`. The node does not call itself over TCP: that would take one of
+/// its own client slots, and a shutting-down node has closed its port while its shards
+/// still run (the shutdown hand-off). Blocking: run it on a thread of its own. The
+/// report's bytes are the peer connection's, framing included.
+pub fn run_exchange(
+    shards: Vec<tokio::sync::mpsc::Sender<ThreadMsg>>,
     peer: &str,
 ) -> Result<(Report, Duration), SyncError> {
     admit_peer(peer).map_err(SyncError::Transport)?;
     let started = Instant::now();
-    let deadline = started + EXCHANGE_DEADLINE;
-    let mut mine = mine(deadline)?;
-    let mut theirs = TcpPeer::connect(peer, deadline)?;
+    let mut mine = LocalShards(shards);
+    let mut theirs = TcpPeer::connect(peer, started + EXCHANGE_DEADLINE)?;
     let mut report = exchange(&mut mine, &mut theirs)?;
     report.bytes_sent = theirs.bytes_sent;
     report.bytes_received = theirs.bytes_received;
     Ok((report, started.elapsed()))
 }
 
-/// One exchange with `peer` that reaches this node's shards through their inboxes
-/// instead of its client port: at shutdown, when the port is closed but the shards still
-/// run, to hand a peer the changes the broker never confirmed. Blocking: run it on a
-/// thread of its own.
-pub fn run_exchange_in_process(
-    shards: Vec<tokio::sync::mpsc::Sender<crate::server::ThreadMsg>>,
-    peer: &str,
-) -> Result<(Report, Duration), SyncError> {
-    run_exchange_from(|_| Ok(LocalShards(shards)), peer)
-}
-
 /// This node's shards as an exchange [`Peer`]: each request goes to every shard's inbox,
 /// as a `SYNC.MSG` on the client port would, and the parts are assembled the same way.
-struct LocalShards(Vec<tokio::sync::mpsc::Sender<crate::server::ThreadMsg>>);
+struct LocalShards(Vec<tokio::sync::mpsc::Sender<ThreadMsg>>);
 
 impl Peer for LocalShards {
     fn call(&mut self, request: &[u8]) -> Result<Vec<u8>, SyncError> {
         let stopped = || SyncError::Transport("this node's shards have stopped".into());
-        let request = std::sync::Arc::new(crate::sync::parse(request)?);
+        let request = std::sync::Arc::new(crate::antientropy::exchange::parse(request)?);
         let mut waiting = Vec::with_capacity(self.0.len());
         for inbox in &self.0 {
             let (reply, rx) = tokio::sync::oneshot::channel();
-            let msg = crate::server::ThreadMsg::Sync {
+            let msg = ThreadMsg::Sync {
                 request: request.clone(),
                 reply,
             };
@@ -199,7 +186,7 @@ impl Peer for LocalShards {
             .into_iter()
             .map(|rx| rx.blocking_recv().map_err(|_| stopped()))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(crate::sync::assemble(&request, parts))
+        Ok(crate::antientropy::exchange::assemble(&request, parts))
     }
 }
 
@@ -391,6 +378,19 @@ pub fn self_address(bound: SocketAddr) -> String {
     }
 }
 
+/// What the periodic loop needs from its node.
+pub struct Periodic {
+    pub config: crate::config::Config,
+    /// How this node reaches itself ([`self_address`]), never taken for a peer.
+    pub me: String,
+    /// This node's shard inboxes.
+    pub shards: Vec<tokio::sync::mpsc::Sender<ThreadMsg>>,
+    /// The peers presence currently announces online.
+    pub online: Box<dyn Fn() -> Vec<String> + Send>,
+    pub log: std::sync::Arc<SyncLog>,
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
 /// The periodic anti-entropy loop. Each peer — from `peer_list` plus the peers presence
 /// announces (re-read every `peer_discovery_interval`, and while none is known) — has
 /// its own schedule: first about 2 s after start (so a node that starts empty fills
@@ -398,23 +398,23 @@ pub fn self_address(bound: SocketAddr) -> String {
 /// do not all sync at once and a slow peer delays no other. At most
 /// `max_concurrent_syncs` exchanges run at once, each on a thread of its own. A peer
 /// that fails waits longer each time ([`backoff_wait`]).
-pub async fn run_periodic(shared: std::sync::Arc<crate::server::Shared>) {
+pub async fn run_periodic(node: Periodic) {
     use std::sync::Arc;
-    let cfg = &shared.config.anti_entropy;
+    let cfg = &node.config.anti_entropy;
     let interval = Duration::from_secs(cfg.interval_seconds.max(1));
     let discovery = Duration::from_secs(cfg.peer_discovery_interval.max(1));
-    let grace = Duration::from_secs(shared.config.storage.tombstone_grace_seconds);
+    let grace = Duration::from_secs(node.config.storage.tombstone_grace_seconds);
     let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_syncs.max(1)));
-    let me = self_address(shared.local_addr);
-    let advertised = shared.config.network.advertise_address.clone();
-    let mut rng = xxhash_rust::xxh3::xxh3_64(shared.config.node_id.as_bytes()) | 1;
+    let me = node.me;
+    let advertised = node.config.network.advertise_address.clone();
+    let mut rng = xxhash_rust::xxh3::xxh3_64(node.config.node_id.as_bytes()) | 1;
     let mut next_random = move || {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
         rng
     };
-    let mut shutdown = shared.shutdown.subscribe();
+    let mut shutdown = node.shutdown;
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
     let started = Instant::now();
     let first_due = started + jittered(interval.min(FIRST_ROUND_AFTER), next_random());
@@ -444,14 +444,14 @@ pub async fn run_periodic(shared: std::sync::Arc<crate::server::Shared>) {
                 };
                 schedule.ended(&peer, failures, Instant::now() + wait);
                 let result = result.map_err(|e| e.to_string());
-                shared.sync_log.record(&peer, result, Started::Periodic, Instant::now());
+                node.log.record(&peer, result, Started::Periodic, Instant::now());
                 continue;
             }
             _ = shutdown.wait_for(|&s| s) => return,
         }
         // Presence arrives shortly after start: look again while nothing is known.
         if discovered.is_empty() || discovered_at.is_none_or(|t| t.elapsed() >= discovery) {
-            discovered = shared.peers.online_addrs();
+            discovered = (node.online)();
             discovered_at = Some(Instant::now());
         }
         let mut peers: Vec<String> = cfg.peer_list.iter().chain(&discovered).cloned().collect();
@@ -462,12 +462,12 @@ pub async fn run_periodic(shared: std::sync::Arc<crate::server::Shared>) {
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 break;
             };
-            let (local, done) = (me.clone(), done_tx.clone());
+            let (shards, done) = (node.shards.clone(), done_tx.clone());
             let target = peer.clone();
             let spawned = std::thread::Builder::new()
                 .name("sync".into())
                 .spawn(move || {
-                    let result = run_exchange(&local, &target);
+                    let result = run_exchange(shards, &target);
                     drop(permit);
                     let _ = done.send((target, result));
                 });

@@ -20,15 +20,16 @@
 //! at most [`RESUBSCRIBE_WAIT`], before publishing: changes published before a peer
 //! re-subscribes would never reach it.
 
-use crate::changes::{decode, DecodeError, Limits, PayloadBuilder};
 use crate::config::Config;
-use crate::keyspace::{shard_of_bucket, KeyHash};
 use crate::logging::LogLimit;
-use crate::ops::Span;
-use crate::peers::{clock_offset_ms, Peers, Presence, Recorded};
-use crate::server::ThreadMsg;
-use crate::shard::{Journal, Shard};
-use crate::version::{origin_of, Version};
+use crate::node::inbox::{RemoteChanges, RemoteEvent, ThreadMsg};
+use crate::replication::changes::{decode, DecodeError, Limits, PayloadBuilder};
+use crate::replication::peers::{clock_offset_ms, Peers, Presence, Recorded};
+use crate::store::journal::Journal;
+use crate::store::keyspace::{shard_of_bucket, KeyHash};
+use crate::store::shard::Shard;
+use crate::store::version::{origin_of, Version};
+use crate::wire::Span;
 use bytes::Bytes;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use std::cell::{Cell, RefCell};
@@ -61,7 +62,7 @@ pub const PRESENCE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The largest payload a node sends or accepts: a full batch plus one largest event.
 pub fn payload_bytes_max(value_bytes_max: usize) -> usize {
-    PAYLOAD_TARGET_BYTES + value_bytes_max + 2 * crate::protocol::KEY_BYTES_MAX
+    PAYLOAD_TARGET_BYTES + value_bytes_max + 2 * crate::limits::KEY_BYTES_MAX
 }
 
 /// Counters for INFO; all monotonic except the gauges named so.
@@ -250,23 +251,6 @@ impl Outbound {
             self.room.notify_waiters();
         }
     }
-}
-
-/// Remote changes for one shard: spans into a received payload.
-pub struct RemoteChanges {
-    pub data: Bytes,
-    pub origin: u32,
-    pub events: Vec<RemoteEvent>,
-    /// The clock of the payload's newest flush (a flush is node-wide: every shard
-    /// gets it).
-    pub flush: Option<u64>,
-}
-
-pub struct RemoteEvent {
-    pub hash: KeyHash,
-    pub key: Span,
-    pub value: Option<Span>,
-    pub hlc: u64,
 }
 
 /// What applying a batch of remote changes did.
@@ -490,7 +474,7 @@ impl Replication {
                 online: true,
                 addr: client_addr,
                 shards: shards as u32,
-                version: crate::dispatch::VERSION.into(),
+                version: crate::VERSION.into(),
                 clock_ms: None,
             },
             shard_bits: shards.trailing_zeros(),
@@ -907,7 +891,7 @@ async fn drive(
             if settled {
                 ctx.stats
                     .settled_at_us
-                    .store(crate::version::now_us(), Relaxed);
+                    .store(crate::store::version::now_us(), Relaxed);
             }
         }
     }
@@ -947,7 +931,7 @@ fn on_connect(ctx: &Context, l: &mut Link, client: &AsyncClient, session_present
 fn announce(ctx: &Context, client: &AsyncClient) {
     let topic = ctx.topics.presence(&ctx.node_id);
     let me = Presence {
-        clock_ms: Some(crate::version::now_us() / 1000),
+        clock_ms: Some(crate::store::version::now_us() / 1000),
         ..ctx.me.clone()
     };
     // QoS 0: its packet id (0) never mixes with the payloads' acknowledgements.
@@ -992,7 +976,7 @@ fn on_presence(
     if l.presence_seen(node, p.online) {
         wake.notify_one();
     }
-    let offset = clock_offset_ms(&p, retained, crate::version::now_us() / 1000);
+    let offset = clock_offset_ms(&p, retained, crate::store::version::now_us() / 1000);
     let skewed = offset.filter(|o| o.unsigned_abs() > ctx.max_clock_skew_ms);
     if let Some(offset_ms) = skewed {
         if may_log(&ctx.skew_log) {
@@ -1012,7 +996,7 @@ fn on_presence(
         Recorded::Refused => {
             ctx.stats.rejected_presence.fetch_add(1, Relaxed);
             if ctx.may_log_rejection() {
-                let max = crate::peers::PEERS_MAX;
+                let max = crate::replication::peers::PEERS_MAX;
                 tracing::warn!(
                     node,
                     "ignoring a new peer: the peer table is full ({max} online peers)"
@@ -1201,8 +1185,12 @@ fn next_payload(ctx: &Context, l: &mut Link, builder: &mut PayloadBuilder) -> Se
         if room_events == 0 || (room_bytes == 0 && !builder.is_empty()) {
             break;
         }
-        let (len, n) =
-            crate::changes::prefix_len(&front.bytes, room_events, room_bytes, builder.is_empty());
+        let (len, n) = crate::replication::changes::prefix_len(
+            &front.bytes,
+            room_events,
+            room_bytes,
+            builder.is_empty(),
+        );
         if n == 0 {
             break; // the next event does not fit: it starts the next payload
         }

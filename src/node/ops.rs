@@ -4,9 +4,10 @@
 //! same op runs inline on the owner thread or, shipped with a shared `Bytes` chunk, on
 //! another shard's thread — without copying keys and values.
 
-use crate::keyspace::{KeyHash, BUCKETS};
-use crate::merkle::Digest;
-use crate::shard::{Shard, ShardStats, StoreError};
+use crate::store::keyspace::{KeyHash, BUCKETS};
+use crate::store::merkle::Digest;
+use crate::store::shard::{Shard, ShardStats, StoreError};
+use crate::wire::Span;
 
 pub const CRLF: &[u8] = b"\r\n";
 
@@ -19,31 +20,6 @@ pub const NOT_REPRESENTABLE: &[u8] = b"ERROR: Value not representable in the tex
 /// request line is) without CR or LF.
 pub fn representable(value: &[u8]) -> bool {
     !value.iter().any(|&b| b == b'\r' || b == b'\n') && std::str::from_utf8(value).is_ok()
-}
-
-/// A byte range of the batch's received data.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Span {
-    pub start: u32,
-    pub len: u32,
-}
-
-impl Span {
-    /// The span of `part`, which must be a subslice of `base` (or empty).
-    pub fn of(base: &[u8], part: &[u8]) -> Span {
-        if part.is_empty() {
-            return Span::default();
-        }
-        let start = (part.as_ptr() as usize).wrapping_sub(base.as_ptr() as usize);
-        assert!(start + part.len() <= base.len(), "span outside its buffer");
-        Span {
-            start: start as u32,
-            len: part.len() as u32,
-        }
-    }
-    pub fn get(self, data: &[u8]) -> &[u8] {
-        &data[self.start as usize..(self.start + self.len) as usize]
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

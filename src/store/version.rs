@@ -6,6 +6,7 @@
 //! redelivered, duplicated or reordered changes are harmless. Pure: the wall clock is
 //! passed in.
 
+use crate::store::merkle::Digest;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The version of one write. Ordered by `hlc`, then `origin`.
@@ -58,6 +59,23 @@ impl Clock {
     pub fn observe(&mut self, hlc: u64) {
         self.last = self.last.max(hlc);
     }
+}
+
+/// The last-write-wins rule between a remote and a local entry: the higher version
+/// wins; equal versions with different contents (an origin-id collision, or a clock
+/// reissued after a restart) are decided by the higher entry digest, so every replica
+/// makes the same choice and converges. `digests` gives (remote, local) and is only
+/// computed on a version tie.
+pub fn remote_wins(
+    remote: Version,
+    local: Version,
+    digests: impl FnOnce() -> (Digest, Digest),
+) -> bool {
+    remote.wins_over(local)
+        || (remote == local && {
+            let (r, l) = digests();
+            r > l
+        })
 }
 
 #[cfg(test)]

@@ -8,16 +8,18 @@
 //! rejected payload (412 bytes): unknown format version 9 (this node speaks 1)
 //! ```
 
-use crate::changes::{decode, Limits};
 use crate::config::Config;
-use crate::replication::{mqtt_options, payload_bytes_max, ReplError, Topics};
+use crate::replication::changes::{decode, Limits};
+use crate::replication::thread::{mqtt_options, payload_bytes_max, ReplError, Topics};
 use rumqttc::{Event, Packet, QoS};
 use std::io::Write;
 
 /// Bytes of a value shown before it is cut with `...`.
 const VALUE_SHOWN_BYTES: usize = 64;
 
-pub fn run(config: &Config) -> Result<(), ReplError> {
+/// Print every change published on the broker until `stop` completes (main passes the
+/// SIGINT/SIGTERM future).
+pub fn run(config: &Config, stop: impl std::future::Future<Output = ()>) -> Result<(), ReplError> {
     let client_id = format!("{}-watch-{}", config.mqtt.client_id, std::process::id());
     let mut options = mqtt_options(config, &client_id)?;
     options.set_clean_session(true);
@@ -33,11 +35,10 @@ pub fn run(config: &Config) -> Result<(), ReplError> {
     eprintln!(
         "watching {} on {} (Ctrl-C to stop)",
         topics.updates,
-        crate::replication::broker_address(config)
+        crate::replication::thread::broker_address(config)
     );
     rt.block_on(async move {
-        let (client, mut eventloop) = crate::replication::mqtt_client(options, 16);
-        let stop = crate::server::shutdown_signal();
+        let (client, mut eventloop) = crate::replication::thread::mqtt_client(options, 16);
         tokio::pin!(stop);
         loop {
             let event = tokio::select! {
@@ -127,7 +128,8 @@ fn show(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::changes::{encode_event, PayloadBuilder};
+    use crate::replication::changes::PayloadBuilder;
+    use crate::store::journal::encode_event;
 
     #[test]
     fn payloads_are_described_one_line_per_event() {
@@ -136,7 +138,7 @@ mod tests {
         encode_event(&mut e, 10, b"user:1", Some(b"al\"ice\n"));
         encode_event(&mut e, 11, b"user:1", None);
         encode_event(&mut e, 12, "café".as_bytes(), Some(b"caf\xc3\xa9 \xff\x01"));
-        crate::changes::encode_flush(&mut e, 13);
+        crate::store::journal::encode_flush(&mut e, 13);
         b.extend(&e, 4);
         let limits = Limits {
             payload_bytes_max: 1 << 20,

@@ -14,7 +14,7 @@
 //!   varint  hlc (the version's clock, microseconds)
 //!   set and delete only:
 //!     varint  key length (1..=KEY_BYTES_MAX), then the key (no whitespace or control
-//!             bytes: [`crate::protocol::is_valid_key`])
+//!             bytes: [`crate::limits::is_valid_key`])
 //!   set only: varint value length, then the value
 //! ```
 //!
@@ -22,16 +22,14 @@
 //! event carries the resulting state of a write (INCR and APPEND included), never the
 //! operation, so applying an event twice or out of order is harmless under LWW. A flush
 //! is a marker, `(hlc, origin)`: every entry not newer than it is dropped, whatever
-//! order it arrives in relative to the writes around it ([`crate::shard::Shard::apply_flush`]).
+//! order it arrives in relative to the writes around it ([`crate::store::shard::Shard::apply_flush`]).
 
-use crate::protocol::{is_valid_key, KEY_BYTES_MAX};
+use crate::limits::{is_valid_key, KEY_BYTES_MAX, NODE_ID_BYTES_MAX};
+#[cfg(test)]
+use crate::store::journal::{encode_event, encode_flush};
+use crate::store::journal::{KIND_DEL, KIND_FLUSH, KIND_SET};
 
 pub const FORMAT_VERSION: u8 = 1;
-/// Longest node id the header can carry.
-pub const NODE_ID_BYTES_MAX: usize = 255;
-const KIND_SET: u8 = 1;
-const KIND_DEL: u8 = 2;
-const KIND_FLUSH: u8 = 3;
 /// The fewest bytes an event takes (a flush: kind and a one-byte varint).
 const EVENT_BYTES_MIN: usize = 2;
 /// The fewest bytes a set or delete takes: sizes what a decoder allocates up front.
@@ -98,24 +96,6 @@ enum Item<'a> {
 pub struct Limits {
     pub payload_bytes_max: usize,
     pub value_bytes_max: usize,
-}
-
-/// Append one event to `out` (a shard's journal, or a payload under construction).
-pub fn encode_event(out: &mut Vec<u8>, hlc: u64, key: &[u8], value: Option<&[u8]>) {
-    out.push(if value.is_some() { KIND_SET } else { KIND_DEL });
-    put_varint(out, hlc);
-    put_varint(out, key.len() as u64);
-    out.extend_from_slice(key);
-    if let Some(v) = value {
-        put_varint(out, v.len() as u64);
-        out.extend_from_slice(v);
-    }
-}
-
-/// Append a flush (FLUSHDB at `hlc` on the payload's origin) to `out`.
-pub fn encode_flush(out: &mut Vec<u8>, hlc: u64) {
-    out.push(KIND_FLUSH);
-    put_varint(out, hlc);
 }
 
 /// Builds one payload: a header, then whole events appended as encoded bytes.
@@ -326,19 +306,36 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Append `v` as an unsigned LEB128 varint (also the anti-entropy messages' varint).
-pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_shards_journal_decodes_with_its_flush() {
+        use crate::store::keyspace::KeyHash;
+        use crate::store::shard::{MemoryBudget, Shard};
+        let h = |k: &[u8]| KeyHash::of(k);
+        let mut s = Shard::new(0, 0, MemoryBudget::unlimited(), 1 << 10)
+            .with_identity(1, 3600)
+            .with_journal();
+        s.set(h(b"a"), b"a", b"1").unwrap();
+        s.del(h(b"d"), b"d").unwrap();
+        let hlc = s.tick_clock();
+        s.flush(hlc, true);
+        s.set(h(b"a"), b"a", b"2").unwrap();
+        let j = s.take_journal().unwrap();
+        let mut p = PayloadBuilder::new(1, "n");
+        p.extend(&j.bytes, j.events);
+        let limits = Limits {
+            payload_bytes_max: 1 << 20,
+            value_bytes_max: 1 << 20,
+        };
+        let payload = p.take();
+        let d = decode(&payload, limits).unwrap();
+        assert_eq!((j.events, d.events.len(), d.flush), (4, 3, Some(hlc)));
+        assert_eq!(d.events[2].value, Some(&b"2"[..]));
+    }
 
     const LIMITS: Limits = Limits {
         payload_bytes_max: 1 << 20,

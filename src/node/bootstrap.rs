@@ -5,9 +5,9 @@
 //! The decision is a pure state machine ([`Bootstrap`]); [`run`] feeds it what the node
 //! observes (exchange results, the broker connection, presence) and acts on it.
 
-use crate::server::Shared;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use crate::node::shared::Shared;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long after the broker connection is up the node waits for an online presence
@@ -16,37 +16,6 @@ use std::time::{Duration, Instant};
 pub const PRESENCE_SETTLE: Duration = Duration::from_millis(1000);
 /// How often the bootstrap looks at the peers and the broker again.
 const POLL: Duration = Duration::from_millis(100);
-
-/// The node-wide readiness flag connections check before each batch, and the progress
-/// INFO shows.
-pub struct Readiness {
-    loading: AtomicBool,
-    progress: Mutex<String>,
-}
-
-impl Readiness {
-    pub fn new(loading: bool, progress: &str) -> Readiness {
-        Readiness {
-            loading: AtomicBool::new(loading),
-            progress: Mutex::new(progress.to_string()),
-        }
-    }
-
-    pub fn is_loading(&self) -> bool {
-        self.loading.load(Relaxed)
-    }
-
-    pub fn progress(&self) -> String {
-        self.progress.lock().map(|p| p.clone()).unwrap_or_default()
-    }
-
-    fn set(&self, loading: bool, progress: String) {
-        if let Ok(mut p) = self.progress.lock() {
-            *p = progress;
-        }
-        self.loading.store(loading, Relaxed);
-    }
-}
 
 /// What the node knows at one moment, as the state machine sees it.
 #[derive(Debug, Default)]
@@ -185,7 +154,6 @@ async fn catch_up(shared: &Arc<Shared>) {
         }
         return;
     }
-    let me = crate::antientropy::self_address(shared.local_addr);
     let timeout = Duration::from_secs(config.anti_entropy.bootstrap_timeout_seconds);
     let started = Instant::now();
     let mut state = Bootstrap::new(config.mqtt.enabled, timeout, started);
@@ -248,7 +216,7 @@ async fn catch_up(shared: &Arc<Shared>) {
         // deadline: stop waiting (the exchange's own deadline ends its thread).
         let deadline = tokio::time::Instant::from_std(state.deadline());
         let result = tokio::select! {
-            r = copy_from(shared, &me, &peer) => r,
+            r = copy_from(shared, &peer) => r,
             _ = tokio::time::sleep_until(deadline) => continue,
             _ = shutdown.wait_for(|&s| s) => return,
         };
@@ -269,18 +237,19 @@ async fn catch_up(shared: &Arc<Shared>) {
 /// Exchange with `peer` until an exchange repairs nothing: one exchange moves at most a
 /// reply's worth of entries per round (16 MiB), so a large difference takes several.
 /// Returns the keys repaired in all.
-async fn copy_from(shared: &Arc<Shared>, me: &str, peer: &str) -> Result<u64, String> {
+async fn copy_from(shared: &Arc<Shared>, peer: &str) -> Result<u64, String> {
     const EXCHANGES_MAX: usize = 1000;
     let mut repaired = 0;
     for _ in 0..EXCHANGES_MAX {
-        let (local, target) = (me.to_string(), peer.to_string());
-        let result =
-            tokio::task::spawn_blocking(move || crate::antientropy::run_exchange(&local, &target))
-                .await
-                .map_err(|e| e.to_string())?;
+        let (shards, target) = (shared.shard_inboxes(), peer.to_string());
+        let result = tokio::task::spawn_blocking(move || {
+            crate::antientropy::client::run_exchange(shards, &target)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
         let (report, took) = result.map_err(|e| e.to_string())?;
         let n = report.keys_repaired;
-        let periodic = crate::antientropy::Started::Periodic;
+        let periodic = crate::antientropy::client::Started::Periodic;
         shared
             .sync_log
             .record(peer, Ok((report, took)), periodic, Instant::now());
@@ -305,7 +274,7 @@ fn broker_connected(shared: &Shared) -> bool {
 /// an exchange it ran completed) is older than the grace, it goes back to LOADING and
 /// rejoins (docs/ANTI_ENTROPY.md, "Long isolation").
 async fn watch_isolation(shared: &Arc<Shared>) {
-    use crate::version::now_us;
+    use crate::store::version::now_us;
     let grace_us = shared.config.storage.tombstone_grace_seconds * 1_000_000;
     let mut contact = now_us();
     let mut shutdown = shared.shutdown.subscribe();
@@ -369,7 +338,6 @@ async fn rejoin(shared: &Arc<Shared>, cut: u64, silent: Duration) -> bool {
     let progress = format!("rejoining after {} s without contact", silent.as_secs());
     shared.readiness.set(true, progress);
     let timeout = Duration::from_secs(shared.config.anti_entropy.bootstrap_timeout_seconds);
-    let me = crate::antientropy::self_address(shared.local_addr);
     let (mut forgot, mut back_since) = (false, None::<Instant>);
     let mut shutdown = shared.shutdown.subscribe();
     loop {
@@ -384,7 +352,7 @@ async fn rejoin(shared: &Arc<Shared>, cut: u64, silent: Duration) -> bool {
                         tracing::info!(dropped, %peer, "dropped entries older than the last contact; fetching from a ready peer");
                         forgot = true;
                     }
-                    if copy_from(shared, &me, &peer).await.is_ok() {
+                    if copy_from(shared, &peer).await.is_ok() {
                         tracing::info!(%peer, "rejoined after a long isolation: serving clients");
                         shared.readiness.set(false, format!("rejoined via {peer}"));
                         return true;
@@ -408,7 +376,7 @@ async fn rejoin(shared: &Arc<Shared>, cut: u64, silent: Duration) -> bool {
             }
             if since.elapsed() >= timeout {
                 let merged = match &loading_peer {
-                    Some(peer) => copy_from(shared, &me, peer).await.is_ok(),
+                    Some(peer) => copy_from(shared, peer).await.is_ok(),
                     None => false,
                 };
                 tracing::warn!(
@@ -443,7 +411,7 @@ pub fn every_known_peer(shared: &Shared) -> Vec<String> {
 /// `peer_list` and the addresses presence announced (only those online, or all), sorted,
 /// without this node.
 fn peer_addrs(shared: &Shared, online_only: bool) -> Vec<String> {
-    let me = crate::antientropy::self_address(shared.local_addr);
+    let me = crate::antientropy::client::self_address(shared.local_addr);
     let known = shared.peers.snapshot().into_iter().map(|(_, p)| p.presence);
     let mut all: Vec<String> = shared.config.anti_entropy.peer_list.clone();
     all.extend(known.filter(|p| p.online || !online_only).map(|p| p.addr));
@@ -459,7 +427,7 @@ async fn forget_older_than(shared: &Shared, cut: u64) -> u64 {
     let mut dropped = 0;
     for inbox in &shared.inboxes[..1 << shared.shard_bits] {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        let msg = crate::server::ThreadMsg::Forget { hlc: cut, reply };
+        let msg = crate::node::inbox::ThreadMsg::Forget { hlc: cut, reply };
         if inbox.send(msg).await.is_ok() {
             dropped += rx.await.unwrap_or(0);
         }

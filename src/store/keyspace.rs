@@ -7,12 +7,8 @@
 
 use xxhash_rust::xxh3::xxh3_64;
 
-/// log2 of the number of Merkle leaf buckets.
-pub const BUCKET_BITS: u32 = 16;
-/// Number of Merkle leaf buckets (2^16).
-pub const BUCKETS: usize = 1 << BUCKET_BITS;
-/// Most shards a node may run (a power of two; each owns at least 256 buckets).
-pub const SHARDS_MAX: usize = 256;
+use crate::limits::SHARDS_MAX;
+pub use crate::limits::{BUCKETS, BUCKET_BITS};
 
 /// The 64-bit xxh3 hash of a key. Computed once per command, carried along with it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -4,11 +4,12 @@
 //! I/O thread (every op hops). All complete lines of one read are answered with one
 //! write, in order; ops for other shards go out as one message per shard per segment.
 
-use crate::dispatch::{Batch, NodeInfo, Results, Special};
-use crate::ops::ShardOp;
-use crate::protocol::Framer;
-use crate::server::{ShardRequest, Shared, ThreadMsg};
-use crate::shard::Shard;
+use crate::node::dispatch::{Batch, NodeInfo, Results, Special};
+use crate::node::inbox::{ShardRequest, ThreadMsg};
+use crate::node::ops::ShardOp;
+use crate::node::shared::Shared;
+use crate::protocol::native::Framer;
+use crate::store::shard::Shard;
 use bytes::{Buf, BytesMut};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -180,7 +181,9 @@ impl Connection {
     ) -> std::io::Result<()> {
         match special {
             Special::SyncMsg(len) => {
-                if let Err(why) = crate::antientropy::admit_incoming(stream.peer_addr().ok()) {
+                if let Err(why) =
+                    crate::antientropy::client::admit_incoming(stream.peer_addr().ok())
+                {
                     self.out
                         .extend_from_slice(format!("ERROR: {why}\r\n").as_bytes());
                     return Err(std::io::Error::other("anti-entropy peer not admitted"));
@@ -201,7 +204,8 @@ impl Connection {
                 let started = tokio::time::Instant::now();
                 while inbuf.len() < len {
                     inbuf.reserve(len - inbuf.len());
-                    let wait = crate::antientropy::body_wait(inbuf.len(), started.elapsed(), idle);
+                    let wait =
+                        crate::antientropy::client::body_wait(inbuf.len(), started.elapsed(), idle);
                     let read = match wait {
                         Some(wait) => tokio::time::timeout(wait, stream.read_buf(inbuf))
                             .await
@@ -221,11 +225,11 @@ impl Connection {
                     }
                 }
                 let body = inbuf.split_to(len);
-                let reply = match crate::sync::parse(&body) {
+                let reply = match crate::antientropy::exchange::parse(&body) {
                     Ok(request) => Ok(self.serve_sync(request).await?),
                     Err(e) => Err(e),
                 };
-                crate::sync::write_reply(&mut self.out, reply);
+                crate::antientropy::exchange::write_reply(&mut self.out, reply);
             }
             Special::Sync(peer) => {
                 let peer = String::from_utf8_lossy(peer.get(line)).into_owned();
@@ -237,10 +241,10 @@ impl Connection {
         Ok(())
     }
 
-    /// Cut a sender whose `SYNC.MSG` body trickles or stalls ([`crate::antientropy::body_wait`]):
+    /// Cut a sender whose `SYNC.MSG` body trickles or stalls ([`crate::antientropy::client::body_wait`]):
     /// say why, close, and end the connection.
     async fn too_slow(&mut self, stream: &mut TcpStream, took: Duration) -> std::io::Result<()> {
-        let rate_kib = crate::antientropy::BODY_BYTES_PER_S_MIN >> 10;
+        let rate_kib = crate::antientropy::client::BODY_BYTES_PER_S_MIN >> 10;
         tracing::warn!(peer = ?stream.peer_addr().ok(), s = took.as_secs(), "cutting a SYNC.MSG sender that is too slow");
         self.out.extend_from_slice(
             format!("ERROR: SYNC.MSG body arrived too slowly (under {rate_kib} KiB/s)\r\n")
@@ -256,11 +260,15 @@ impl Connection {
 
     /// Every shard answers its share of an anti-entropy request; join them. The other
     /// shards get the request first, so they work while this thread answers its own.
-    async fn serve_sync(&mut self, request: crate::sync::Request) -> std::io::Result<Vec<u8>> {
+    async fn serve_sync(
+        &mut self,
+        request: crate::antientropy::exchange::Request,
+    ) -> std::io::Result<Vec<u8>> {
         let request = Arc::new(request);
         let shards = 1usize << self.shared.shard_bits;
         let own = self.local.as_ref().map(|(id, _)| *id);
-        let mut parts: Vec<Option<crate::sync::Part>> = (0..shards).map(|_| None).collect();
+        let mut parts: Vec<Option<crate::antientropy::exchange::Part>> =
+            (0..shards).map(|_| None).collect();
         let mut waiting = Vec::new();
         for i in (0..shards).filter(|&i| Some(i) != own) {
             let (reply, rx) = oneshot::channel();
@@ -276,8 +284,8 @@ impl Connection {
         }
         if let Some((i, shard)) = &self.local {
             let bits = self.shared.shard_bits;
-            let now = crate::version::now_us();
-            parts[*i] = Some(crate::sync::answer_part(
+            let now = crate::store::version::now_us();
+            parts[*i] = Some(crate::antientropy::exchange::answer_part(
                 &mut shard.borrow_mut(),
                 *i,
                 bits,
@@ -288,7 +296,7 @@ impl Connection {
         for (i, rx) in waiting {
             parts[i] = Some(rx.await.map_err(|_| stopping())?);
         }
-        let parts: Vec<crate::sync::Part> = parts
+        let parts: Vec<crate::antientropy::exchange::Part> = parts
             .into_iter()
             .map(|p| p.expect("every shard answered"))
             .collect();
@@ -299,7 +307,7 @@ impl Connection {
                 "an anti-entropy peer knew of a newer FLUSHDB: applied its flush marker"
             );
         }
-        Ok(crate::sync::assemble(&request, parts))
+        Ok(crate::antientropy::exchange::assemble(&request, parts))
     }
 
     /// Write the pending replies. A client that stops reading is dropped after the idle
@@ -364,7 +372,7 @@ impl Connection {
                     self.results.run_inline(i, &mut shard, op, data);
                 }
             }
-            crate::server::ship_changes(&mut shard, &self.shared.outbound);
+            crate::node::shared::ship_changes(&mut shard, &self.shared.outbound);
         }
         for (s, rx) in waiting {
             let reply = rx.await.map_err(|_| stopping())?;
@@ -431,19 +439,19 @@ async fn read_with_timeout(
 
 /// Run one exchange with `peer` on a thread of its own; the `SYNC` reply line.
 pub async fn run_sync(shared: &Arc<Shared>, peer: String) -> String {
-    if let Err(why) = crate::antientropy::admit_peer(&peer) {
+    if let Err(why) = crate::antientropy::client::admit_peer(&peer) {
         return format!("ERROR: {why}");
     }
     let Some(slot) = shared.sync_log.start() else {
         return "ERROR: too many SYNC commands running; try again".into();
     };
-    let local = crate::antientropy::self_address(shared.local_addr);
+    let shards = shared.shard_inboxes();
     let (tx, rx) = oneshot::channel();
     let target = peer.clone();
     let spawned = std::thread::Builder::new()
         .name("sync".into())
         .spawn(move || {
-            let _ = tx.send(crate::antientropy::run_exchange(&local, &target));
+            let _ = tx.send(crate::antientropy::client::run_exchange(shards, &target));
             drop(slot);
         });
     if let Err(e) = spawned {
@@ -452,17 +460,17 @@ pub async fn run_sync(shared: &Arc<Shared>, peer: String) -> String {
     let result = rx
         .await
         .unwrap_or_else(|_| {
-            Err(crate::sync::SyncError::Transport(
+            Err(crate::antientropy::exchange::SyncError::Transport(
                 "the exchange thread died".into(),
             ))
         })
         .map_err(|e| e.to_string());
     let line = match &result {
-        Ok((report, took)) => crate::antientropy::report_line(report, *took),
+        Ok((report, took)) => crate::antientropy::client::report_line(report, *took),
         Err(e) => format!("ERROR: {e}"),
     };
     let ended = std::time::Instant::now();
-    let started = crate::antientropy::Started::OneOff;
+    let started = crate::antientropy::client::Started::OneOff;
     shared.sync_log.record(&peer, result, started, ended);
     line
 }

@@ -16,11 +16,12 @@
 //! Messages are binary (docs/ANTI_ENTROPY.md draws them); varints are LEB128 as in
 //! [`crate::changes`].
 
-use crate::changes::put_varint;
-use crate::keyspace::{shard_of_bucket, KeyHash, BUCKETS, BUCKET_BITS};
-use crate::merkle::{combine_roots, Digest};
-use crate::shard::{short_digest, OwnedEntry, Shard};
-use crate::version::Version;
+use crate::store::keyspace::{shard_of_bucket, KeyHash, BUCKETS, BUCKET_BITS};
+use crate::store::merkle::short_digest;
+use crate::store::merkle::{combine_roots, Digest};
+use crate::store::shard::{OwnedEntry, Shard};
+use crate::store::version::Version;
+use crate::wire::put_varint;
 
 /// Tree levels descended per round trip: 16 descendants per differing node.
 pub const FANOUT_BITS: u32 = 4;
@@ -763,7 +764,7 @@ mod tests {
     }
 
     fn node(shards: usize, value_bytes_max: usize) -> Vec<Shard> {
-        let budget = crate::shard::MemoryBudget::unlimited();
+        let budget = crate::store::shard::MemoryBudget::unlimited();
         (0..shards)
             .map(|i| Shard::new(i, shards.trailing_zeros(), budget.clone(), value_bytes_max))
             .collect()
@@ -928,7 +929,7 @@ mod tests {
         // This node's memory budget holds the ten small entries, not the 100 KB one the
         // peer lists first: "Storage full" for it, the small ones come all the same.
         let now = 1 << 50;
-        let full = crate::shard::MemoryBudget::new(4096);
+        let full = crate::store::shard::MemoryBudget::new(4096);
         let mut a: Vec<Shard> = vec![Shard::new(0, 0, full, 1 << 20)];
         let mut b = node(1, 1 << 20);
         let small = keys("small", 10);
@@ -1087,7 +1088,14 @@ mod tests {
     #[test]
     fn malformed_requests_are_errors_not_panics() {
         let mut shards: Vec<Shard> = (0..2)
-            .map(|i| Shard::new(i, 1, crate::shard::MemoryBudget::unlimited(), 1 << 10))
+            .map(|i| {
+                Shard::new(
+                    i,
+                    1,
+                    crate::store::shard::MemoryBudget::unlimited(),
+                    1 << 10,
+                )
+            })
             .collect();
         let mut node = Shards {
             shards: &mut shards,

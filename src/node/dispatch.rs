@@ -7,17 +7,19 @@
 //! [`Batch::assemble`] then writes every reply in command order. Per-shard op order is
 //! command order, so a connection's commands on one key take effect in the order sent.
 
-use crate::keyspace::{shard_buckets, shard_of_bucket, KeyHash};
-use crate::merkle::{combine_roots, to_hex, Digest};
-use crate::ops::{execute, OpKind, Outcome, ShardOp, Span, CRLF};
-use crate::protocol::{parse, Args, Command, Framer, ProtocolError, Step};
-use crate::replication::ReplSnapshot;
+use crate::node::inbox::ShardReply;
+use crate::node::ops::{execute, OpKind, Outcome, ShardOp, CRLF};
+use crate::protocol::native::{parse, Args, Command, Framer, ProtocolError, Step};
+use crate::replication::thread::ReplSnapshot;
+use crate::store::keyspace::{shard_buckets, shard_of_bucket, KeyHash};
+use crate::store::merkle::{combine_roots, to_hex, Digest};
 #[cfg(test)]
-use crate::shard::MemoryBudget;
-use crate::shard::{Shard, ShardStats};
+use crate::store::shard::MemoryBudget;
+use crate::store::shard::{Shard, ShardStats};
+use crate::wire::Span;
 use std::fmt::Write as _;
 
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+use crate::VERSION;
 
 /// Most commands planned and executed together.
 pub const SEGMENT_COMMANDS_MAX: usize = 128;
@@ -127,8 +129,8 @@ pub struct NodeInfo {
     /// 0 = unlimited.
     pub memory_limit_bytes: u64,
     pub peers_online: u64,
-    pub clock_skew: crate::peers::ClockSkew,
-    pub replication: crate::replication::ReplSnapshot,
+    pub clock_skew: crate::replication::peers::ClockSkew,
+    pub replication: crate::replication::thread::ReplSnapshot,
     /// One `sync_peer` INFO line per peer anti-entropy has run with.
     pub sync_peers: Vec<String>,
     pub loading: bool,
@@ -158,7 +160,7 @@ pub struct Batch {
     /// What a multi-key command's runs add up to so far: keys counted (EXISTS, DEL) and
     /// the first failure (MSET, DEL). Reset by its first run, used by its last.
     carry_count: u64,
-    carry_failed: Option<crate::shard::StoreError>,
+    carry_failed: Option<crate::store::shard::StoreError>,
     /// A command the connection itself carries out (anti-entropy); it always forms a
     /// segment of its own.
     pub special: Option<Special>,
@@ -699,13 +701,6 @@ const PENDING: OpResult = OpResult {
     outcome: Outcome::Done,
 };
 
-/// What another shard thread sends back for a list of ops: their reply bytes back to
-/// back, and per op its end offset in `out` and its outcome.
-pub struct ShardReply {
-    pub out: Vec<u8>,
-    pub ends: Vec<(usize, Outcome)>,
-}
-
 /// The results of a batch's ops: reply bytes live in `bufs` (0 = inline execution, then
 /// one per remote reply), `items[i]` locates op `i`'s bytes and outcome.
 pub struct Results {
@@ -834,11 +829,14 @@ pub fn answer_all(
                     return segment;
                 };
                 used += len as usize;
-                let mut node = crate::sync::Shards {
+                let mut node = crate::antientropy::exchange::Shards {
                     shards,
-                    now_us: crate::version::now_us(),
+                    now_us: crate::store::version::now_us(),
                 };
-                crate::sync::write_reply(out, crate::sync::Peer::call(&mut node, body));
+                crate::antientropy::exchange::write_reply(
+                    out,
+                    crate::antientropy::exchange::Peer::call(&mut node, body),
+                );
                 continue;
             }
             Some(Special::Sync(_)) => {
@@ -999,7 +997,7 @@ mod tests {
         loop {
             execute_all(&mut s, &batch, input.as_bytes(), &mut results);
             let held: usize = results.bufs.iter().map(Vec::len).sum();
-            let bound = 2 * (crate::ops::RUN_REPLY_BYTES + VALUE + 2);
+            let bound = 2 * (crate::node::ops::RUN_REPLY_BYTES + VALUE + 2);
             assert!(held <= bound, "{held} bytes in one run");
             batch.assemble(input.as_bytes(), &results, &NodeInfo::default, &mut out);
             runs += 1;

@@ -7,21 +7,21 @@
 //! run inline) and op requests from connections on other threads.
 
 use crate::config::Config;
-use crate::connection::{self, LocalShard};
-use crate::dispatch::{serve_ops, ShardReply};
-use crate::keyspace::shard_bits;
-use crate::ops::ShardOp;
-use crate::peers::Peers;
-use crate::replication::{apply_remote, Outbound, RemoteChanges, Replication};
-use crate::shard::{MemoryBudget, Shard};
-use crate::version::{now_us, origin_of};
+use crate::node::connection::{self, LocalShard};
+use crate::node::dispatch::serve_ops;
+use crate::node::inbox::ThreadMsg;
+use crate::node::shared::{ship_changes, Shared};
+use crate::replication::peers::Peers;
+use crate::replication::thread::{apply_remote, Replication};
+use crate::store::keyspace::shard_bits;
+use crate::store::shard::{MemoryBudget, Shard};
+use crate::store::version::{now_us, origin_of};
 use std::cell::RefCell;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 /// Messages queued per thread inbox before senders wait.
 const INBOX_MESSAGES_MAX: usize = 4096;
@@ -29,59 +29,6 @@ const INBOX_MESSAGES_MAX: usize = 4096;
 const PURGE_BUCKETS_PER_TICK: usize = 4096;
 /// How long shutdown waits for connections to finish their in-flight replies.
 const SHUTDOWN_DRAIN: Duration = Duration::from_millis(1500);
-
-/// Ops for one shard, sharing the received bytes they point into.
-pub struct ShardRequest {
-    pub data: bytes::Bytes,
-    pub ops: Vec<ShardOp>,
-    pub reply: oneshot::Sender<ShardReply>,
-}
-
-pub enum ThreadMsg {
-    /// A new client connection to serve on this thread.
-    Conn(std::net::TcpStream),
-    /// Ops for the shard this thread owns.
-    Ops(ShardRequest),
-    /// Changes made on another node, for the shard this thread owns.
-    Apply(RemoteChanges),
-    /// An anti-entropy request: answer this shard's share.
-    Sync {
-        request: Arc<crate::sync::Request>,
-        reply: oneshot::Sender<crate::sync::Part>,
-    },
-    /// Drop this shard's entries older than `hlc` (a rejoin after a long isolation);
-    /// replies with how many were dropped.
-    Forget {
-        hlc: u64,
-        reply: oneshot::Sender<u64>,
-    },
-    Stop,
-}
-
-/// State every thread sees. Shard data is not here: each shard thread owns its own.
-pub struct Shared {
-    pub config: Config,
-    pub shard_bits: u32,
-    pub local_addr: SocketAddr,
-    pub started: Instant,
-    /// Inbox of shard thread `i` (index = shard), then the I/O threads' inboxes.
-    pub inboxes: Vec<mpsc::Sender<ThreadMsg>>,
-    pub connections: AtomicUsize,
-    pub connections_total: AtomicU64,
-    pub connections_rejected: AtomicU64,
-    pub protocol_errors: AtomicU64,
-    /// Where shards send their change events; `None` on a standalone node.
-    pub outbound: Option<Arc<Outbound>>,
-    pub peers: Arc<Peers>,
-    /// The last anti-entropy exchange with each peer.
-    pub sync_log: Arc<crate::antientropy::SyncLog>,
-    /// Bytes of `SYNC.MSG` bodies being received or served now, node-wide.
-    pub sync_bytes: AtomicUsize,
-    /// Set to true once: every task stops reading, answers what it has, and closes.
-    pub shutdown: watch::Sender<bool>,
-    /// LOADING or ready: data commands wait for the bootstrap (src/bootstrap.rs).
-    pub readiness: crate::bootstrap::Readiness,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -93,9 +40,9 @@ pub enum ServerError {
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
     #[error(transparent)]
-    Broker(#[from] crate::broker::BrokerError),
+    Broker(#[from] crate::replication::broker::BrokerError),
     #[error(transparent)]
-    Replication(#[from] crate::replication::ReplError),
+    Replication(#[from] crate::replication::thread::ReplError),
 }
 
 /// Run a node until SIGINT, SIGTERM or SHUTDOWN. Returns once its port is released.
@@ -132,8 +79,8 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
         let embedded = &config.mqtt.embedded_broker;
         if embedded.enabled {
             let listen = embedded.listen.parse().expect("validated by the config");
-            let max = crate::replication::payload_bytes_max(config.network.max_line_bytes);
-            crate::broker::start(listen, max)?;
+            let max = crate::replication::thread::payload_bytes_max(config.network.max_line_bytes);
+            crate::replication::broker::start(listen, max)?;
         }
         // The replication thread gets a core of its own when there is one to spare.
         let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -175,10 +122,10 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
         sync_log: Arc::default(),
         sync_bytes: AtomicUsize::new(0),
         shutdown: watch::Sender::new(false),
-        readiness: if crate::bootstrap::needed(&config) {
-            crate::bootstrap::Readiness::new(true, "starting")
+        readiness: if crate::node::bootstrap::needed(&config) {
+            crate::node::shared::Readiness::new(true, "starting")
         } else {
-            crate::bootstrap::Readiness::new(false, "not needed")
+            crate::node::shared::Readiness::new(false, "not needed")
         },
         config,
     });
@@ -188,12 +135,22 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
         %local_addr,
         shards,
         io_threads,
-        "merkle-kv {} listening", crate::dispatch::VERSION
+        "merkle-kv {} listening", crate::VERSION
     );
 
-    tokio::spawn(crate::bootstrap::run(shared.clone()));
+    tokio::spawn(crate::node::bootstrap::run(shared.clone()));
     if shared.config.anti_entropy.enabled {
-        tokio::spawn(crate::antientropy::run_periodic(shared.clone()));
+        let peers = shared.peers.clone();
+        tokio::spawn(crate::antientropy::client::run_periodic(
+            crate::antientropy::client::Periodic {
+                config: shared.config.clone(),
+                me: crate::antientropy::client::self_address(shared.local_addr),
+                shards: shared.shard_inboxes(),
+                online: Box::new(move || peers.online_addrs()),
+                log: shared.sync_log.clone(),
+                shutdown: shared.shutdown.subscribe(),
+            },
+        ));
     }
     accept_loop(&shared, listener).await;
     drop_connections(&shared).await;
@@ -314,7 +271,7 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
                         .as_ref()
                         .expect("sync sent to a thread without a shard");
                     let bits = shared.shard_bits;
-                    let part = crate::sync::answer_part(
+                    let part = crate::antientropy::exchange::answer_part(
                         &mut shard.borrow_mut(),
                         *i,
                         bits,
@@ -389,17 +346,8 @@ impl FutureLog {
                 "refused remote versions from the future (more than {} s ahead of this \
                  node's clock): the writer's clock is wrong, and its writes are not \
                  applied here (STATS repl_rejected_future)",
-                crate::shard::CLOCK_SKEW_MAX_US / 1_000_000
+                crate::store::shard::CLOCK_SKEW_MAX_US / 1_000_000
             );
-        }
-    }
-}
-
-/// Hand the shard's recorded local writes to replication (no-op when standalone).
-pub fn ship_changes(shard: &mut Shard, outbound: &Option<Arc<Outbound>>) {
-    if let Some(out) = outbound {
-        if let Some(journal) = shard.take_journal() {
-            out.push(journal);
         }
     }
 }
@@ -573,11 +521,10 @@ async fn keep_writes_at_shutdown(shared: &Arc<Shared>, repl: Option<&Replication
 /// shards in-process (its client port is closed by now). Returns the peers that took it.
 async fn hand_off(shared: &Arc<Shared>, deadline: Instant) -> Vec<String> {
     let mut handed = Vec::new();
-    for peer in crate::bootstrap::every_known_peer(shared) {
-        let shards = shared.inboxes[..1 << shared.shard_bits].to_vec();
-        let target = peer.clone();
+    for peer in crate::node::bootstrap::every_known_peer(shared) {
+        let (shards, target) = (shared.shard_inboxes(), peer.clone());
         let exchange = tokio::task::spawn_blocking(move || {
-            crate::antientropy::run_exchange_in_process(shards, &target)
+            crate::antientropy::client::run_exchange(shards, &target)
         });
         let at = tokio::time::Instant::from_std(deadline);
         match tokio::time::timeout_at(at, exchange).await {

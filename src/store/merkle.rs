@@ -15,7 +15,7 @@
 //! bucket is fixed by its hash, so two replicas that differ in one key differ in one
 //! leaf and the 16 nodes above it. This module knows nothing of networking or MQTT.
 
-use crate::keyspace::BUCKET_BITS;
+use crate::store::keyspace::BUCKET_BITS;
 
 /// A blake3 digest (and a leaf value).
 pub type Digest = [u8; 32];
@@ -180,10 +180,15 @@ impl Subtree {
     }
 }
 
+/// The first 8 bytes of a digest, as a number: what anti-entropy sends instead of 32.
+pub fn short_digest(d: &Digest) -> u64 {
+    u64::from_le_bytes(d[..8].try_into().expect("32-byte digest"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keyspace::{KeyHash, BUCKETS};
+    use crate::store::keyspace::{KeyHash, BUCKETS};
 
     /// The reference: build every level from the leaves, no caching.
     fn root_from_scratch(leaves: &[Digest]) -> Digest {

@@ -6,16 +6,7 @@
 
 use std::fmt;
 
-/// Longest key accepted, in bytes.
-pub const KEY_BYTES_MAX: usize = 1024;
-/// Whether `key` may be stored: 1..=[`KEY_BYTES_MAX`] bytes, none of them ASCII
-/// whitespace or a control byte (0x00–0x20, 0x7F). The one key rule, for clients and
-/// peers alike (replication, anti-entropy): a key is a token of the text protocol, and
-/// SCAN writes keys back one per line, so a key with a space or a newline could not be
-/// named by a client and would break the framing of every reply that lists it.
-pub fn is_valid_key(key: &[u8]) -> bool {
-    (1..=KEY_BYTES_MAX).contains(&key.len()) && key.iter().all(|&b| b > b' ' && b != 0x7f)
-}
+use crate::limits::{is_valid_key, BUCKETS, KEY_BYTES_MAX, SYNC_MSG_BYTES_MAX};
 
 /// `SCAN` page size when none is given, and the largest allowed.
 pub const SCAN_COUNT_DEFAULT: u32 = 100;
@@ -177,10 +168,6 @@ impl Command<'_> {
         }
     }
 }
-
-/// Largest anti-entropy message accepted after `SYNC.MSG`: 16 MiB of entries, one
-/// entry of up to the largest `max_line_bytes` (64 MiB), and room for the rest.
-pub const SYNC_MSG_BYTES_MAX: u32 = 96 << 20;
 
 /// Space-separated tokens (keys, or MSET's key/value pairs), iterated without allocating.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
@@ -453,7 +440,7 @@ fn scan(rest: &[u8]) -> Result<Command<'_>, ProtocolError> {
     let cursor = match cursor {
         b"" => 0,
         c => parse_int::<u32>(c)
-            .filter(|&c| (c as usize) < crate::keyspace::BUCKETS)
+            .filter(|&c| (c as usize) < BUCKETS)
             .ok_or(ProtocolError::InvalidCursor)?,
     };
     let count = match count {

@@ -5,44 +5,20 @@
 //! can be listed without a scan (SCAN pages, and later anti-entropy listings), and every
 //! write updates its leaf digest incrementally.
 
-use crate::keyspace::{shard_buckets, KeyHash, BUCKET_BITS};
-use crate::merkle::{entry_digest, xor_into, Digest, Subtree, EMPTY_LEAF};
-use crate::version::{now_us, Clock, Version};
+#[cfg(test)]
+use crate::store::entry::ENTRY_OVERHEAD_BYTES;
+use crate::store::entry::{entry_bytes, Entry};
+use crate::store::journal::Journal;
+use crate::store::keyspace::{shard_buckets, KeyHash, BUCKET_BITS};
+use crate::store::merkle::{entry_digest, short_digest, xor_into, Digest, Subtree, EMPTY_LEAF};
+use crate::store::version::{now_us, remote_wins, Clock, Version};
 use hashbrown::hash_table::Entry as Slot;
 use hashbrown::HashTable;
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-/// Bytes charged per entry on top of its key and value: the table slot, the
-/// allocation rounding and the share of the Merkle tree. Close to what an entry costs
-/// in RSS, so `memory_limit_mb` means roughly what it says.
-pub const ENTRY_OVERHEAD_BYTES: u64 = 64;
-
 /// How far ahead of this node's clock a remote version may be and still be applied.
 pub const CLOCK_SKEW_MAX_US: u64 = 5 * 60 * 1_000_000;
-
-/// The last-write-wins rule between a remote and a local entry: the higher version
-/// wins; equal versions with different contents (an origin-id collision, or a clock
-/// reissued after a restart) are decided by the higher entry digest, so every replica
-/// makes the same choice and converges. `digests` gives (remote, local) and is only
-/// computed on a version tie.
-pub fn remote_wins(
-    remote: Version,
-    local: Version,
-    digests: impl FnOnce() -> (Digest, Digest),
-) -> bool {
-    remote.wins_over(local)
-        || (remote == local && {
-            let (r, l) = digests();
-            r > l
-        })
-}
-
-/// The first 8 bytes of a digest, as a number: what anti-entropy sends instead of 32.
-pub fn short_digest(d: &Digest) -> u64 {
-    u64::from_le_bytes(d[..8].try_into().expect("32-byte digest"))
-}
 
 /// An entry copied out of a shard (anti-entropy transfers these).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,117 +47,6 @@ pub enum StoreError {
     Overflow,
     #[error("ERROR: Value too large (max {0} bytes)")]
     ValueTooLarge(usize),
-}
-
-/// One stored entry: the version of the write that stored it, and key and value in one
-/// heap allocation `u16 LE key length | key | value` behind a thin pointer. A
-/// `Box<[u8]>` would carry its length in a second word; keeping the length in 31 bits
-/// here keeps the entry at 24 bytes, which is what holds memory per key under Redis's
-/// with versions stored (BENCHMARKS.md). A tombstone keeps only the key.
-struct Entry {
-    /// Owned allocation of exactly `len & !TOMBSTONE_BIT` bytes, from a `Box<[u8]>`.
-    kv: NonNull<u8>,
-    /// Allocation length; the top bit marks a tombstone.
-    len: u32,
-    origin: u32,
-    hlc: u64,
-}
-
-// SAFETY: an `Entry` owns its allocation exclusively, like the `Box<[u8]>` it was made
-// from; nothing else points into it. Moving it to another thread is as safe as moving
-// the box (it moves once, with its shard, to the shard's thread).
-unsafe impl Send for Entry {}
-
-const TOMBSTONE_BIT: u32 = 1 << 31;
-const KEY_LEN_BYTES: usize = 2;
-
-impl Entry {
-    fn new(key: &[u8], value: Option<&[u8]>, v: Version) -> Entry {
-        assert!(
-            key.len() <= usize::from(u16::MAX),
-            "keys are limited at the edge"
-        );
-        let bytes = value.unwrap_or_default();
-        let n = KEY_LEN_BYTES + key.len() + bytes.len();
-        assert!(n < TOMBSTONE_BIT as usize, "entry of {n} bytes");
-        let mut kv = Vec::with_capacity(n);
-        kv.extend_from_slice(&(key.len() as u16).to_le_bytes());
-        kv.extend_from_slice(key);
-        kv.extend_from_slice(bytes);
-        let raw = Box::into_raw(kv.into_boxed_slice()).cast::<u8>();
-        let kv = NonNull::new(raw).expect("Box pointers are never null");
-        let tomb = if value.is_none() { TOMBSTONE_BIT } else { 0 };
-        Entry {
-            kv,
-            len: n as u32 | tomb,
-            origin: v.origin,
-            hlc: v.hlc,
-        }
-    }
-    fn raw(&self) -> &[u8] {
-        // SAFETY: `kv` points to the live allocation of `len` bytes this entry owns.
-        unsafe {
-            std::slice::from_raw_parts(self.kv.as_ptr(), (self.len & !TOMBSTONE_BIT) as usize)
-        }
-    }
-    fn raw_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `raw`, and `&mut self` makes the access exclusive.
-        unsafe {
-            std::slice::from_raw_parts_mut(self.kv.as_ptr(), (self.len & !TOMBSTONE_BIT) as usize)
-        }
-    }
-    fn key_len(&self) -> usize {
-        let raw = self.raw();
-        usize::from(u16::from_le_bytes([raw[0], raw[1]]))
-    }
-    fn key(&self) -> &[u8] {
-        &self.raw()[KEY_LEN_BYTES..KEY_LEN_BYTES + self.key_len()]
-    }
-    /// The value, or `None` for a tombstone.
-    fn value(&self) -> Option<&[u8]> {
-        (self.len & TOMBSTONE_BIT == 0).then(|| &self.raw()[KEY_LEN_BYTES + self.key_len()..])
-    }
-    fn version(&self) -> Version {
-        Version {
-            hlc: self.hlc,
-            origin: self.origin,
-        }
-    }
-    fn digest(&self) -> Digest {
-        entry_digest(self.key(), self.value())
-    }
-    fn bytes(&self) -> u64 {
-        entry_bytes(self.key(), self.value())
-    }
-    fn replace(&mut self, value: Option<&[u8]>, v: Version) {
-        match (self.value(), value) {
-            (Some(old), Some(new)) if old.len() == new.len() => {
-                // Same size (the common overwrite): no allocation.
-                let at = KEY_LEN_BYTES + self.key_len();
-                self.raw_mut()[at..].copy_from_slice(new);
-                (self.hlc, self.origin) = (v.hlc, v.origin);
-            }
-            _ => *self = Entry::new(self.key(), value, v),
-        }
-    }
-}
-
-impl Drop for Entry {
-    fn drop(&mut self) {
-        let n = (self.len & !TOMBSTONE_BIT) as usize;
-        // SAFETY: `kv` came from `Box::into_raw` of a `Box<[u8]>` of exactly `n` bytes and
-        // is dropped exactly once, here.
-        unsafe {
-            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
-                self.kv.as_ptr(),
-                n,
-            )))
-        }
-    }
-}
-
-fn entry_bytes(key: &[u8], value: Option<&[u8]>) -> u64 {
-    (key.len() + value.map_or(0, <[u8]>::len)) as u64 + ENTRY_OVERHEAD_BYTES
 }
 
 fn rehash(e: &Entry) -> u64 {
@@ -280,7 +145,7 @@ pub struct Shard {
     /// The wall clock local versions are read from (simulations pass their own).
     wall_clock: fn() -> u64,
     /// Local writes since the last [`Shard::take_journal`], encoded as change events
-    /// ([`crate::changes`]) for replication; `None` when nobody replicates.
+    /// ([`crate::store::journal`]) for replication; `None` when nobody replicates.
     journal: Option<Journal>,
     /// The newest flush marker applied here (this node's FLUSHDB, or a peer's by
     /// replication or anti-entropy). Invariant: every entry held is newer, and a remote
@@ -291,13 +156,6 @@ pub struct Shard {
     /// The last version refused for being in the future, and how far ahead of this
     /// node's clock it was (µs): for the caller's log line.
     pub last_future: Option<(Version, u64)>,
-}
-
-/// Change events of local writes, in write order, ready to be appended to a payload.
-#[derive(Debug, Default)]
-pub struct Journal {
-    pub bytes: Vec<u8>,
-    pub events: u32,
 }
 
 impl Shard {
@@ -361,7 +219,7 @@ impl Shard {
         };
         let was_live = self.put(h, key, value, v)?;
         if let Some(j) = &mut self.journal {
-            crate::changes::encode_event(&mut j.bytes, v.hlc, key, value);
+            crate::store::journal::encode_event(&mut j.bytes, v.hlc, key, value);
             j.events += 1;
         }
         Ok(was_live)
@@ -456,7 +314,7 @@ impl Shard {
     /// Whether a remote entry breaks the rules client input meets (a key a client could
     /// not write, a value over the limit): such an entry is never stored.
     pub fn refuses(&self, key: &[u8], value: Option<&[u8]>) -> bool {
-        !crate::protocol::is_valid_key(key) || value.is_some_and(|v| v.len() > self.value_bytes_max)
+        !crate::limits::is_valid_key(key) || value.is_some_and(|v| v.len() > self.value_bytes_max)
     }
 
     /// The digest of the global Merkle node at `level` (0 = root, 16 = buckets) and
@@ -571,7 +429,7 @@ impl Shard {
         for _ in 0..buckets.min(self.tables.len()) {
             let b = self.purge_cursor;
             self.purge_cursor = (b + 1) % self.tables.len();
-            purged += self.drop_in_bucket(b, |e| e.value().is_none() && e.hlc < cutoff);
+            purged += self.drop_in_bucket(b, |e| e.value().is_none() && e.version().hlc < cutoff);
         }
         purged
     }
@@ -620,7 +478,7 @@ impl Shard {
     /// Returns the number of entries dropped.
     pub fn forget_older_than(&mut self, hlc: u64) -> u64 {
         (0..self.tables.len())
-            .map(|b| self.drop_in_bucket(b, |e| e.hlc < hlc))
+            .map(|b| self.drop_in_bucket(b, |e| e.version().hlc < hlc))
             .sum()
     }
 
@@ -722,7 +580,7 @@ impl Shard {
             origin: self.origin,
         });
         if let Some(j) = self.journal.as_mut().filter(|_| publish) {
-            crate::changes::encode_flush(&mut j.bytes, hlc);
+            crate::store::journal::encode_flush(&mut j.bytes, hlc);
             j.events += 1;
         }
         dropped
@@ -771,7 +629,7 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::merkle::combine_roots;
+    use crate::store::merkle::combine_roots;
     use std::collections::HashMap;
 
     fn shard() -> Shard {
@@ -820,7 +678,7 @@ mod tests {
     #[test]
     fn entry_round_trips_keys_values_and_tombstones() {
         let v = Version { hlc: 7, origin: 3 };
-        let long_key = vec![b'k'; crate::protocol::KEY_BYTES_MAX];
+        let long_key = vec![b'k'; crate::limits::KEY_BYTES_MAX];
         for (key, value) in [
             (&b"k"[..], Some(&b"v"[..])),
             (b"key", Some(b"")),
@@ -983,7 +841,7 @@ mod tests {
         };
         assert!(!s.apply(h(b"k"), b"k", Some(b"v"), max, now));
         assert_eq!(s.stats.rejected_future, 2, "both counted");
-        let big_key = vec![b'k'; crate::protocol::KEY_BYTES_MAX + 1];
+        let big_key = vec![b'k'; crate::limits::KEY_BYTES_MAX + 1];
         assert!(!s.apply(
             h(&big_key),
             &big_key,
@@ -1173,7 +1031,7 @@ mod tests {
             cursor = s.scan(cursor, b"user:", 50, |k| {
                 *model.get_mut(std::str::from_utf8(k).unwrap()).unwrap() += 1
             });
-            if cursor == crate::keyspace::BUCKETS {
+            if cursor == crate::store::keyspace::BUCKETS {
                 break;
             }
         }
@@ -1208,17 +1066,13 @@ mod tests {
         assert_eq!(s.snapshot_stats(), ShardStats::default());
         s.set(h(b"a"), b"a", b"2").unwrap();
         assert!(s.version_of(h(b"a"), b"a").unwrap().wins_over(s.flushed()));
-        // The flush is journaled in write order, for replication.
+        // The flush is journaled in write order, for replication (which decodes it:
+        // replication::changes::tests::a_shards_journal_decodes_with_its_flush).
         let j = s.take_journal().unwrap();
-        let mut p = crate::changes::PayloadBuilder::new(1, "n");
-        p.extend(&j.bytes, j.events);
-        let limits = crate::changes::Limits {
-            payload_bytes_max: 1 << 20,
-            value_bytes_max: 1 << 20,
-        };
-        let payload = p.take();
-        let d = crate::changes::decode(&payload, limits).unwrap();
-        assert_eq!((j.events, d.events.len(), d.flush), (4, 3, Some(hlc)));
+        let mut flush = Vec::new();
+        crate::store::journal::encode_flush(&mut flush, hlc);
+        assert_eq!(j.events, 4);
+        assert!(j.bytes.windows(flush.len()).any(|w| w == flush));
         // A harness's reset forgets the marker: an old entry is taken again.
         s.reset();
         assert_eq!((s.root(), s.flushed()), (empty, Version::default()));

@@ -1,0 +1,10 @@
+//! The node: threads and their inboxes, client connections, dispatch of commands to
+//! shards, INFO, readiness. The top of the tree: it may use every other folder.
+
+pub mod bootstrap;
+pub mod connection;
+pub mod dispatch;
+pub mod inbox;
+pub mod ops;
+pub mod server;
+pub mod shared;

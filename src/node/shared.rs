@@ -1,0 +1,87 @@
+//! What every thread of a node sees: the configuration, the inboxes, the counters, the
+//! replication queue, readiness. Shard data is not here: each shard thread owns its own.
+
+use crate::antientropy::client::SyncLog;
+use crate::config::Config;
+use crate::node::inbox::ThreadMsg;
+use crate::replication::peers::Peers;
+use crate::replication::thread::Outbound;
+use crate::store::shard::Shard;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::{mpsc, watch};
+
+/// State every thread sees. Shard data is not here: each shard thread owns its own.
+pub struct Shared {
+    pub config: Config,
+    pub shard_bits: u32,
+    pub local_addr: SocketAddr,
+    pub started: Instant,
+    /// Inbox of shard thread `i` (index = shard), then the I/O threads' inboxes.
+    pub inboxes: Vec<mpsc::Sender<ThreadMsg>>,
+    pub connections: AtomicUsize,
+    pub connections_total: AtomicU64,
+    pub connections_rejected: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    /// Where shards send their change events; `None` on a standalone node.
+    pub outbound: Option<Arc<Outbound>>,
+    pub peers: Arc<Peers>,
+    /// The last anti-entropy exchange with each peer.
+    pub sync_log: Arc<SyncLog>,
+    /// Bytes of `SYNC.MSG` bodies being received or served now, node-wide.
+    pub sync_bytes: AtomicUsize,
+    /// Set to true once: every task stops reading, answers what it has, and closes.
+    pub shutdown: watch::Sender<bool>,
+    /// LOADING or ready: data commands wait for the bootstrap (node/bootstrap.rs).
+    pub readiness: Readiness,
+}
+
+impl Shared {
+    /// The shard threads' inboxes (index = shard): how anti-entropy reaches this node's
+    /// own data.
+    pub fn shard_inboxes(&self) -> Vec<mpsc::Sender<ThreadMsg>> {
+        self.inboxes[..1 << self.shard_bits].to_vec()
+    }
+}
+
+/// The node-wide readiness flag connections check before each batch, and the progress
+/// INFO shows.
+pub struct Readiness {
+    loading: AtomicBool,
+    progress: Mutex<String>,
+}
+
+impl Readiness {
+    pub fn new(loading: bool, progress: &str) -> Readiness {
+        Readiness {
+            loading: AtomicBool::new(loading),
+            progress: Mutex::new(progress.to_string()),
+        }
+    }
+
+    pub fn is_loading(&self) -> bool {
+        self.loading.load(Relaxed)
+    }
+
+    pub fn progress(&self) -> String {
+        self.progress.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    pub fn set(&self, loading: bool, progress: String) {
+        if let Ok(mut p) = self.progress.lock() {
+            *p = progress;
+        }
+        self.loading.store(loading, Relaxed);
+    }
+}
+
+/// Hand the shard's recorded local writes to replication (no-op when standalone).
+pub fn ship_changes(shard: &mut Shard, outbound: &Option<Arc<Outbound>>) {
+    if let Some(out) = outbound {
+        if let Some(journal) = shard.take_journal() {
+            out.push(journal);
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! Replication: every write published to MQTT and applied by every peer. The wire format,
+//! the peer table, the replication thread, the embedded broker and `merkle-kv watch`.
+//! Uses `store` and `node::inbox` only.
+
+pub mod broker;
+pub mod changes;
+pub mod peers;
+pub mod thread;
+pub mod watch;
