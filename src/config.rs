@@ -573,14 +573,14 @@ impl Config {
         }
 
         if let Some(a) = &self.network.advertise_address {
-            if let Err(why) = check_host_port(a) {
+            if let Err(why) = host_port(a) {
                 problems.push(format!(
                     "network.advertise_address: {why}, found {a:?} (expected host:port)"
                 ));
             }
         }
         for (i, peer) in self.anti_entropy.peer_list.iter().enumerate() {
-            if let Err(why) = check_host_port(peer) {
+            if let Err(why) = host_port(peer) {
                 problems.push(format!(
                     "anti_entropy.peer_list[{i}]: {why}, found {peer:?} (expected host:port)"
                 ));
@@ -743,16 +743,22 @@ fn check_broker_address(addr: &str) -> Result<(), String> {
         .strip_prefix("tcp://")
         .or_else(|| addr.strip_prefix("mqtts://"))
         .ok_or_else(|| "unsupported scheme".to_string())?;
-    check_host_port(rest)
+    host_port(rest).map(|_| ())
 }
 
-fn check_host_port(s: &str) -> Result<(), String> {
+/// Split `host:port` (an IPv6 host in brackets, which are removed). The one parser for
+/// every address: settings, the broker URL, `SYNC host:port`.
+pub fn host_port(s: &str) -> Result<(&str, u16), String> {
     let (host, port) = s.rsplit_once(':').ok_or("missing `:port`")?;
-    if host.is_empty() || host == "[]" {
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
         return Err("empty host".into());
     }
     match port.parse::<u16>() {
-        Ok(p) if p >= 1 => Ok(()),
+        Ok(p) if p >= 1 => Ok((host, p)),
         _ => Err("port must be from 1 to 65535".into()),
     }
 }

@@ -346,15 +346,17 @@ impl SyncLog {
 /// serves checks the connection's address ([`admit_incoming`]). Every well-formed
 /// `host:port` is admitted today; the security issue adds authentication here.
 pub fn admit_peer(peer: &str) -> Result<(), String> {
-    match peer.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
-            let ip = host.trim_matches(['[', ']']).parse::<std::net::IpAddr>();
-            if ip.is_ok_and(|ip| ip.is_unspecified()) {
+    match crate::config::host_port(peer) {
+        Ok((host, _)) => {
+            if host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_unspecified())
+            {
                 return Err(format!("{peer} is not an address a peer can be reached on"));
             }
             Ok(())
         }
-        _ => Err(format!("SYNC needs host:port, found {peer:?}")),
+        Err(_) => Err(format!("SYNC needs host:port, found {peer:?}")),
     }
 }
 

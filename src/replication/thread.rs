@@ -371,10 +371,8 @@ pub fn mqtt_options(config: &Config, client_id: &str) -> Result<MqttOptions, Rep
         Some(("mqtts", rest)) => (true, rest),
         _ => return Err(ReplError::Address(address, "unsupported scheme".into())),
     };
-    let (host, port) = rest
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
-        .ok_or_else(|| ReplError::Address(address.clone(), "expected host:port".into()))?;
+    let (host, port) =
+        crate::config::host_port(rest).map_err(|why| ReplError::Address(address.clone(), why))?;
     let mut o = MqttOptions::new(client_id, host, port);
     o.set_keep_alive(Duration::from_secs(m.keep_alive.max(5)))
         .set_clean_session(m.clean_session)
