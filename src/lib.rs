@@ -5,11 +5,13 @@
 //! - [`protocol`]: bytes → lines → commands (the native text protocol). Pure.
 //! - [`replication`]: the MQTT replication wire format, its thread and the broker.
 //! - [`antientropy`]: Merkle anti-entropy messages, exchanges and their schedule.
+//! - [`persist`]: each shard's write-ahead log and snapshots, and recovery from them.
 //! - [`node`]: threads, connections, dispatch to shards, readiness; uses every part above.
 //! - [`config`], [`logging`], [`limits`], [`wire`]: shared by every part.
 //!
 //! Dependencies run one way: `store` and `protocol` use none of the folders;
-//! `replication` and `antientropy` use `store` (and `node::inbox`); `node` uses them all.
+//! `replication` and `antientropy` use `store` (and `node::inbox`); `persist` uses
+//! `store`; `node` uses them all.
 //! `tests/architecture.rs` checks it. ARCHITECTURE.md has the whole map and the invariants.
 
 #![deny(unsafe_code)]
@@ -19,6 +21,7 @@ pub mod config;
 pub mod limits;
 pub mod logging;
 pub mod node;
+pub mod persist;
 pub mod protocol;
 pub mod replication;
 pub mod store;

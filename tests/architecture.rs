@@ -48,6 +48,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "VERSION",
         ],
     ),
+    // Disk: what the store emits, framed and checked.
+    ("persist", &["store", "config", "logging", "limits", "wire"]),
     // The top: everything.
     (
         "node",
@@ -56,6 +58,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "protocol",
             "replication",
             "antientropy",
+            "persist",
             "config",
             "logging",
             "limits",
@@ -66,7 +69,14 @@ const LAYERS: &[(&str, &[&str])] = &[
 ];
 
 /// The folders, which must each open with a `//!` header and a line in lib.rs's Layout.
-const FOLDERS: &[&str] = &["store", "protocol", "node", "replication", "antientropy"];
+const FOLDERS: &[&str] = &[
+    "store",
+    "protocol",
+    "node",
+    "replication",
+    "antientropy",
+    "persist",
+];
 
 /// The one file allowed to hold `unsafe` code.
 const UNSAFE_FILE: &str = "store/entry.rs";
