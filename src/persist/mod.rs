@@ -3,4 +3,5 @@
 
 pub mod files;
 pub mod record;
+pub mod snapshot;
 pub mod writer;

@@ -10,8 +10,11 @@
 //! `fdatasync` runs, the next batches queue up, and the next pass writes and syncs them
 //! all at once.
 
-use crate::persist::files::{io_at, segment_name, shard_dir, sync_dir, PersistError};
+use crate::persist::files::{
+    io_at, list, segment_name, shard_dir, snapshot_name, sync_dir, PersistError,
+};
 use crate::persist::record;
+use crate::persist::snapshot::{Header, SnapshotWriter};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -38,12 +41,27 @@ const SYNC_EVERY: Duration = Duration::from_secs(1);
 
 /// What the writer is told.
 pub enum ToDisk {
-    /// Entries (store journal encoding) of shard `shard`'s batch number `seq`.
+    /// Entries (store journal encoding) of shard `shard`'s batch number `batch`.
     Batch {
         shard: usize,
-        seq: u64,
+        batch: u64,
         entries: Vec<u8>,
     },
+    /// Begin a snapshot of `shard`: its log goes on in a new segment, and the snapshot
+    /// will cover everything before that segment.
+    SnapshotBegin {
+        shard: usize,
+        shards: u32,
+        flushed: (u64, u32),
+    },
+    /// The next `count` entries of the snapshot, encoded back to back.
+    SnapshotEntries {
+        shard: usize,
+        entries: Vec<u8>,
+        count: u64,
+    },
+    /// The snapshot is complete; `root` is the shard's Merkle root at its end.
+    SnapshotEnd { shard: usize, root: [u8; 32] },
     /// Sync everything, report, and stop.
     Stop(mpsc::Sender<Result<(), String>>),
 }
@@ -58,6 +76,8 @@ pub struct Durable {
 
 /// One shard's open log segment.
 struct Segment {
+    dir: PathBuf,
+    number: u64,
     path: PathBuf,
     file: File,
     bytes: u64,
@@ -65,39 +85,28 @@ struct Segment {
     dirty: bool,
 }
 
-/// Start the writer thread for `shards` shards under `dir`, appending to segment `seq` of
-/// each shard (a new file when absent). Returns its inbox and the durability reports.
-pub fn start(
-    dir: &Path,
-    shards: usize,
-    seqs: &[u64],
-    fsync: Fsync,
-) -> Result<
-    (
-        mpsc::SyncSender<ToDisk>,
-        Durable,
-        std::thread::JoinHandle<()>,
-    ),
-    PersistError,
-> {
+/// Where each shard's log goes on: the segment to append to, and the newest complete
+/// snapshot (`None` before the first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardStart {
+    pub segment: u64,
+    pub snapshot: Option<u64>,
+}
+
+/// What [`start`] returns: the writer's inbox, the durability reports, the thread.
+pub type Started = (
+    mpsc::SyncSender<ToDisk>,
+    Durable,
+    std::thread::JoinHandle<()>,
+);
+
+/// Start the writer thread for the shards under `dir`, appending to each shard's segment
+/// (a new file when absent).
+pub fn start(dir: &Path, starts: &[ShardStart], fsync: Fsync) -> Result<Started, PersistError> {
+    let shards = starts.len();
     let mut segments = Vec::with_capacity(shards);
-    for (shard, &seq) in seqs.iter().enumerate().take(shards) {
-        let d = shard_dir(dir, shard);
-        std::fs::create_dir_all(&d).map_err(io_at(&d))?;
-        let path = d.join(segment_name(seq));
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io_at(&path))?;
-        let bytes = file.metadata().map_err(io_at(&path))?.len();
-        sync_dir(&d)?;
-        segments.push(Segment {
-            path,
-            file,
-            bytes,
-            dirty: false,
-        });
+    for (shard, start) in starts.iter().enumerate() {
+        segments.push(Segment::open(&shard_dir(dir, shard), start.segment)?);
     }
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards)
         .map(|_| tokio::sync::watch::channel(0u64))
@@ -109,6 +118,8 @@ pub fn start(
         segments,
         pending: (0..shards).map(|_| Vec::new()).collect(),
         pending_seq: vec![0; shards],
+        snapshots: (0..shards).map(|_| None).collect(),
+        kept: starts.iter().map(|s| s.snapshot).collect(),
         reported: senders,
         fsync,
         unavailable: unavailable.clone(),
@@ -135,10 +146,37 @@ struct Writer {
     pending: Vec<Vec<u8>>,
     /// The newest batch in `pending` (or written), per shard.
     pending_seq: Vec<u64>,
+    /// Snapshots being written (with the segment they start at), per shard.
+    snapshots: Vec<Option<(u64, SnapshotWriter)>>,
+    /// The newest complete snapshot per shard: kept, with the segments after it, when
+    /// the next one completes, so a damaged newest snapshot has one to fall back to.
+    kept: Vec<Option<u64>>,
     reported: Vec<tokio::sync::watch::Sender<u64>>,
     fsync: Fsync,
     unavailable: Arc<AtomicBool>,
     last_sync: Instant,
+}
+
+impl Segment {
+    fn open(dir: &Path, number: u64) -> Result<Segment, PersistError> {
+        std::fs::create_dir_all(dir).map_err(io_at(dir))?;
+        let path = dir.join(segment_name(number));
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_at(&path))?;
+        let bytes = file.metadata().map_err(io_at(&path))?.len();
+        sync_dir(dir)?;
+        Ok(Segment {
+            dir: dir.to_path_buf(),
+            number,
+            path,
+            file,
+            bytes,
+            dirty: false,
+        })
+    }
 }
 
 impl Writer {
@@ -179,17 +217,100 @@ impl Writer {
         match msg {
             ToDisk::Batch {
                 shard,
-                seq,
+                batch,
                 entries,
             } => {
                 let mut body = Vec::with_capacity(1 + entries.len());
                 body.push(RECORD_ENTRIES);
                 body.extend_from_slice(&entries);
                 record::append(&mut self.pending[shard], &body);
-                self.pending_seq[shard] = seq;
-                None
+                self.pending_seq[shard] = batch;
             }
-            ToDisk::Stop(reply) => Some(reply),
+            ToDisk::SnapshotBegin {
+                shard,
+                shards,
+                flushed,
+            } => {
+                if let Err(e) = self.begin_snapshot(shard, shards, flushed) {
+                    tracing::error!(shard, "cannot begin a snapshot: {e}");
+                }
+            }
+            ToDisk::SnapshotEntries {
+                shard,
+                entries,
+                count,
+            } => {
+                if let Some((_, w)) = &mut self.snapshots[shard] {
+                    if let Err(e) = w.entries(&entries, count) {
+                        tracing::error!(shard, "snapshot abandoned: {e}");
+                        self.snapshots[shard] = None;
+                    }
+                }
+            }
+            ToDisk::SnapshotEnd { shard, root } => {
+                if let Some((number, w)) = self.snapshots[shard].take() {
+                    match w.finish(root) {
+                        Ok(path) => self.prune(shard, number, &path),
+                        Err(e) => tracing::error!(shard, "snapshot abandoned: {e}"),
+                    }
+                }
+            }
+            ToDisk::Stop(reply) => return Some(reply),
+        }
+        None
+    }
+
+    /// Cut the shard's log: what is pending goes to the old segment, which is synced; new
+    /// batches go to the next one; the snapshot covers everything before it.
+    fn begin_snapshot(
+        &mut self,
+        shard: usize,
+        shards: u32,
+        flushed: (u64, u32),
+    ) -> Result<(), PersistError> {
+        if let Some((number, _)) = &self.snapshots[shard] {
+            return Err(PersistError::Io {
+                path: self.segments[shard].dir.join(snapshot_name(*number)),
+                source: std::io::Error::other("a snapshot of this shard is being written"),
+            });
+        }
+        self.flush(true);
+        if !self.pending[shard].is_empty() {
+            return Err(PersistError::Io {
+                path: self.segments[shard].path.clone(),
+                source: std::io::Error::other("the log cannot be written"),
+            });
+        }
+        let seg = &self.segments[shard];
+        let next = Segment::open(&seg.dir, seg.number + 1)?;
+        let header = Header {
+            shard: shard as u32,
+            shards,
+            seq: next.number,
+            flushed,
+        };
+        let writer = SnapshotWriter::create(&next.dir, header)?;
+        self.segments[shard] = next;
+        self.snapshots[shard] = Some((header.seq, writer));
+        Ok(())
+    }
+
+    /// A snapshot is complete at `path`: remove what the one before it made redundant —
+    /// older snapshots, and the segments before the previous snapshot.
+    fn prune(&mut self, shard: usize, number: u64, path: &Path) {
+        let dir = &self.segments[shard].dir;
+        let previous = self.kept[shard].replace(number);
+        tracing::info!(shard, path = %path.display(), "snapshot written");
+        let Some(previous) = previous else { return };
+        let listing = match list(dir) {
+            Ok(l) => l,
+            Err(e) => return tracing::warn!(shard, "cannot list old log files: {e}"),
+        };
+        let old = listing.segments.iter().chain(&listing.snapshots);
+        for (_, p) in old.filter(|(n, _)| *n < previous) {
+            if let Err(e) = std::fs::remove_file(p) {
+                tracing::warn!(shard, "cannot remove {}: {e}", p.display());
+            }
         }
     }
 
@@ -255,6 +376,11 @@ mod tests {
         dir
     }
 
+    const FIRST: ShardStart = ShardStart {
+        segment: 1,
+        snapshot: None,
+    };
+
     fn wait_for(rx: &mut tokio::sync::watch::Receiver<u64>, seq: u64) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while *rx.borrow_and_update() < seq {
@@ -270,13 +396,17 @@ mod tests {
     fn batches_land_in_their_shards_segment_in_order_and_are_reported_durable() {
         for fsync in [Fsync::Always, Fsync::EverySec, Fsync::No] {
             let dir = temp(&format!("{fsync:?}"));
-            let (tx, mut durable, handle) = start(&dir, 2, &[1, 7], fsync).unwrap();
+            let starts = [1, 7].map(|segment| ShardStart {
+                segment,
+                snapshot: None,
+            });
+            let (tx, mut durable, handle) = start(&dir, &starts, fsync).unwrap();
             for seq in 1..=3u64 {
                 for shard in 0..2 {
                     let entries = format!("s{shard}b{seq}").into_bytes();
                     tx.send(ToDisk::Batch {
                         shard,
-                        seq,
+                        batch: seq,
                         entries,
                     })
                     .unwrap();
@@ -309,10 +439,10 @@ mod tests {
     fn appending_goes_on_after_what_a_segment_already_holds() {
         let dir = temp("append");
         for round in 1..=2u64 {
-            let (tx, mut durable, handle) = start(&dir, 1, &[1], Fsync::Always).unwrap();
+            let (tx, mut durable, handle) = start(&dir, &[FIRST], Fsync::Always).unwrap();
             tx.send(ToDisk::Batch {
                 shard: 0,
-                seq: 1,
+                batch: 1,
                 entries: vec![round as u8],
             })
             .unwrap();
@@ -333,10 +463,10 @@ mod tests {
         std::fs::create_dir_all(&shard).unwrap();
         // Every write to /dev/full fails with ENOSPC.
         std::os::unix::fs::symlink("/dev/full", shard.join(segment_name(1))).unwrap();
-        let (tx, mut durable, handle) = start(&dir, 1, &[1], Fsync::Always).unwrap();
+        let (tx, mut durable, handle) = start(&dir, &[FIRST], Fsync::Always).unwrap();
         tx.send(ToDisk::Batch {
             shard: 0,
-            seq: 1,
+            batch: 1,
             entries: b"lost?".to_vec(),
         })
         .unwrap();
@@ -350,6 +480,67 @@ mod tests {
         tx.send(ToDisk::Stop(reply)).unwrap();
         assert!(done.recv().unwrap().is_err());
         handle.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_cuts_the_log_and_the_one_after_it_removes_what_both_cover() {
+        let dir = temp("snapshots");
+        let (tx, mut durable, handle) = start(&dir, &[FIRST], Fsync::Always).unwrap();
+        let batch = |batch: u64| ToDisk::Batch {
+            shard: 0,
+            batch,
+            entries: vec![batch as u8],
+        };
+        let snapshot = |tx: &mpsc::SyncSender<ToDisk>, tag: u8| {
+            let begin = ToDisk::SnapshotBegin {
+                shard: 0,
+                shards: 1,
+                flushed: (0, 0),
+            };
+            tx.send(begin).unwrap();
+            let entries = ToDisk::SnapshotEntries {
+                shard: 0,
+                entries: vec![tag],
+                count: 1,
+            };
+            tx.send(entries).unwrap();
+            tx.send(ToDisk::SnapshotEnd {
+                shard: 0,
+                root: [tag; 32],
+            })
+            .unwrap();
+        };
+        tx.send(batch(1)).unwrap();
+        snapshot(&tx, 0xa);
+        tx.send(batch(2)).unwrap();
+        wait_for(&mut durable.shards[0], 2);
+        let names = |dir: &Path| {
+            let l = list(&shard_dir(dir, 0)).unwrap();
+            let n = |v: &[(u64, PathBuf)]| v.iter().map(|(n, _)| *n).collect::<Vec<_>>();
+            (n(&l.segments), n(&l.snapshots))
+        };
+        // The first snapshot has nothing older to fall back to: every segment stays.
+        assert_eq!(names(&dir), (vec![1, 2], vec![2]));
+        snapshot(&tx, 0xb);
+        tx.send(batch(3)).unwrap();
+        wait_for(&mut durable.shards[0], 3);
+        let (reply, done) = mpsc::channel();
+        tx.send(ToDisk::Stop(reply)).unwrap();
+        assert_eq!(done.recv().unwrap(), Ok(()));
+        handle.join().unwrap();
+        // The second makes the first the fallback: segment 1 (before it) goes.
+        assert_eq!(names(&dir), (vec![2, 3], vec![2, 3]));
+        let log = |n: u64| std::fs::read(shard_dir(&dir, 0).join(segment_name(n))).unwrap();
+        let bodies = |b: &[u8]| record::records(b).map(<[u8]>::to_vec).collect::<Vec<_>>();
+        assert_eq!(bodies(&log(2)), [vec![RECORD_ENTRIES, 2]]);
+        assert_eq!(bodies(&log(3)), [vec![RECORD_ENTRIES, 3]]);
+        let snap = crate::persist::snapshot::read(&shard_dir(&dir, 0).join(snapshot_name(3)));
+        let snap = snap.unwrap();
+        assert_eq!(
+            (snap.header.seq, snap.chunk(0), snap.root),
+            (3, &[0xb][..], [0xb; 32])
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
