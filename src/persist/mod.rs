@@ -3,5 +3,6 @@
 
 pub mod files;
 pub mod record;
+pub mod recover;
 pub mod snapshot;
 pub mod writer;
