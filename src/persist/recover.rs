@@ -51,11 +51,11 @@ pub struct Recovered {
     pub bad_snapshots: Vec<(PathBuf, String)>,
 }
 
-/// Recover `dir` (one shard's directory): `snapshot` gets the snapshot chosen, if any,
-/// then `entries` every replayed record's entries in log order.
+/// Recover `dir` (one shard's directory): `load` gets the snapshot chosen, if any, then
+/// `entries` every replayed record's entries in log order.
 pub fn recover(
     dir: &Path,
-    mut load: impl FnMut(&Snapshot) -> Result<(), String>,
+    load: impl FnMut(&Snapshot) -> Result<(), String>,
     mut entries: impl FnMut(&[u8]) -> Result<(), String>,
 ) -> Result<Recovered, RecoveryError> {
     let listing = list(dir)?;
@@ -63,8 +63,35 @@ pub fn recover(
         std::fs::remove_file(tmp).map_err(io_at(tmp))?;
     }
     let mut out = Recovered::default();
+    let chosen = choose_snapshot(&listing.snapshots, load, &mut out.bad_snapshots)?;
+    let segments: Vec<&(u64, PathBuf)> = listing
+        .segments
+        .iter()
+        .filter(|(n, _)| *n >= chosen.unwrap_or(0))
+        .collect();
+    check_sequence(dir, chosen.unwrap_or(1), &segments)?;
+    for (i, (_, path)) in segments.iter().enumerate() {
+        let newest = i + 1 == segments.len();
+        let (records, dropped) = replay(path, newest, &segments[i + 1..], &mut entries)?;
+        out.records += records;
+        out.dropped_bytes += dropped;
+    }
+    out.start = Some(ShardStart {
+        segment: segments.last().map(|(n, _)| *n).or(chosen).unwrap_or(1),
+        snapshot: chosen,
+    });
+    Ok(out)
+}
+
+/// Load the newest snapshot that reads back whole; move the others that do not aside
+/// (recording why), so the writer's pruning never counts on them.
+fn choose_snapshot(
+    snapshots: &[(u64, PathBuf)],
+    mut load: impl FnMut(&Snapshot) -> Result<(), String>,
+    bad: &mut Vec<(PathBuf, String)>,
+) -> Result<Option<u64>, RecoveryError> {
     let mut chosen = None;
-    for (number, path) in listing.snapshots.iter().rev() {
+    for (number, path) in snapshots.iter().rev() {
         match snapshot::read(path) {
             Ok(s) if s.header.seq == *number => {
                 load(&s).map_err(|why| RecoveryError::Apply {
@@ -74,79 +101,82 @@ pub fn recover(
                 chosen = Some(*number);
                 break;
             }
-            Ok(_) => out
-                .bad_snapshots
-                .push((path.clone(), "its header names another segment".into())),
-            Err(why) => out.bad_snapshots.push((path.clone(), why)),
+            Ok(_) => bad.push((path.clone(), "its header names another segment".into())),
+            Err(why) => bad.push((path.clone(), why)),
         }
     }
-    for (path, _) in &out.bad_snapshots {
+    for (path, why) in bad.iter() {
+        tracing::warn!(path = %path.display(), "snapshot moved aside, an older one is used: {why}");
         let aside = path.with_extension("snap.corrupt");
         std::fs::rename(path, &aside).map_err(io_at(path))?;
     }
-    let from = chosen.unwrap_or(0);
-    let segments: Vec<&(u64, PathBuf)> = listing
-        .segments
-        .iter()
-        .filter(|(n, _)| *n >= from)
-        .collect();
-    // Segments are numbered without gaps from the snapshot's on (from 1 without one): a
-    // hole means lost log.
-    let mut expect = Some(chosen.unwrap_or(1));
-    for (n, _) in &segments {
-        if let Some(want) = expect.filter(|want| n != want) {
+    Ok(chosen)
+}
+
+/// Segments are numbered without gaps from `first` (the snapshot's, or 1 without one):
+/// a hole means lost log.
+fn check_sequence(
+    dir: &Path,
+    first: u64,
+    segments: &[&(u64, PathBuf)],
+) -> Result<(), RecoveryError> {
+    let mut want = first;
+    for (n, _) in segments {
+        if *n != want {
             return Err(RecoveryError::Gap {
                 dir: dir.to_path_buf(),
                 missing: want,
                 found: *n,
             });
         }
-        expect = Some(n + 1);
+        want = n + 1;
     }
-    let last = segments.last().map(|(n, _)| *n);
-    for (i, (n, path)) in segments.iter().enumerate() {
-        let bytes = std::fs::read(path).map_err(io_at(path))?;
-        let mut recs = record::records(&bytes);
-        for body in recs.by_ref() {
-            if body.first() != Some(&RECORD_ENTRIES) {
-                return Err(corrupt(
-                    path,
-                    "a record of an unknown kind",
-                    &segments[i..],
-                    0,
-                ));
-            }
-            entries(&body[1..]).map_err(|why| RecoveryError::Apply {
-                path: path.clone(),
-                why,
-            })?;
-            out.records += 1;
+    Ok(())
+}
+
+/// Replay one segment's records into `entries`; returns (records, bytes cut). Damage in
+/// the `newest` segment is a torn tail, cut; elsewhere it stops recovery (`later` are the
+/// segments after this one, counted in the error).
+fn replay(
+    path: &Path,
+    newest: bool,
+    later: &[&(u64, PathBuf)],
+    entries: &mut impl FnMut(&[u8]) -> Result<(), String>,
+) -> Result<(u64, u64), RecoveryError> {
+    let bytes = std::fs::read(path).map_err(io_at(path))?;
+    let mut recs = record::records(&bytes);
+    let mut records = 0;
+    for body in recs.by_ref() {
+        if body.first() != Some(&RECORD_ENTRIES) {
+            let rest = (bytes.len() - recs.valid_len()) as u64;
+            return Err(corrupt(path, "a record of an unknown kind", later, rest));
         }
-        if let Some(damage) = recs.damage() {
-            let valid = recs.valid_len() as u64;
-            if Some(*n) != last {
-                let rest = bytes.len() as u64 - valid;
-                return Err(corrupt(path, &damage.to_string(), &segments[i + 1..], rest));
-            }
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .open(path)
-                .map_err(io_at(path))?;
-            file.set_len(valid).map_err(io_at(path))?;
-            file.sync_all().map_err(io_at(path))?;
-            out.dropped_bytes = bytes.len() as u64 - valid;
-            tracing::warn!(
-                path = %path.display(),
-                dropped_bytes = out.dropped_bytes,
-                "the log ended in a torn or corrupt record ({damage}); cut back to the last whole record"
-            );
-        }
+        entries(&body[1..]).map_err(|why| RecoveryError::Apply {
+            path: path.to_path_buf(),
+            why,
+        })?;
+        records += 1;
     }
-    out.start = Some(ShardStart {
-        segment: last.or(chosen).unwrap_or(1),
-        snapshot: chosen,
-    });
-    Ok(out)
+    let Some(damage) = recs.damage() else {
+        return Ok((records, 0));
+    };
+    let valid = recs.valid_len() as u64;
+    let dropped = bytes.len() as u64 - valid;
+    if !newest {
+        return Err(corrupt(path, &damage.to_string(), later, dropped));
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_at(path))?;
+    file.set_len(valid).map_err(io_at(path))?;
+    file.sync_all().map_err(io_at(path))?;
+    tracing::warn!(
+        path = %path.display(),
+        dropped_bytes = dropped,
+        "the log ended in a torn or corrupt record ({damage}); cut back to the last whole record"
+    );
+    Ok((records, dropped))
 }
 
 fn corrupt(path: &Path, why: &str, later: &[&(u64, PathBuf)], rest: u64) -> RecoveryError {
