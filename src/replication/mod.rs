@@ -5,5 +5,6 @@
 pub mod broker;
 pub mod changes;
 pub mod peers;
+pub mod stats;
 pub mod thread;
 pub mod watch;

@@ -25,6 +25,7 @@ use crate::logging::LogLimit;
 use crate::node::inbox::{RemoteChanges, RemoteEvent, ThreadMsg};
 use crate::replication::changes::{decode, DecodeError, Limits, PayloadBuilder};
 use crate::replication::peers::{clock_offset_ms, Peers, Presence, Recorded};
+use crate::replication::stats::ReplStats;
 use crate::store::journal::Journal;
 use crate::store::keyspace::{shard_of_bucket, KeyHash};
 use crate::store::shard::Shard;
@@ -35,7 +36,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Pa
 use std::cell::{Cell, RefCell};
 use std::collections::{HashSet, VecDeque};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
@@ -63,95 +64,6 @@ pub const PRESENCE_INTERVAL: Duration = Duration::from_secs(30);
 /// The largest payload a node sends or accepts: a full batch plus one largest event.
 pub fn payload_bytes_max(value_bytes_max: usize) -> usize {
     PAYLOAD_TARGET_BYTES + value_bytes_max + 2 * crate::limits::KEY_BYTES_MAX
-}
-
-/// Counters for INFO; all monotonic except the gauges named so.
-#[derive(Default)]
-pub struct ReplStats {
-    pub connected: AtomicBool,
-    /// While stopping: changes not yet confirmed by the broker (see `Replication::flush`).
-    pub unconfirmed: AtomicU64,
-    /// Wall-clock µs when the broker last had confirmed every change this node had made:
-    /// what a rejoin after a long isolation may drop is older (src/bootstrap.rs, `cut`).
-    pub settled_at_us: AtomicU64,
-    pub connects: AtomicU64,
-    pub published_events: AtomicU64,
-    pub published_payloads: AtomicU64,
-    /// Times a connection paused reading because the queue was full.
-    pub backpressure_waits: AtomicU64,
-    /// Changes dropped because the queue stayed full past `backpressure_max_ms`.
-    pub dropped_overflow: AtomicU64,
-    /// Changes dropped because the offline buffer was full.
-    pub dropped_offline: AtomicU64,
-    /// Gauges: changes waiting in the outbox (the offline buffer), and their bytes.
-    pub buffered_events: AtomicU64,
-    pub buffered_bytes: AtomicU64,
-    pub received_events: AtomicU64,
-    /// Remote changes that won by LWW and were applied.
-    pub applied_events: AtomicU64,
-    /// Remote changes that won but could not be stored (memory limit).
-    pub apply_failed: AtomicU64,
-    pub rejected_payloads: AtomicU64,
-    pub rejected_presence: AtomicU64,
-}
-
-/// A copy of [`ReplStats`] for INFO and STATS (all zero on a standalone node).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct ReplSnapshot {
-    pub enabled: bool,
-    pub connected: bool,
-    pub counters: [u64; 13],
-}
-
-impl ReplSnapshot {
-    pub const NAMES: [&'static str; 13] = [
-        "repl_connects",
-        "repl_published_events",
-        "repl_published_payloads",
-        "repl_backpressure_waits",
-        "repl_dropped_overflow",
-        "repl_dropped_offline",
-        "repl_buffered_events",
-        "repl_buffered_bytes",
-        "repl_received_events",
-        "repl_applied_events",
-        "repl_apply_failed",
-        "repl_rejected_payloads",
-        "repl_rejected_presence",
-    ];
-
-    pub fn state(&self) -> &'static str {
-        match (self.enabled, self.connected) {
-            (false, _) => "off",
-            (true, true) => "connected",
-            (true, false) => "disconnected",
-        }
-    }
-}
-
-impl ReplStats {
-    pub fn snapshot(&self) -> ReplSnapshot {
-        let c = [
-            &self.connects,
-            &self.published_events,
-            &self.published_payloads,
-            &self.backpressure_waits,
-            &self.dropped_overflow,
-            &self.dropped_offline,
-            &self.buffered_events,
-            &self.buffered_bytes,
-            &self.received_events,
-            &self.applied_events,
-            &self.apply_failed,
-            &self.rejected_payloads,
-            &self.rejected_presence,
-        ];
-        ReplSnapshot {
-            enabled: true,
-            connected: self.connected.load(Relaxed),
-            counters: c.map(|a| a.load(Relaxed)),
-        }
-    }
 }
 
 /// The shards' side of the queue to the replication thread.
