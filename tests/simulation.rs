@@ -17,7 +17,7 @@
 use merkle_kv::antientropy::exchange::{exchange, Shards};
 use merkle_kv::node::inbox::RemoteChanges;
 use merkle_kv::replication::changes::{Limits, PayloadBuilder};
-use merkle_kv::replication::thread::{apply_remote, route};
+use merkle_kv::replication::inbound::{apply_remote, route};
 use merkle_kv::store::keyspace::KeyHash;
 use merkle_kv::store::shard::{MemoryBudget, Shard};
 use merkle_kv::store::version::{origin_of, Version};

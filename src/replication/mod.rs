@@ -4,6 +4,7 @@
 
 pub mod broker;
 pub mod changes;
+pub mod inbound;
 pub mod outbound;
 pub mod peers;
 pub mod stats;
