@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod changes;
 pub mod inbound;
+pub mod link;
 pub mod outbound;
 pub mod peers;
 pub mod stats;
