@@ -6,6 +6,7 @@ pub mod broker;
 pub mod changes;
 pub mod inbound;
 pub mod link;
+pub mod mqtt;
 pub mod outbound;
 pub mod peers;
 pub mod stats;
