@@ -104,6 +104,7 @@ impl Replication {
                 &config.node_id,
             )),
             wake: Notify::new(),
+            room: Notify::new(),
             inboxes,
             peers,
             outbound: outbound.clone(),
@@ -182,6 +183,8 @@ struct Context {
     link: RefCell<Link>,
     /// Wakes the publisher: the link may have something to publish.
     wake: Notify,
+    /// Wakes the intake: the link may take journals again.
+    room: Notify,
     inboxes: Vec<tokio::sync::mpsc::Sender<ThreadMsg>>,
     peers: Arc<Peers>,
     outbound: Arc<Outbound>,
@@ -295,6 +298,8 @@ async fn drive(ctx: Rc<Context>, client: AsyncClient, mut eventloop: EventLoop) 
 fn on_connection_error(ctx: &Context, e: rumqttc::ConnectionError) -> Duration {
     let lost = ctx.link.borrow_mut().on_disconnected();
     ctx.stats.connected.store(false, Relaxed);
+    // Disconnected, the intake takes journals again (and drops past the bounds).
+    ctx.room.notify_one();
     if let rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
         rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
     )) = e
@@ -517,11 +522,13 @@ async fn receive(ctx: &Context, payload: Bytes) {
 }
 
 /// Move journals from the shards into the link's outbox. While the link holds them
-/// back, they stay in the queue (writers feel backpressure).
+/// back, they stay in the queue (writers feel backpressure) until the publisher or a
+/// lost connection makes room.
 async fn intake(ctx: Rc<Context>, mut rx: mpsc::UnboundedReceiver<Journal>) {
     loop {
         while ctx.link.borrow().holds_intake() {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            // A permit left by an earlier notification only costs one more look.
+            ctx.room.notified().await;
         }
         let Some(journal) = rx.recv().await else {
             return;
@@ -573,6 +580,8 @@ async fn publish(ctx: Rc<Context>, client: AsyncClient) {
             }
             Next::Publish(payload) => {
                 ctx.publish_gauges();
+                // The outbox shrank: the intake may take more.
+                ctx.room.notify_one();
                 if let Err(e) = client
                     .publish_bytes(topic.clone(), QoS::AtLeastOnce, false, payload)
                     .await
