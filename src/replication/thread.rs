@@ -1,10 +1,19 @@
-//! Replication over MQTT (I/O edge): one dedicated thread publishes this node's changes
-//! in batches and applies the changes of its peers.
+//! The replication thread (I/O edge): one dedicated thread, with its own runtime, that
+//! publishes this node's changes in batches and applies the changes of its peers. Every
+//! decision about what to publish when is the [`Link`]'s (`link.rs`, free of I/O); this
+//! file feeds it events and carries out what it says. Four tasks share one `Context`:
+//! - `drive` polls rumqttc's event loop: connection up or lost (with the link's
+//!   backoff), packet ids and acknowledgements, peers' changes (decoded by
+//!   [`route`] and sent to the shards' inboxes) and presence records;
+//! - `intake` moves journals from the shards' queue ([`Outbound`]) into the link;
+//! - `publish` asks the link what next ([`Link::next`]) and hands payloads to rumqttc;
+//! - `heartbeat` republishes this node's presence record.
 //!
-//! Shards hand their journals ([`Shard::take_journal`]) to [`Outbound::push`], which
-//! never blocks. The replication thread moves them into its outbox, packs events into
-//! payloads ([`crate::changes`]) of at most `batch_max_events` events, published with
-//! QoS 1 once full or `batch_max_delay_us` after the oldest event arrived. Flow control:
+//! Shards hand their journals ([`crate::store::shard::Shard::take_journal`]) to
+//! [`Outbound::push`], which never blocks. The link packs their events into payloads
+//! ([`crate::replication::changes`]) of at most `batch_max_events` events, published
+//! with QoS 1 once full or `batch_max_delay_us` after the oldest event arrived. Flow
+//! control:
 //! - connected and keeping up: nothing is dropped. When the queue to this thread is full,
 //!   connections stop reading new commands ([`Outbound::admit`]); after
 //!   `backpressure_max_ms` they go on and changes beyond the queue are dropped and
@@ -15,10 +24,10 @@
 //!
 //! Payloads not yet acknowledged (PUBACK) when the connection drops are published
 //! again after reconnecting, unless the broker kept the session (then rumqttc resends
-//! them itself). After a reconnect the thread waits until every peer that was online has
+//! them itself). After a reconnect the link waits until every peer that was online has
 //! announced itself online again (so has re-subscribed; its last will does not count),
-//! at most [`RESUBSCRIBE_WAIT`], before publishing: changes published before a peer
-//! re-subscribes would never reach it.
+//! at most [`crate::replication::link::RESUBSCRIBE_WAIT`], before publishing: changes
+//! published before a peer re-subscribes would never reach it.
 
 use crate::config::Config;
 use crate::logging::LogLimit;
@@ -71,49 +80,12 @@ impl Replication {
         peers: Arc<Peers>,
         core: Option<core_affinity::CoreId>,
     ) -> Result<Replication, ReplError> {
-        let options = mqtt_options(config, &config.mqtt.client_id)?;
+        let mut options = mqtt_options(config, &config.mqtt.client_id)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(ReplStats::default());
-        let outbound = Arc::new(Outbound::new(&config.mqtt, tx, stats.clone()));
+        let outbound = Arc::new(Outbound::new(&config.mqtt, tx, stats));
         let (control, control_rx) = tokio::sync::mpsc::unbounded_channel();
-        let shards = inboxes.len();
-        let settings = Settings {
-            batch_events: config.mqtt.batch_max_events.max(1),
-            batch_delay: Duration::from_micros(config.mqtt.batch_max_delay_us),
-            offline_events_max: config.mqtt.offline_buffer_events as u64,
-            offline_bytes_max: config.mqtt.offline_buffer_bytes,
-        };
-        let ctx = Context {
-            node_id: config.node_id.clone(),
-            topics: Topics::new(&config.mqtt.topic_prefix),
-            me: Presence {
-                online: true,
-                addr: client_addr,
-                shards: shards as u32,
-                version: crate::VERSION.into(),
-                clock_ms: None,
-            },
-            shard_bits: shards.trailing_zeros(),
-            limits: Limits {
-                payload_bytes_max: payload_bytes_max(config.network.max_line_bytes),
-                value_bytes_max: config.network.max_line_bytes,
-            },
-            link: RefCell::new(Link::new(
-                settings,
-                origin_of(&config.node_id),
-                &config.node_id,
-            )),
-            wake: Notify::new(),
-            room: Notify::new(),
-            inboxes,
-            peers,
-            outbound: outbound.clone(),
-            stats,
-            reject_log: Cell::new(LogLimit::new(Duration::from_secs(1))),
-            skew_log: Cell::new(LogLimit::new(Duration::from_secs(10))),
-            max_clock_skew_ms: config.mqtt.max_clock_skew_ms,
-        };
-        let mut options = options;
+        let ctx = Context::new(config, client_addr, inboxes, peers, outbound.clone());
         let will = Presence {
             online: false,
             ..ctx.me.clone()
@@ -198,6 +170,52 @@ struct Context {
 }
 
 impl Context {
+    fn new(
+        config: &Config,
+        client_addr: String,
+        inboxes: Vec<tokio::sync::mpsc::Sender<ThreadMsg>>,
+        peers: Arc<Peers>,
+        outbound: Arc<Outbound>,
+    ) -> Context {
+        let shards = inboxes.len();
+        let settings = Settings {
+            batch_events: config.mqtt.batch_max_events.max(1),
+            batch_delay: Duration::from_micros(config.mqtt.batch_max_delay_us),
+            offline_events_max: config.mqtt.offline_buffer_events as u64,
+            offline_bytes_max: config.mqtt.offline_buffer_bytes,
+        };
+        Context {
+            node_id: config.node_id.clone(),
+            topics: Topics::new(&config.mqtt.topic_prefix),
+            me: Presence {
+                online: true,
+                addr: client_addr,
+                shards: shards as u32,
+                version: crate::VERSION.into(),
+                clock_ms: None,
+            },
+            shard_bits: shards.trailing_zeros(),
+            limits: Limits {
+                payload_bytes_max: payload_bytes_max(config.network.max_line_bytes),
+                value_bytes_max: config.network.max_line_bytes,
+            },
+            link: RefCell::new(Link::new(
+                settings,
+                origin_of(&config.node_id),
+                &config.node_id,
+            )),
+            wake: Notify::new(),
+            room: Notify::new(),
+            inboxes,
+            peers,
+            stats: outbound.stats.clone(),
+            outbound,
+            reject_log: Cell::new(LogLimit::new(Duration::from_secs(1))),
+            skew_log: Cell::new(LogLimit::new(Duration::from_secs(10))),
+            max_clock_skew_ms: config.mqtt.max_clock_skew_ms,
+        }
+    }
+
     /// Whether a rejection may be logged now.
     fn may_log_rejection(&self) -> bool {
         may_log(&self.reject_log)
