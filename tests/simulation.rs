@@ -272,15 +272,17 @@ fn run(seed: u64, heal: bool) {
     assert_matches_model(&mut replicas, &model, heal);
 }
 
-/// One replica's connection to the broker, as its [`Link`] sees it (rumqttc and the
-/// broker): payloads the link publishes go out on the wire with packet ids; the broker
-/// receives them in order and acknowledges each; a dropped connection loses what was on
-/// the wire both ways; a reconnect resumes the session (rumqttc sends its
-/// unacknowledged publishes again, same ids) or starts a new one (rumqttc forgets them:
-/// the link must send them again).
+/// One replica's connection to the broker, as its [`Link`] sees it (rumqttc 0.25 and
+/// the broker): payloads the link publishes wait in rumqttc's request channel, then go
+/// out on the wire with packet ids; the broker receives them in order and acknowledges
+/// each; a dropped connection loses what was on the wire both ways (rumqttc keeps its
+/// requests and unacknowledged publishes); a reconnect resumes the session (rumqttc
+/// sends those again, the unacknowledged under the same ids) or starts a new one
+/// (rumqttc forgets them: the link must send them again).
 struct Connection {
     link: Link,
     up: bool,
+    requests: VecDeque<bytes::Bytes>,
     wire: VecDeque<(u16, bytes::Bytes)>,
     acks: VecDeque<u16>,
     /// rumqttc's publishes not yet acknowledged, oldest first.
@@ -290,6 +292,14 @@ struct Connection {
 
 impl Connection {
     fn publish(&mut self, payload: bytes::Bytes) {
+        self.requests.push_back(payload);
+    }
+
+    /// rumqttc takes the oldest request and sends it with a fresh packet id.
+    fn rumqttc_sends(&mut self) -> bool {
+        let Some(payload) = self.requests.pop_front() else {
+            return false;
+        };
         loop {
             self.pkid = self.pkid.checked_add(1).unwrap_or(1);
             if !self.outgoing.iter().any(|(p, _)| *p == self.pkid) {
@@ -299,6 +309,7 @@ impl Connection {
         self.outgoing.push((self.pkid, payload.clone()));
         self.wire.push_back((self.pkid, payload));
         self.link.on_sent(self.pkid);
+        true
     }
 
     /// The broker takes the oldest payload off the wire (and will acknowledge it).
@@ -334,13 +345,15 @@ impl Connection {
             }
         } else {
             self.outgoing.clear();
+            self.requests.clear();
         }
         self.link.on_connected(session_present, [], now);
     }
 
     /// Nothing of this replica's left anywhere but at the broker.
     fn drained(&self) -> bool {
-        self.link.pending() == 0 && self.wire.is_empty() && self.acks.is_empty()
+        let idle = self.requests.is_empty() && self.wire.is_empty() && self.acks.is_empty();
+        idle && self.link.pending() == 0
     }
 }
 
@@ -406,6 +419,7 @@ fn run_link(seed: u64) {
         .map(|r| Connection {
             link: Link::new(settings, origin_of(&r.name), &r.name),
             up: false,
+            requests: VecDeque::new(),
             wire: VecDeque::new(),
             acks: VecDeque::new(),
             outgoing: Vec::new(),
@@ -450,6 +464,9 @@ fn run_link(seed: u64) {
                 }
             }
             for _ in 0..rng.below(4) {
+                c.rumqttc_sends();
+            }
+            for _ in 0..rng.below(4) {
                 if let Some(payload) = c.broker_receives() {
                     fanout.forward(w, &payload, time, &mut rng);
                 }
@@ -488,6 +505,7 @@ fn run_link(seed: u64) {
             while let Next::Publish(payload) = c.link.next(now) {
                 c.publish(payload);
             }
+            while c.rumqttc_sends() {}
             while let Some(payload) = c.broker_receives() {
                 fanout.forward(w, &payload, time, &mut rng);
             }

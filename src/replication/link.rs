@@ -578,14 +578,16 @@ mod tests {
         assert_eq!(l.on_disconnected(), first, "a new outage");
     }
 
-    /// rumqttc and the broker as the link sees them, driven by a seed: publishes go out
-    /// on the wire with packet ids; the broker receives them in order and acknowledges
-    /// them; a connection drop loses whatever was on the wire either way; a reconnect
-    /// resumes the session (rumqttc resends its unacknowledged publishes, same ids) or
-    /// starts a new one (rumqttc forgets them).
+    /// rumqttc (0.25) and the broker as the link sees them, driven by a seed: publishes
+    /// wait in rumqttc's request channel, then go out on the wire with packet ids; the
+    /// broker receives them in order and acknowledges them; a connection drop loses
+    /// whatever was on the wire either way (rumqttc keeps its requests and unacknowledged
+    /// publishes); a reconnect resumes the session (rumqttc sends those again, the
+    /// unacknowledged under the same ids) or starts a new one (rumqttc forgets them).
     struct Model {
         link: Link,
         connected: bool,
+        requests: VecDeque<Bytes>,
         wire: VecDeque<(u16, Bytes)>,
         acks: VecDeque<u16>,
         /// rumqttc's publishes not yet acknowledged, oldest first.
@@ -598,6 +600,14 @@ mod tests {
 
     impl Model {
         fn publish(&mut self, payload: Bytes) {
+            self.requests.push_back(payload);
+        }
+
+        /// rumqttc takes the oldest request and sends it with a fresh packet id.
+        fn rumqttc_sends(&mut self) {
+            let Some(payload) = self.requests.pop_front() else {
+                return;
+            };
             loop {
                 self.pkid = self.pkid.checked_add(1).unwrap_or(1);
                 if !self.outgoing.iter().any(|(p, _)| *p == self.pkid) {
@@ -639,6 +649,7 @@ mod tests {
                 }
             } else {
                 self.outgoing.clear();
+                self.requests.clear();
             }
             self.link.on_connected(session_present, [], now);
         }
@@ -650,6 +661,7 @@ mod tests {
         let mut m = Model {
             link: Link::new(settings(1 + rng.below(6) as usize), 1, "me"),
             connected: false,
+            requests: VecDeque::new(),
             wire: VecDeque::new(),
             acks: VecDeque::new(),
             outgoing: Vec::new(),
@@ -675,8 +687,9 @@ mod tests {
                     Next::Idle => {}
                     Next::PeersGone(_) => panic!("no peers were awaited"),
                 },
-                55..=74 if m.connected => m.broker_receives(),
-                75..=94 if m.connected => m.ack_arrives(),
+                55..=64 if m.connected => m.rumqttc_sends(),
+                65..=79 if m.connected => m.broker_receives(),
+                80..=94 if m.connected => m.ack_arrives(),
                 95..=97 if m.connected => m.drop_connection(),
                 _ if !m.connected && rng.chance(30) => m.reconnect(rng.chance(50), now),
                 _ => {}
@@ -687,13 +700,14 @@ mod tests {
             m.reconnect(rng.chance(50), now);
         }
         let mut rounds = 0;
-        while m.link.pending() > 0 || !m.wire.is_empty() {
+        while m.link.pending() > 0 || !m.wire.is_empty() || !m.requests.is_empty() {
             rounds += 1;
             assert!(rounds < 100_000, "seed {seed}: the link does not drain");
             now += Duration::from_secs(1);
             if let Next::Publish(payload) = m.link.next(now) {
                 m.publish(payload);
             }
+            m.rumqttc_sends();
             m.broker_receives();
             m.ack_arrives();
         }
