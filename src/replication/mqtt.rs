@@ -8,6 +8,10 @@ use rumqttc::{AsyncClient, EventLoop, MqttOptions};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Requests queued to rumqttc at most: the link's whole unconfirmed window twice over
+/// (publishes, and as many again of anything else), so handing it a publish never waits.
+pub const REQUESTS_MAX: usize = UNCONFIRMED_MAX * 2 + 16;
+
 /// The largest payload a node sends or accepts: a full batch plus one largest event.
 pub fn payload_bytes_max(value_bytes_max: usize) -> usize {
     PAYLOAD_TARGET_BYTES + value_bytes_max + 2 * crate::limits::KEY_BYTES_MAX
@@ -65,7 +69,7 @@ pub fn mqtt_options(config: &Config, client_id: &str) -> Result<MqttOptions, Rep
     o.set_keep_alive(Duration::from_secs(m.keep_alive.max(5)))
         .set_clean_session(m.clean_session)
         .set_inflight(UNCONFIRMED_MAX as u16 + 16)
-        .set_request_channel_capacity(UNCONFIRMED_MAX * 2 + 16);
+        .set_request_channel_capacity(REQUESTS_MAX);
     // Accept packets well past our own payload limit, so an oversized payload on the
     // topic is rejected and counted by the decoder rather than failing the connection
     // (rumqttc drops the connection on a packet over its limit).

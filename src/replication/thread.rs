@@ -34,9 +34,9 @@ use crate::logging::LogLimit;
 use crate::node::inbox::{RemoteChanges, ThreadMsg};
 use crate::replication::changes::Limits;
 use crate::replication::inbound::route;
-use crate::replication::link::{Link, Next, Settings, Taken, UNCONFIRMED_MAX};
+use crate::replication::link::{Link, Next, Settings, Taken};
 use crate::replication::mqtt::{
-    broker_address, mqtt_client, mqtt_options, payload_bytes_max, ReplError, Topics,
+    broker_address, mqtt_client, mqtt_options, payload_bytes_max, ReplError, Topics, REQUESTS_MAX,
 };
 use crate::replication::outbound::Outbound;
 use crate::replication::peers::{clock_offset_ms, Peers, Presence, Recorded};
@@ -237,6 +237,7 @@ fn may_log(limit: &Cell<LogLimit>) -> bool {
     due
 }
 
+/// The thread's body: its runtime and tasks, until the server says stop.
 fn run_thread(
     ctx: Context,
     options: MqttOptions,
@@ -248,7 +249,7 @@ fn run_thread(
         .build()
         .expect("replication runtime");
     let tasks = tokio::task::LocalSet::new();
-    let (client, eventloop) = mqtt_client(options, UNCONFIRMED_MAX * 2 + 16);
+    let (client, eventloop) = mqtt_client(options, REQUESTS_MAX);
     let ctx = Rc::new(ctx);
     tasks.block_on(&rt, async move {
         tokio::task::spawn_local(drive(ctx.clone(), client.clone(), eventloop));
@@ -343,6 +344,7 @@ fn on_connection_error(ctx: &Context, e: rumqttc::ConnectionError) -> Duration {
     lost.retry_in
 }
 
+/// One event from rumqttc: news for the link, a peer's changes or presence.
 async fn on_event(ctx: &Context, client: &AsyncClient, event: Event) {
     let incoming = matches!(event, Event::Incoming(_));
     match event {
