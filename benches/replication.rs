@@ -5,7 +5,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use merkle_kv::replication::changes::{decode, Limits, PayloadBuilder};
-use merkle_kv::replication::thread::route;
+use merkle_kv::replication::inbound::route;
 use merkle_kv::store::journal::encode_event;
 use std::hint::black_box;
 

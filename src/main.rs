@@ -94,7 +94,7 @@ fn main() -> ExitCode {
 
 /// `merkle-kv broker`: the embedded broker alone, until SIGINT or SIGTERM.
 fn run_broker(config: &Config, listen: std::net::SocketAddr) -> Result<(), String> {
-    let max = merkle_kv::replication::thread::payload_bytes_max(config.network.max_line_bytes);
+    let max = merkle_kv::replication::mqtt::payload_bytes_max(config.network.max_line_bytes);
     merkle_kv::replication::broker::start(listen, max).map_err(|e| e.to_string())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

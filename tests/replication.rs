@@ -287,10 +287,7 @@ fn garbage_payloads_are_rejected_and_counted() {
         foreign[0] = 99;
         let truncated = valid[..valid.len() - 1].to_vec();
         let mut oversized = valid.clone();
-        oversized.resize(
-            merkle_kv::replication::thread::payload_bytes_max(4096) + 1,
-            0,
-        );
+        oversized.resize(merkle_kv::replication::mqtt::payload_bytes_max(4096) + 1, 0);
         // A key no client could write (it would break SCAN's framing) rejects its
         // whole payload, the valid event beside it included.
         let bad_key = {

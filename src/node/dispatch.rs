@@ -10,7 +10,7 @@
 use crate::node::inbox::ShardReply;
 use crate::node::ops::{execute, OpKind, Outcome, ShardOp, CRLF};
 use crate::protocol::native::{parse, Args, Command, Framer, ProtocolError, Step};
-use crate::replication::thread::ReplSnapshot;
+use crate::replication::stats::ReplSnapshot;
 use crate::store::keyspace::{shard_buckets, shard_of_bucket, KeyHash};
 use crate::store::merkle::{combine_roots, to_hex, Digest};
 #[cfg(test)]
@@ -130,7 +130,7 @@ pub struct NodeInfo {
     pub memory_limit_bytes: u64,
     pub peers_online: u64,
     pub clock_skew: crate::replication::peers::ClockSkew,
-    pub replication: crate::replication::thread::ReplSnapshot,
+    pub replication: crate::replication::stats::ReplSnapshot,
     /// One `sync_peer` INFO line per peer anti-entropy has run with.
     pub sync_peers: Vec<String>,
     pub loading: bool,

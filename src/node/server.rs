@@ -11,8 +11,9 @@ use crate::node::connection::{self, LocalShard};
 use crate::node::dispatch::serve_ops;
 use crate::node::inbox::ThreadMsg;
 use crate::node::shared::{ship_changes, Shared};
+use crate::replication::inbound::apply_remote;
 use crate::replication::peers::Peers;
-use crate::replication::thread::{apply_remote, Replication};
+use crate::replication::thread::Replication;
 use crate::store::keyspace::shard_bits;
 use crate::store::shard::{MemoryBudget, Shard};
 use crate::store::version::{now_us, origin_of};
@@ -42,7 +43,7 @@ pub enum ServerError {
     #[error(transparent)]
     Broker(#[from] crate::replication::broker::BrokerError),
     #[error(transparent)]
-    Replication(#[from] crate::replication::thread::ReplError),
+    Replication(#[from] crate::replication::mqtt::ReplError),
 }
 
 /// Run a node until SIGINT, SIGTERM or SHUTDOWN. Returns once its port is released.
@@ -79,7 +80,7 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
         let embedded = &config.mqtt.embedded_broker;
         if embedded.enabled {
             let listen = embedded.listen.parse().expect("validated by the config");
-            let max = crate::replication::thread::payload_bytes_max(config.network.max_line_bytes);
+            let max = crate::replication::mqtt::payload_bytes_max(config.network.max_line_bytes);
             crate::replication::broker::start(listen, max)?;
         }
         // The replication thread gets a core of its own when there is one to spare.

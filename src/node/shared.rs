@@ -4,8 +4,8 @@
 use crate::antientropy::client::SyncLog;
 use crate::config::Config;
 use crate::node::inbox::ThreadMsg;
+use crate::replication::outbound::Outbound;
 use crate::replication::peers::Peers;
-use crate::replication::thread::Outbound;
 use crate::store::shard::Shard;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};

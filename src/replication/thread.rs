@@ -1,10 +1,19 @@
-//! Replication over MQTT (I/O edge): one dedicated thread publishes this node's changes
-//! in batches and applies the changes of its peers.
+//! The replication thread (I/O edge): one dedicated thread, with its own runtime, that
+//! publishes this node's changes in batches and applies the changes of its peers. Every
+//! decision about what to publish when is the [`Link`]'s (`link.rs`, free of I/O); this
+//! file feeds it events and carries out what it says. Four tasks share one `Context`:
+//! - `drive` polls rumqttc's event loop: connection up or lost (with the link's
+//!   backoff), packet ids and acknowledgements, peers' changes (decoded by
+//!   [`route`] and sent to the shards' inboxes) and presence records;
+//! - `intake` moves journals from the shards' queue ([`Outbound`]) into the link;
+//! - `publish` asks the link what next ([`Link::next`]) and hands payloads to rumqttc;
+//! - `heartbeat` republishes this node's presence record.
 //!
-//! Shards hand their journals ([`Shard::take_journal`]) to [`Outbound::push`], which
-//! never blocks. The replication thread moves them into its outbox, packs events into
-//! payloads ([`crate::changes`]) of at most `batch_max_events` events, published with
-//! QoS 1 once full or `batch_max_delay_us` after the oldest event arrived. Flow control:
+//! Shards hand their journals ([`crate::store::shard::Shard::take_journal`]) to
+//! [`Outbound::push`], which never blocks. The link packs their events into payloads
+//! ([`crate::replication::changes`]) of at most `batch_max_events` events, published
+//! with QoS 1 once full or `batch_max_delay_us` after the oldest event arrived. Flow
+//! control:
 //! - connected and keeping up: nothing is dropped. When the queue to this thread is full,
 //!   connections stop reading new commands ([`Outbound::admit`]); after
 //!   `backpressure_max_ms` they go on and changes beyond the queue are dropped and
@@ -15,423 +24,36 @@
 //!
 //! Payloads not yet acknowledged (PUBACK) when the connection drops are published
 //! again after reconnecting, unless the broker kept the session (then rumqttc resends
-//! them itself). After a reconnect the thread waits until every peer that was online has
+//! them itself). After a reconnect the link waits until every peer that was online has
 //! announced itself online again (so has re-subscribed; its last will does not count),
-//! at most [`RESUBSCRIBE_WAIT`], before publishing: changes published before a peer
-//! re-subscribes would never reach it.
+//! at most [`crate::replication::link::RESUBSCRIBE_WAIT`], before publishing: changes
+//! published before a peer re-subscribes would never reach it.
 
 use crate::config::Config;
 use crate::logging::LogLimit;
-use crate::node::inbox::{RemoteChanges, RemoteEvent, ThreadMsg};
-use crate::replication::changes::{decode, DecodeError, Limits, PayloadBuilder};
+use crate::node::inbox::{RemoteChanges, ThreadMsg};
+use crate::replication::changes::Limits;
+use crate::replication::inbound::route;
+use crate::replication::link::{Link, Next, Settings, Taken};
+use crate::replication::mqtt::{
+    broker_address, mqtt_client, mqtt_options, payload_bytes_max, ReplError, Topics, REQUESTS_MAX,
+};
+use crate::replication::outbound::Outbound;
 use crate::replication::peers::{clock_offset_ms, Peers, Presence, Recorded};
+use crate::replication::stats::ReplStats;
 use crate::store::journal::Journal;
-use crate::store::keyspace::{shard_of_bucket, KeyHash};
-use crate::store::shard::Shard;
-use crate::store::version::{origin_of, Version};
-use crate::wire::Span;
+use crate::store::version::origin_of;
 use bytes::Bytes;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use std::cell::{Cell, RefCell};
-use std::collections::{HashSet, VecDeque};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
-/// Events and bytes queued from the shards to the replication thread before connections
-/// wait: `offline_buffer_events` and `offline_buffer_bytes`, within these bounds (both
-/// bound the same path's memory).
-pub const QUEUE_EVENTS: std::ops::RangeInclusive<usize> = 1024..=64 * 1024;
-pub const QUEUE_BYTES: std::ops::RangeInclusive<usize> = 1 << 20..=64 << 20;
-/// A payload is cut once it holds this many bytes (a single larger event goes alone).
-pub const PAYLOAD_TARGET_BYTES: usize = 64 * 1024;
-/// Payloads published and not yet acknowledged, at most, by count and by bytes. Some
-/// brokers (rumqttd) acknowledge in bunches: a small window starves small payloads
-/// (with 64, one event per payload ran at 2.7k/s through rumqttd; with 1,024, 63k/s).
-const UNCONFIRMED_MAX: usize = 1024;
-const UNCONFIRMED_BYTES_MAX: usize = 16 << 20;
-/// Reconnect backoff: doubles from the first to the last.
-const BACKOFF_FIRST: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Longest wait, after a reconnect, for peers to re-subscribe before publishing anyway.
-pub const RESUBSCRIBE_WAIT: Duration = Duration::from_secs(6);
 /// How often a connected node republishes its presence record (with its clock).
 pub const PRESENCE_INTERVAL: Duration = Duration::from_secs(30);
-
-/// The largest payload a node sends or accepts: a full batch plus one largest event.
-pub fn payload_bytes_max(value_bytes_max: usize) -> usize {
-    PAYLOAD_TARGET_BYTES + value_bytes_max + 2 * crate::limits::KEY_BYTES_MAX
-}
-
-/// Counters for INFO; all monotonic except the gauges named so.
-#[derive(Default)]
-pub struct ReplStats {
-    pub connected: AtomicBool,
-    /// While stopping: changes not yet confirmed by the broker (see `Replication::flush`).
-    pub unconfirmed: AtomicU64,
-    /// Wall-clock µs when the broker last had confirmed every change this node had made:
-    /// what a rejoin after a long isolation may drop is older (src/bootstrap.rs, `cut`).
-    pub settled_at_us: AtomicU64,
-    pub connects: AtomicU64,
-    pub published_events: AtomicU64,
-    pub published_payloads: AtomicU64,
-    /// Times a connection paused reading because the queue was full.
-    pub backpressure_waits: AtomicU64,
-    /// Changes dropped because the queue stayed full past `backpressure_max_ms`.
-    pub dropped_overflow: AtomicU64,
-    /// Changes dropped because the offline buffer was full.
-    pub dropped_offline: AtomicU64,
-    /// Gauges: changes waiting in the outbox (the offline buffer), and their bytes.
-    pub buffered_events: AtomicU64,
-    pub buffered_bytes: AtomicU64,
-    pub received_events: AtomicU64,
-    /// Remote changes that won by LWW and were applied.
-    pub applied_events: AtomicU64,
-    /// Remote changes that won but could not be stored (memory limit).
-    pub apply_failed: AtomicU64,
-    pub rejected_payloads: AtomicU64,
-    pub rejected_presence: AtomicU64,
-}
-
-/// A copy of [`ReplStats`] for INFO and STATS (all zero on a standalone node).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct ReplSnapshot {
-    pub enabled: bool,
-    pub connected: bool,
-    pub counters: [u64; 13],
-}
-
-impl ReplSnapshot {
-    pub const NAMES: [&'static str; 13] = [
-        "repl_connects",
-        "repl_published_events",
-        "repl_published_payloads",
-        "repl_backpressure_waits",
-        "repl_dropped_overflow",
-        "repl_dropped_offline",
-        "repl_buffered_events",
-        "repl_buffered_bytes",
-        "repl_received_events",
-        "repl_applied_events",
-        "repl_apply_failed",
-        "repl_rejected_payloads",
-        "repl_rejected_presence",
-    ];
-
-    pub fn state(&self) -> &'static str {
-        match (self.enabled, self.connected) {
-            (false, _) => "off",
-            (true, true) => "connected",
-            (true, false) => "disconnected",
-        }
-    }
-}
-
-impl ReplStats {
-    pub fn snapshot(&self) -> ReplSnapshot {
-        let c = [
-            &self.connects,
-            &self.published_events,
-            &self.published_payloads,
-            &self.backpressure_waits,
-            &self.dropped_overflow,
-            &self.dropped_offline,
-            &self.buffered_events,
-            &self.buffered_bytes,
-            &self.received_events,
-            &self.applied_events,
-            &self.apply_failed,
-            &self.rejected_payloads,
-            &self.rejected_presence,
-        ];
-        ReplSnapshot {
-            enabled: true,
-            connected: self.connected.load(Relaxed),
-            counters: c.map(|a| a.load(Relaxed)),
-        }
-    }
-}
-
-/// The shards' side of the queue to the replication thread.
-pub struct Outbound {
-    tx: mpsc::UnboundedSender<Journal>,
-    /// Events and bytes in the channel: the channel is unbounded by type, bounded by
-    /// this gate.
-    queued: AtomicUsize,
-    queued_bytes: AtomicUsize,
-    capacity: usize,
-    capacity_bytes: usize,
-    /// Set when admission gave up waiting: changes past the bound are dropped.
-    overflow: AtomicBool,
-    room: Notify,
-    backpressure: Duration,
-    pub stats: Arc<ReplStats>,
-}
-
-impl Outbound {
-    fn new(
-        mqtt: &crate::config::MqttConfig,
-        tx: mpsc::UnboundedSender<Journal>,
-        stats: Arc<ReplStats>,
-    ) -> Outbound {
-        Outbound {
-            tx,
-            queued: AtomicUsize::new(0),
-            queued_bytes: AtomicUsize::new(0),
-            capacity: (mqtt.offline_buffer_events)
-                .clamp(*QUEUE_EVENTS.start(), *QUEUE_EVENTS.end()),
-            capacity_bytes: (mqtt.offline_buffer_bytes)
-                .clamp(*QUEUE_BYTES.start(), *QUEUE_BYTES.end()),
-            overflow: AtomicBool::new(false),
-            room: Notify::new(),
-            backpressure: Duration::from_millis(mqtt.backpressure_max_ms),
-            stats,
-        }
-    }
-
-    /// Queue a shard's journal. Never blocks: over the bound (only after admission gave
-    /// up waiting) the changes are dropped and counted.
-    pub fn push(&self, journal: Journal) {
-        let (n, bytes) = (journal.events as usize, journal.bytes.len());
-        if self.overflow.load(Relaxed) && self.full() {
-            self.stats.dropped_overflow.fetch_add(n as u64, Relaxed);
-            return;
-        }
-        self.queued.fetch_add(n, Relaxed);
-        self.queued_bytes.fetch_add(bytes, Relaxed);
-        if self.tx.send(journal).is_err() {
-            // The replication thread is gone (shutting down): nothing left to send to.
-            self.queued.fetch_sub(n, Relaxed);
-            self.queued_bytes.fetch_sub(bytes, Relaxed);
-        }
-    }
-
-    fn full(&self) -> bool {
-        self.queued.load(Relaxed) >= self.capacity
-            || self.queued_bytes.load(Relaxed) >= self.capacity_bytes
-    }
-
-    /// Wait, before reading more commands, until the queue has room, at most
-    /// `backpressure_max_ms`; then stop waiting (and let [`Outbound::push`] drop).
-    pub async fn admit(&self) {
-        if !self.full() || self.overflow.load(Relaxed) {
-            return;
-        }
-        self.stats.backpressure_waits.fetch_add(1, Relaxed);
-        let deadline = tokio::time::Instant::now() + self.backpressure;
-        loop {
-            let room = self.room.notified();
-            if !self.full() || self.overflow.load(Relaxed) {
-                return;
-            }
-            if tokio::time::timeout_at(deadline, room).await.is_err() {
-                if !self.overflow.swap(true, Relaxed) {
-                    tracing::warn!(
-                        waited_ms = self.backpressure.as_millis() as u64,
-                        "replication queue stayed full: accepting writes and dropping \
-                         changes that do not fit (anti-entropy repairs them)"
-                    );
-                }
-                return;
-            }
-        }
-    }
-
-    /// Called by the replication thread after taking `n` events of `bytes` off the queue.
-    fn taken(&self, n: usize, bytes: usize) {
-        let left = self.queued.fetch_sub(n, Relaxed) - n;
-        let left_bytes = self.queued_bytes.fetch_sub(bytes, Relaxed) - bytes;
-        let half_empty = left < self.capacity / 2 && left_bytes < self.capacity_bytes / 2;
-        if half_empty && self.overflow.swap(false, Relaxed) {
-            tracing::info!("replication queue has room again: no more changes dropped");
-        }
-        if !self.full() {
-            self.room.notify_waiters();
-        }
-    }
-}
-
-/// What applying a batch of remote changes did.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Applied {
-    /// Changes that won the merge and were stored.
-    pub applied: u64,
-    /// Changes that would have won but found no room (`StorageFull`).
-    pub failed: u64,
-}
-
-/// Apply replicated changes with the LWW merge. Changes older than the tombstone grace
-/// period are ignored, sets as well as deletes: the delete that may have followed an
-/// old set could already be purged everywhere, and applying the set alone would bring
-/// the key back. (Anti-entropy, which compares states rather than replaying changes,
-/// does apply old sets.) A flush is applied first; the order does not matter, since
-/// the flush marker drops older entries and refuses older ones that come later alike.
-pub fn apply_remote(shard: &mut Shard, changes: &RemoteChanges, now_us: u64) -> Applied {
-    if let Some(hlc) = changes.flush {
-        let origin = changes.origin;
-        shard.apply_flush(Version { hlc, origin }, now_us);
-    }
-    let grace = shard.tombstone_grace_us();
-    let full_before = shard.stats.storage_full;
-    let mut applied = 0;
-    for e in &changes.events {
-        if e.hlc.saturating_add(grace) < now_us {
-            continue;
-        }
-        let key = e.key.get(&changes.data);
-        let value = e.value.map(|v| v.get(&changes.data));
-        let v = Version {
-            hlc: e.hlc,
-            origin: changes.origin,
-        };
-        applied += u64::from(shard.apply(e.hash, key, value, v, now_us));
-    }
-    Applied {
-        applied,
-        failed: shard.stats.storage_full - full_before,
-    }
-}
-
-/// Split a decoded payload into per-shard batches (index = shard).
-pub fn route(data: &Bytes, shard_bits: u32, limits: Limits) -> Result<Routed, DecodeError> {
-    let decoded = decode(data, limits)?;
-    let mut per_shard: Vec<Vec<RemoteEvent>> = (0..1 << shard_bits).map(|_| Vec::new()).collect();
-    for e in &decoded.events {
-        let hash = KeyHash::of(e.key);
-        per_shard[shard_of_bucket(hash.bucket(), shard_bits)].push(RemoteEvent {
-            hash,
-            key: Span::of(data, e.key),
-            value: e.value.map(|v| Span::of(data, v)),
-            hlc: e.hlc,
-        });
-    }
-    Ok(Routed {
-        node_id: decoded.node_id.to_string(),
-        origin: decoded.origin,
-        events: decoded.events.len() + usize::from(decoded.flush.is_some()),
-        per_shard,
-        flush: decoded.flush,
-    })
-}
-
-pub struct Routed {
-    pub node_id: String,
-    pub origin: u32,
-    /// Sets and deletes, plus one for a flush.
-    pub events: usize,
-    pub per_shard: Vec<Vec<RemoteEvent>>,
-    /// For every shard: the clock of the payload's newest flush.
-    pub flush: Option<u64>,
-}
-
-/// Topics of one cluster.
-#[derive(Clone)]
-pub struct Topics {
-    pub updates: String,
-    pub nodes: String,
-    prefix_len: usize,
-}
-
-impl Topics {
-    pub fn new(prefix: &str) -> Topics {
-        Topics {
-            updates: format!("{prefix}/updates"),
-            nodes: format!("{prefix}/nodes/+"),
-            prefix_len: prefix.len() + "/nodes/".len(),
-        }
-    }
-    pub fn presence(&self, node_id: &str) -> String {
-        format!("{}{node_id}", &self.nodes[..self.prefix_len])
-    }
-    /// The node id of a presence topic.
-    pub fn presence_node<'a>(&self, topic: &'a str) -> Option<&'a str> {
-        let prefix = &self.nodes[..self.prefix_len];
-        topic.strip_prefix(prefix).filter(|id| !id.is_empty())
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ReplError {
-    #[error("mqtt.broker_address {0:?}: {1}")]
-    Address(String, String),
-    #[error("cannot set up TLS for {0}: {1}")]
-    Tls(String, String),
-    #[error("cannot start the replication thread: {0}")]
-    Thread(std::io::Error),
-}
-
-/// MQTT client options from `[mqtt]`; `client_id` may differ from the config's (watch).
-pub fn mqtt_options(config: &Config, client_id: &str) -> Result<MqttOptions, ReplError> {
-    let m = &config.mqtt;
-    let address = broker_address(config);
-    let (tls, rest) = match address.split_once("://") {
-        Some(("tcp", rest)) => (false, rest),
-        Some(("mqtts", rest)) => (true, rest),
-        _ => return Err(ReplError::Address(address, "unsupported scheme".into())),
-    };
-    let (host, port) =
-        crate::config::host_port(rest).map_err(|why| ReplError::Address(address.clone(), why))?;
-    let mut o = MqttOptions::new(client_id, host, port);
-    o.set_keep_alive(Duration::from_secs(m.keep_alive.max(5)))
-        .set_clean_session(m.clean_session)
-        .set_inflight(UNCONFIRMED_MAX as u16 + 16)
-        .set_request_channel_capacity(UNCONFIRMED_MAX * 2 + 16);
-    // Accept packets well past our own payload limit, so an oversized payload on the
-    // topic is rejected and counted by the decoder rather than failing the connection
-    // (rumqttc drops the connection on a packet over its limit).
-    let max = payload_bytes_max(config.network.max_line_bytes) + 4096;
-    o.set_max_packet_size(max * 4, max);
-    if let Some(user) = &m.username {
-        o.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
-    }
-    if tls {
-        o.set_transport(rumqttc::Transport::tls_with_config(tls_config(&address)?));
-    }
-    Ok(o)
-}
-
-/// The MQTT client for `options`, with `cap` requests queued at most. Nagle is off:
-/// a payload or acknowledgement that waits for the previous segment's ACK waits for
-/// the peer's delayed ACK (40 ms on Linux), which was most of the replication lag
-/// of writes a few milliseconds apart.
-pub fn mqtt_client(options: MqttOptions, cap: usize) -> (AsyncClient, EventLoop) {
-    let (client, mut eventloop) = AsyncClient::new(options, cap);
-    let mut network = rumqttc::NetworkOptions::new();
-    network.set_tcp_nodelay(true);
-    eventloop.set_network_options(network);
-    (client, eventloop)
-}
-
-/// The broker to connect to: `broker_address`, or the embedded broker's listen address.
-pub fn broker_address(config: &Config) -> String {
-    let m = &config.mqtt;
-    if m.broker_address.is_empty() {
-        format!("tcp://{}", m.embedded_broker.listen)
-    } else {
-        m.broker_address.clone()
-    }
-}
-
-fn tls_config(address: &str) -> Result<rumqttc::TlsConfiguration, ReplError> {
-    let found = rustls_native_certs::load_native_certs();
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(found.certs);
-    if added == 0 {
-        return Err(ReplError::Tls(
-            address.into(),
-            "no trusted root certificates found on this system".into(),
-        ));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ReplError::Tls(address.into(), e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(rumqttc::TlsConfiguration::Rustls(Arc::new(cfg)))
-}
 
 /// The running replication thread.
 pub struct Replication {
@@ -458,41 +80,12 @@ impl Replication {
         peers: Arc<Peers>,
         core: Option<core_affinity::CoreId>,
     ) -> Result<Replication, ReplError> {
-        let options = mqtt_options(config, &config.mqtt.client_id)?;
+        let mut options = mqtt_options(config, &config.mqtt.client_id)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(ReplStats::default());
-        let outbound = Arc::new(Outbound::new(&config.mqtt, tx, stats.clone()));
+        let outbound = Arc::new(Outbound::new(&config.mqtt, tx, stats));
         let (control, control_rx) = tokio::sync::mpsc::unbounded_channel();
-        let shards = inboxes.len();
-        let ctx = Context {
-            node_id: config.node_id.clone(),
-            origin: origin_of(&config.node_id),
-            topics: Topics::new(&config.mqtt.topic_prefix),
-            me: Presence {
-                online: true,
-                addr: client_addr,
-                shards: shards as u32,
-                version: crate::VERSION.into(),
-                clock_ms: None,
-            },
-            shard_bits: shards.trailing_zeros(),
-            limits: Limits {
-                payload_bytes_max: payload_bytes_max(config.network.max_line_bytes),
-                value_bytes_max: config.network.max_line_bytes,
-            },
-            batch_events: config.mqtt.batch_max_events.max(1),
-            batch_delay: Duration::from_micros(config.mqtt.batch_max_delay_us),
-            offline_max: config.mqtt.offline_buffer_events as u64,
-            offline_bytes_max: config.mqtt.offline_buffer_bytes,
-            inboxes,
-            peers,
-            outbound: outbound.clone(),
-            stats,
-            reject_log: Cell::new(LogLimit::new(Duration::from_secs(1))),
-            skew_log: Cell::new(LogLimit::new(Duration::from_secs(10))),
-            max_clock_skew_ms: config.mqtt.max_clock_skew_ms,
-        };
-        let mut options = options;
+        let ctx = Context::new(config, client_addr, inboxes, peers, outbound.clone());
         let will = Presence {
             online: false,
             ..ctx.me.clone()
@@ -551,17 +144,19 @@ impl Replication {
     }
 }
 
+/// What the thread's tasks share (one thread, so `Cell` and `RefCell`).
 struct Context {
     node_id: String,
-    origin: u32,
     topics: Topics,
     me: Presence,
     shard_bits: u32,
     limits: Limits,
-    batch_events: usize,
-    batch_delay: Duration,
-    offline_max: u64,
-    offline_bytes_max: usize,
+    /// The link's state: every decision about what to publish when.
+    link: RefCell<Link>,
+    /// Wakes the publisher: the link may have something to publish.
+    wake: Notify,
+    /// Wakes the intake: the link may take journals again.
+    room: Notify,
     inboxes: Vec<tokio::sync::mpsc::Sender<ThreadMsg>>,
     peers: Arc<Peers>,
     outbound: Arc<Outbound>,
@@ -575,9 +170,63 @@ struct Context {
 }
 
 impl Context {
+    fn new(
+        config: &Config,
+        client_addr: String,
+        inboxes: Vec<tokio::sync::mpsc::Sender<ThreadMsg>>,
+        peers: Arc<Peers>,
+        outbound: Arc<Outbound>,
+    ) -> Context {
+        let shards = inboxes.len();
+        let settings = Settings {
+            batch_events: config.mqtt.batch_max_events.max(1),
+            batch_delay: Duration::from_micros(config.mqtt.batch_max_delay_us),
+            offline_events_max: config.mqtt.offline_buffer_events as u64,
+            offline_bytes_max: config.mqtt.offline_buffer_bytes,
+        };
+        Context {
+            node_id: config.node_id.clone(),
+            topics: Topics::new(&config.mqtt.topic_prefix),
+            me: Presence {
+                online: true,
+                addr: client_addr,
+                shards: shards as u32,
+                version: crate::VERSION.into(),
+                clock_ms: None,
+            },
+            shard_bits: shards.trailing_zeros(),
+            limits: Limits {
+                payload_bytes_max: payload_bytes_max(config.network.max_line_bytes),
+                value_bytes_max: config.network.max_line_bytes,
+            },
+            link: RefCell::new(Link::new(
+                settings,
+                origin_of(&config.node_id),
+                &config.node_id,
+            )),
+            wake: Notify::new(),
+            room: Notify::new(),
+            inboxes,
+            peers,
+            stats: outbound.stats.clone(),
+            outbound,
+            reject_log: Cell::new(LogLimit::new(Duration::from_secs(1))),
+            skew_log: Cell::new(LogLimit::new(Duration::from_secs(10))),
+            max_clock_skew_ms: config.mqtt.max_clock_skew_ms,
+        }
+    }
+
     /// Whether a rejection may be logged now.
     fn may_log_rejection(&self) -> bool {
         may_log(&self.reject_log)
+    }
+
+    /// Show the offline buffer's size in INFO.
+    fn publish_gauges(&self) {
+        let l = self.link.borrow();
+        self.stats.buffered_events.store(l.buffered(), Relaxed);
+        let bytes = l.buffered_bytes() as u64;
+        self.stats.buffered_bytes.store(bytes, Relaxed);
     }
 }
 
@@ -588,137 +237,7 @@ fn may_log(limit: &Cell<LogLimit>) -> bool {
     due
 }
 
-/// A published payload awaiting its PUBACK.
-struct Sent {
-    pkid: Option<u16>,
-    payload: Bytes,
-    events: u32,
-}
-
-/// Published payloads awaiting their PUBACK, in publish order. rumqttc reports each
-/// publish's packet id (`Outgoing::Publish`) in the order the publishes were made, so
-/// the entries that have an id are always a prefix: `unassigned` counts the rest.
-#[derive(Default)]
-struct InFlight {
-    sent: VecDeque<Sent>,
-    unassigned: usize,
-    pkids: HashSet<u16>,
-    bytes: usize,
-}
-
-impl InFlight {
-    /// Changes published and not yet acknowledged.
-    fn events(&self) -> u64 {
-        self.sent.iter().map(|s| u64::from(s.events)).sum()
-    }
-
-    fn push(&mut self, s: Sent) {
-        debug_assert!(s.pkid.is_none());
-        self.bytes += s.payload.len();
-        self.unassigned += 1;
-        self.sent.push_back(s);
-    }
-
-    /// rumqttc sent a publish with `pkid`: the oldest payload without an id. An id
-    /// already known is a retransmission (after a resumed session).
-    fn assign(&mut self, pkid: u16) {
-        if self.unassigned == 0 || !self.pkids.insert(pkid) {
-            return;
-        }
-        let i = self.sent.len() - self.unassigned;
-        self.sent[i].pkid = Some(pkid);
-        self.unassigned -= 1;
-    }
-
-    /// The payload acknowledged by `pkid` (brokers acknowledge in order, mostly).
-    fn ack(&mut self, pkid: u16) -> Option<Sent> {
-        if !self.pkids.remove(&pkid) {
-            return None;
-        }
-        let i = if self.sent.front().is_some_and(|s| s.pkid == Some(pkid)) {
-            0
-        } else {
-            self.sent.iter().position(|s| s.pkid == Some(pkid))?
-        };
-        let s = self.sent.remove(i)?;
-        self.bytes -= s.payload.len();
-        Some(s)
-    }
-
-    /// Everything, oldest first, without ids (to be published again).
-    fn take_all(&mut self) -> Vec<Sent> {
-        self.bytes = 0;
-        self.unassigned = 0;
-        self.pkids.clear();
-        self.sent
-            .drain(..)
-            .map(|s| Sent { pkid: None, ..s })
-            .collect()
-    }
-
-    fn full(&self) -> bool {
-        self.sent.len() >= UNCONFIRMED_MAX || self.bytes >= UNCONFIRMED_BYTES_MAX
-    }
-}
-
-/// The replication thread's state, shared by its tasks (one thread, so `RefCell`).
-#[derive(Default)]
-struct Link {
-    connected: bool,
-    /// After a reconnect: peers that have not announced themselves since, and how long
-    /// to wait for them at most.
-    awaiting: HashSet<String>,
-    settle_until: Option<Instant>,
-    outbox: VecDeque<Journal>,
-    outbox_events: u64,
-    outbox_bytes: usize,
-    /// When the oldest event in the outbox arrived.
-    outbox_since: Option<Instant>,
-    /// Payloads to publish again, before the outbox, and their events and bytes.
-    retry: VecDeque<Sent>,
-    retry_events: u64,
-    retry_bytes: usize,
-    unconfirmed: InFlight,
-    stopping: bool,
-}
-
-impl Link {
-    fn buffered(&self) -> u64 {
-        self.outbox_events + self.retry_events
-    }
-
-    fn buffered_bytes(&self) -> usize {
-        self.outbox_bytes + self.retry_bytes
-    }
-
-    /// Whether `events` more of `bytes` would pass the offline buffer's bounds.
-    fn over(&self, events: u64, bytes: usize, ctx: &Context) -> bool {
-        self.buffered() + events > ctx.offline_max
-            || self.buffered_bytes() + bytes > ctx.offline_bytes_max
-    }
-
-    /// A presence record of `node` arrived; true when it ends the wait for that node.
-    /// An *online* record that arrives after our reconnect settles its node: a live one
-    /// is published after that node re-subscribed; a retained one means the broker kept
-    /// its state (it did not restart), so the node's subscription is there too. An
-    /// offline record (a last will) does not: the node lost its connection too and may
-    /// be re-subscribing right now, so the wait goes on, at most until `settle_until`.
-    fn presence_seen(&mut self, node: &str, online: bool) -> bool {
-        online && self.awaiting.remove(node)
-    }
-
-    fn publish_gauges(&self, stats: &ReplStats) {
-        stats.buffered_events.store(self.buffered(), Relaxed);
-        stats
-            .buffered_bytes
-            .store(self.buffered_bytes() as u64, Relaxed);
-    }
-
-    fn settled(&self, now: Instant) -> bool {
-        self.awaiting.is_empty() || self.settle_until.is_none_or(|t| now >= t)
-    }
-}
-
+/// The thread's body: its runtime and tasks, until the server says stop.
 fn run_thread(
     ctx: Context,
     options: MqttOptions,
@@ -730,173 +249,151 @@ fn run_thread(
         .build()
         .expect("replication runtime");
     let tasks = tokio::task::LocalSet::new();
-    let (client, eventloop) = mqtt_client(options, UNCONFIRMED_MAX * 2 + 16);
+    let (client, eventloop) = mqtt_client(options, REQUESTS_MAX);
     let ctx = Rc::new(ctx);
-    let link = Rc::new(RefCell::new(Link::default()));
-    let wake = Rc::new(Notify::new());
     tasks.block_on(&rt, async move {
-        tokio::task::spawn_local(drive(
-            ctx.clone(),
-            link.clone(),
-            wake.clone(),
-            client.clone(),
-            eventloop,
-        ));
-        tokio::task::spawn_local(intake(ctx.clone(), link.clone(), wake.clone(), rx));
-        let heartbeat =
-            tokio::task::spawn_local(heartbeat(ctx.clone(), link.clone(), client.clone()));
-        let publisher = tokio::task::spawn_local(publish(
-            ctx.clone(),
-            link.clone(),
-            wake.clone(),
-            client.clone(),
-        ));
+        tokio::task::spawn_local(drive(ctx.clone(), client.clone(), eventloop));
+        tokio::task::spawn_local(intake(ctx.clone(), rx));
+        let heartbeat = tokio::task::spawn_local(heartbeat(ctx.clone(), client.clone()));
+        let publisher = tokio::task::spawn_local(publish(ctx.clone(), client.clone()));
         if let Some(Control::Flush) = control.recv().await {
-            link.borrow_mut().stopping = true;
-            wake.notify_one();
-            // The server decides how long to wait; until it says stop, keep counting.
-            loop {
-                let pending = {
-                    let l = link.borrow();
-                    l.buffered() + l.unconfirmed.events()
-                };
-                let queued = ctx.outbound.queued.load(Relaxed) as u64;
-                ctx.stats.unconfirmed.store(queued + pending, Relaxed);
-                tokio::select! {
-                    _ = control.recv() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(5)) => {}
-                }
-            }
+            flush(&ctx, &mut control).await;
         }
         publisher.abort();
         // No `online` record may follow the goodbye below.
         heartbeat.abort();
-        if link.borrow().connected {
-            let gone = Presence {
-                online: false,
-                ..ctx.me.clone()
-            };
-            let topic = ctx.topics.presence(&ctx.node_id);
-            let _ = client
-                .publish(topic, QoS::AtLeastOnce, true, gone.to_line())
-                .await;
-            let _ = client.disconnect().await;
-            tokio::time::sleep(Duration::from_millis(100)).await; // let the loop send both
+        if ctx.link.borrow().is_connected() {
+            say_goodbye(&ctx, &client).await;
         }
     });
 }
 
+/// Publish everything held at once, and count what the broker has not confirmed yet
+/// until the server says stop (it decides how long to wait).
+async fn flush(ctx: &Context, control: &mut mpsc::UnboundedReceiver<Control>) {
+    ctx.link.borrow_mut().stop();
+    ctx.wake.notify_one();
+    loop {
+        let pending = ctx.link.borrow().pending();
+        let queued = ctx.outbound.queued_events() as u64;
+        ctx.stats.unconfirmed.store(queued + pending, Relaxed);
+        tokio::select! {
+            _ = control.recv() => return,
+            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+        }
+    }
+}
+
+/// Mark this node offline (retained) and disconnect.
+async fn say_goodbye(ctx: &Context, client: &AsyncClient) {
+    let gone = Presence {
+        online: false,
+        ..ctx.me.clone()
+    };
+    let topic = ctx.topics.presence(&ctx.node_id);
+    let _ = client
+        .publish(topic, QoS::AtLeastOnce, true, gone.to_line())
+        .await;
+    let _ = client.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(100)).await; // let the loop send both
+}
+
 /// Poll the MQTT event loop forever: connection state, acknowledgements, incoming changes
 /// and presence. Never cancelled mid-poll (rumqttc's loop must not be).
-async fn drive(
-    ctx: Rc<Context>,
-    link: Rc<RefCell<Link>>,
-    wake: Rc<Notify>,
-    client: AsyncClient,
-    mut eventloop: EventLoop,
-) {
-    let mut backoff = BACKOFF_FIRST;
-    let mut failures = 0u32;
+async fn drive(ctx: Rc<Context>, client: AsyncClient, mut eventloop: EventLoop) {
     loop {
-        let event = match eventloop.poll().await {
-            Ok(e) => e,
+        match eventloop.poll().await {
+            Ok(event) => on_event(&ctx, &client, event).await,
             Err(e) => {
-                let was = std::mem::replace(&mut link.borrow_mut().connected, false);
-                ctx.stats.connected.store(false, Relaxed);
-                failures += 1;
-                if let rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
-                    rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
-                )) = e
-                {
-                    // rumqttc drops the connection on a packet over its limit; with a
-                    // persistent session the broker sends it again on every reconnect.
-                    ctx.stats.rejected_payloads.fetch_add(1, Relaxed);
-                    tracing::error!(
-                        bytes = n,
-                        limit = ctx.limits.payload_bytes_max,
-                        "a message far over the payload limit arrived and cost the connection; \
-                         set the broker's message size limit (docs/DEPLOYMENT.md)"
-                    );
-                }
-                if link.borrow().stopping {
-                    // Our own goodbye closed the connection: nothing to warn about.
-                    tracing::debug!("MQTT connection closed while stopping: {e}");
-                } else if was || failures == 1 {
-                    tracing::warn!("MQTT broker unreachable ({e}); retrying, changes are buffered");
-                } else {
-                    tracing::debug!("MQTT reconnect failed: {e}");
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-                continue;
-            }
-        };
-        let incoming = matches!(event, Event::Incoming(_));
-        match event {
-            Event::Incoming(Packet::ConnAck(ack)) => {
-                backoff = BACKOFF_FIRST;
-                failures = 0;
-                ctx.stats.connects.fetch_add(1, Relaxed);
-                ctx.stats.connected.store(true, Relaxed);
-                on_connect(&ctx, &mut link.borrow_mut(), &client, ack.session_present);
-                wake.notify_one();
-            }
-            Event::Incoming(Packet::SubAck(ack)) => {
-                // A broker may refuse a subscription (an ACL, say): the node would look
-                // connected and never receive a change. Say so loudly.
-                let refused = ack
-                    .return_codes
-                    .iter()
-                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
-                if refused {
-                    tracing::error!(
-                        topics = %format!("{}, {}", ctx.topics.updates, ctx.topics.nodes),
-                        "the broker refused a subscription: this node will not receive \
-                         its peers' changes (check the broker's ACL for this user)"
-                    );
-                }
-            }
-            Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some(sent) = link.borrow_mut().unconfirmed.ack(ack.pkid) {
-                    ctx.stats
-                        .published_events
-                        .fetch_add(u64::from(sent.events), Relaxed);
-                    ctx.stats.published_payloads.fetch_add(1, Relaxed);
-                    wake.notify_one();
-                }
-            }
-            Event::Outgoing(Outgoing::Publish(pkid)) if pkid != 0 => {
-                link.borrow_mut().unconfirmed.assign(pkid);
-            }
-            Event::Incoming(Packet::Publish(p)) => {
-                if p.topic == ctx.topics.updates {
-                    receive(&ctx, p.payload).await;
-                } else if let Some(node) = ctx.topics.presence_node(&p.topic) {
-                    let l = &mut link.borrow_mut();
-                    on_presence(&ctx, l, &wake, node, &p.payload, p.retain);
-                }
-            }
-            _ => {}
-        }
-        // Anything from the broker (acks, peers' changes, keep-alive answers) while it
-        // holds nothing of ours unconfirmed: every change made so far has reached it.
-        if incoming {
-            let l = link.borrow();
-            let settled = l.connected
-                && l.buffered() == 0
-                && l.unconfirmed.events() == 0
-                && ctx.outbound.queued.load(Relaxed) == 0;
-            if settled {
-                ctx.stats
-                    .settled_at_us
-                    .store(crate::store::version::now_us(), Relaxed);
+                let retry_in = on_connection_error(&ctx, e);
+                tokio::time::sleep(retry_in).await;
             }
         }
     }
 }
 
-fn on_connect(ctx: &Context, l: &mut Link, client: &AsyncClient, session_present: bool) {
-    l.connected = true;
+/// The connection failed or dropped: say so (once an outage), and return how long to
+/// wait before the event loop tries again.
+fn on_connection_error(ctx: &Context, e: rumqttc::ConnectionError) -> Duration {
+    let lost = ctx.link.borrow_mut().on_disconnected();
+    ctx.stats.connected.store(false, Relaxed);
+    // Disconnected, the intake takes journals again (and drops past the bounds).
+    ctx.room.notify_one();
+    if let rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+        rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
+    )) = e
+    {
+        // rumqttc drops the connection on a packet over its limit; with a persistent
+        // session the broker sends it again on every reconnect.
+        ctx.stats.rejected_payloads.fetch_add(1, Relaxed);
+        tracing::error!(
+            bytes = n,
+            limit = ctx.limits.payload_bytes_max,
+            "a message far over the payload limit arrived and cost the connection; \
+             set the broker's message size limit (docs/DEPLOYMENT.md)"
+        );
+    }
+    if ctx.link.borrow().is_stopping() {
+        // Our own goodbye closed the connection: nothing to warn about.
+        tracing::debug!("MQTT connection closed while stopping: {e}");
+    } else if lost.news {
+        tracing::warn!("MQTT broker unreachable ({e}); retrying, changes are buffered");
+    } else {
+        tracing::debug!("MQTT reconnect failed: {e}");
+    }
+    lost.retry_in
+}
+
+/// One event from rumqttc: news for the link, a peer's changes or presence.
+async fn on_event(ctx: &Context, client: &AsyncClient, event: Event) {
+    let incoming = matches!(event, Event::Incoming(_));
+    match event {
+        Event::Incoming(Packet::ConnAck(ack)) => on_connect(ctx, client, ack.session_present),
+        Event::Incoming(Packet::SubAck(ack)) => check_subscribed(ctx, &ack),
+        Event::Incoming(Packet::PubAck(ack)) => {
+            let events = ctx.link.borrow_mut().on_puback(ack.pkid);
+            if let Some(events) = events {
+                ctx.stats
+                    .published_events
+                    .fetch_add(u64::from(events), Relaxed);
+                ctx.stats.published_payloads.fetch_add(1, Relaxed);
+                ctx.wake.notify_one();
+            }
+        }
+        Event::Outgoing(Outgoing::Publish(pkid)) if pkid != 0 => {
+            ctx.link.borrow_mut().on_sent(pkid);
+        }
+        Event::Incoming(Packet::Publish(p)) => {
+            if p.topic == ctx.topics.updates {
+                receive(ctx, p.payload).await;
+            } else if let Some(node) = ctx.topics.presence_node(&p.topic) {
+                on_presence(ctx, node, &p.payload, p.retain);
+            }
+        }
+        _ => {}
+    }
+    if incoming {
+        note_settled(ctx);
+    }
+}
+
+/// Anything from the broker (acks, peers' changes, keep-alive answers) while it holds
+/// nothing of ours unconfirmed: every change made so far has reached it.
+fn note_settled(ctx: &Context) {
+    let settled = {
+        let l = ctx.link.borrow();
+        l.is_connected() && l.pending() == 0
+    };
+    if settled && ctx.outbound.queued_events() == 0 {
+        ctx.stats
+            .settled_at_us
+            .store(crate::store::version::now_us(), Relaxed);
+    }
+}
+
+fn on_connect(ctx: &Context, client: &AsyncClient, session_present: bool) {
+    ctx.stats.connects.fetch_add(1, Relaxed);
+    ctx.stats.connected.store(true, Relaxed);
     tracing::info!(session_present, "connected to the MQTT broker");
     // rumqttc does not restore subscriptions: subscribe on every ConnAck.
     let subs = [&ctx.topics.updates, &ctx.topics.nodes]
@@ -905,24 +402,29 @@ fn on_connect(ctx: &Context, l: &mut Link, client: &AsyncClient, session_present
         tracing::error!("cannot subscribe: {e}");
     }
     announce(ctx, client);
-    if !session_present {
-        // The broker forgot our session, and rumqttc dropped its unacknowledged
-        // publishes: send them again, in order, before anything newer.
-        for s in l.unconfirmed.take_all().into_iter().rev() {
-            l.retry_events += u64::from(s.events);
-            l.retry_bytes += s.payload.len();
-            l.retry.push_front(s);
-        }
-        l.publish_gauges(&ctx.stats);
+    let online = ctx.peers.online();
+    let now = Instant::now();
+    ctx.link
+        .borrow_mut()
+        .on_connected(session_present, online, now);
+    ctx.publish_gauges();
+    ctx.wake.notify_one();
+}
+
+/// A broker may refuse a subscription (an ACL, say): the node would look connected and
+/// never receive a change. Say so loudly.
+fn check_subscribed(ctx: &Context, ack: &rumqttc::SubAck) {
+    let refused = ack
+        .return_codes
+        .iter()
+        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+    if refused {
+        tracing::error!(
+            topics = %format!("{}, {}", ctx.topics.updates, ctx.topics.nodes),
+            "the broker refused a subscription: this node will not receive \
+             its peers' changes (check the broker's ACL for this user)"
+        );
     }
-    // Hold publishing until the peers that were online show up again. Not needed when
-    // the broker kept our session: it kept theirs, and queues for them.
-    l.awaiting = if session_present {
-        HashSet::new()
-    } else {
-        ctx.peers.online().into_iter().collect()
-    };
-    l.settle_until = Some(Instant::now() + RESUBSCRIBE_WAIT);
 }
 
 /// Publish this node's presence record (retained), with its clock as of now.
@@ -941,23 +443,16 @@ fn announce(ctx: &Context, client: &AsyncClient) {
 /// Announce this node every [`PRESENCE_INTERVAL`] while connected, so peers measure its
 /// clock (a retained record is as old as its publication, so a record seen on
 /// subscribing cannot tell), and notice drift.
-async fn heartbeat(ctx: Rc<Context>, link: Rc<RefCell<Link>>, client: AsyncClient) {
+async fn heartbeat(ctx: Rc<Context>, client: AsyncClient) {
     loop {
         tokio::time::sleep(PRESENCE_INTERVAL).await;
-        if link.borrow().connected {
+        if ctx.link.borrow().is_connected() {
             announce(&ctx, &client);
         }
     }
 }
 
-fn on_presence(
-    ctx: &Context,
-    l: &mut Link,
-    wake: &Notify,
-    node: &str,
-    payload: &[u8],
-    retained: bool,
-) {
+fn on_presence(ctx: &Context, node: &str, payload: &[u8], retained: bool) {
     if node == ctx.node_id {
         return;
     }
@@ -971,8 +466,8 @@ fn on_presence(
             return;
         }
     };
-    if l.presence_seen(node, p.online) {
-        wake.notify_one();
+    if ctx.link.borrow_mut().on_presence(node, p.online) {
+        ctx.wake.notify_one();
     }
     let offset = clock_offset_ms(&p, retained, crate::store::version::now_us() / 1000);
     let skewed = offset.filter(|o| o.unsigned_abs() > ctx.max_clock_skew_ms);
@@ -1046,76 +541,55 @@ async fn receive(ctx: &Context, payload: Bytes) {
     }
 }
 
-/// Move journals from the shards into the outbox.
-async fn intake(
-    ctx: Rc<Context>,
-    link: Rc<RefCell<Link>>,
-    wake: Rc<Notify>,
-    mut rx: mpsc::UnboundedReceiver<Journal>,
-) {
-    // Connected: leave changes in the queue while the outbox is full, so writers feel
-    // backpressure. Disconnected: take them, and drop what does not fit.
-    let hold = |l: &Link| {
-        l.connected
-            && (l.buffered() >= ctx.offline_max || l.buffered_bytes() >= ctx.offline_bytes_max)
-    };
+/// Move journals from the shards into the link's outbox. While the link holds them
+/// back, they stay in the queue (writers feel backpressure) until the publisher or a
+/// lost connection makes room.
+async fn intake(ctx: Rc<Context>, mut rx: mpsc::UnboundedReceiver<Journal>) {
     loop {
-        while hold(&link.borrow()) {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        while ctx.link.borrow().holds_intake() {
+            // A permit left by an earlier notification only costs one more look.
+            ctx.room.notified().await;
         }
         let Some(journal) = rx.recv().await else {
             return;
         };
-        let bytes = journal.bytes.len();
-        ctx.outbound.taken(journal.events as usize, bytes);
-        let mut l = link.borrow_mut();
-        let n = u64::from(journal.events);
-        // Connected, the outbox may pass its bounds by this one journal (the hold above
-        // keeps it from growing further); disconnected, it never does.
-        if !l.connected && l.over(n, bytes, &ctx) {
-            let total = ctx.stats.dropped_offline.fetch_add(n, Relaxed) + n;
-            if total == n {
-                tracing::warn!(
-                    events_max = ctx.offline_max,
-                    bytes_max = ctx.offline_bytes_max,
-                    "offline buffer full: dropping changes (anti-entropy repairs them)"
-                );
+        ctx.outbound
+            .taken(journal.events as usize, journal.bytes.len());
+        let taken = ctx.link.borrow_mut().on_journal(journal, Instant::now());
+        match taken {
+            Taken::Queued => {
+                ctx.publish_gauges();
+                ctx.wake.notify_one();
             }
-            continue;
+            Taken::Dropped(n) => {
+                let total = ctx.stats.dropped_offline.fetch_add(n, Relaxed) + n;
+                if total == n {
+                    let s = ctx.link.borrow().settings();
+                    tracing::warn!(
+                        events_max = s.offline_events_max,
+                        bytes_max = s.offline_bytes_max,
+                        "offline buffer full: dropping changes (anti-entropy repairs them)"
+                    );
+                }
+            }
         }
-        l.outbox_since.get_or_insert_with(Instant::now);
-        l.outbox_events += n;
-        l.outbox_bytes += bytes;
-        l.outbox.push_back(journal);
-        l.publish_gauges(&ctx.stats);
-        wake.notify_one();
     }
 }
 
-enum Next {
-    Publish,
-    WaitUntil(Instant),
-    Idle,
-}
-
-/// Publish payloads whenever the link allows: connected, peers settled, room in flight.
-async fn publish(ctx: Rc<Context>, link: Rc<RefCell<Link>>, wake: Rc<Notify>, client: AsyncClient) {
-    let mut builder = PayloadBuilder::new(ctx.origin, &ctx.node_id);
+/// Publish payloads whenever the link says so.
+async fn publish(ctx: Rc<Context>, client: AsyncClient) {
     let topic = ctx.topics.updates.clone();
     loop {
-        let next = {
-            let l = link.borrow();
-            let now = Instant::now();
-            if !l.connected || l.unconfirmed.full() {
-                Next::Idle
-            } else if !l.settled(now) {
-                Next::WaitUntil(l.settle_until.unwrap_or(now))
-            } else if !l.awaiting.is_empty() {
-                // Waited long enough: peers that never showed up are gone (their last
-                // will may have been lost with the broker); the next reconnect will
-                // not wait for them.
-                drop(l);
-                let gone: Vec<String> = link.borrow_mut().awaiting.drain().collect();
+        let next = ctx.link.borrow_mut().next(Instant::now());
+        match next {
+            Next::Idle => ctx.wake.notified().await,
+            Next::WaitUntil(t) => {
+                tokio::select! {
+                    _ = ctx.wake.notified() => {}
+                    _ = tokio::time::sleep_until(t.into()) => {}
+                }
+            }
+            Next::PeersGone(gone) => {
                 for node in gone {
                     tracing::warn!(
                         node,
@@ -1123,46 +597,11 @@ async fn publish(ctx: Rc<Context>, link: Rc<RefCell<Link>>, wake: Rc<Notify>, cl
                     );
                     ctx.peers.mark_offline(&node);
                 }
-                continue;
-            } else if !l.retry.is_empty() {
-                Next::Publish
-            } else if l.outbox_events == 0 {
-                Next::Idle
-            } else {
-                let due = l.outbox_since.map_or(now, |t| t + ctx.batch_delay);
-                let full = l.outbox_events >= ctx.batch_events as u64
-                    || l.outbox_bytes >= PAYLOAD_TARGET_BYTES;
-                if full || l.stopping || now >= due {
-                    Next::Publish
-                } else {
-                    Next::WaitUntil(due)
-                }
             }
-        };
-        match next {
-            Next::Idle => wake.notified().await,
-            Next::WaitUntil(t) => {
-                tokio::select! {
-                    _ = wake.notified() => {}
-                    _ = tokio::time::sleep_until(t.into()) => {}
-                }
-            }
-            Next::Publish => {
-                let payload = {
-                    let mut l = link.borrow_mut();
-                    let sent = match l.retry.pop_front() {
-                        Some(s) => {
-                            l.retry_events -= u64::from(s.events);
-                            l.retry_bytes -= s.payload.len();
-                            s
-                        }
-                        None => next_payload(&ctx, &mut l, &mut builder),
-                    };
-                    let payload = sent.payload.clone();
-                    l.unconfirmed.push(sent);
-                    l.publish_gauges(&ctx.stats);
-                    payload
-                };
+            Next::Publish(payload) => {
+                ctx.publish_gauges();
+                // The outbox shrank: the intake may take more.
+                ctx.room.notify_one();
                 if let Err(e) = client
                     .publish_bytes(topic.clone(), QoS::AtLeastOnce, false, payload)
                     .await
@@ -1171,180 +610,5 @@ async fn publish(ctx: Rc<Context>, link: Rc<RefCell<Link>>, wake: Rc<Notify>, cl
                 }
             }
         }
-    }
-}
-
-/// Cut the next payload from the outbox: at most `batch_events` events and (unless a
-/// single event is larger) [`PAYLOAD_TARGET_BYTES`] bytes.
-fn next_payload(ctx: &Context, l: &mut Link, builder: &mut PayloadBuilder) -> Sent {
-    while let Some(front) = l.outbox.front_mut() {
-        let room_events = ctx.batch_events - builder.events() as usize;
-        let room_bytes = PAYLOAD_TARGET_BYTES.saturating_sub(builder.len());
-        if room_events == 0 || (room_bytes == 0 && !builder.is_empty()) {
-            break;
-        }
-        let (len, n) = crate::replication::changes::prefix_len(
-            &front.bytes,
-            room_events,
-            room_bytes,
-            builder.is_empty(),
-        );
-        if n == 0 {
-            break; // the next event does not fit: it starts the next payload
-        }
-        builder.extend(&front.bytes[..len], n);
-        l.outbox_events -= u64::from(n);
-        l.outbox_bytes -= len;
-        if n == front.events {
-            l.outbox.pop_front();
-        } else {
-            front.bytes.drain(..len);
-            front.events -= n;
-        }
-    }
-    if l.outbox_events == 0 {
-        l.outbox_since = None;
-    } else {
-        // What is left is due now too: it waited as long as what just went.
-        l.outbox_since = l.outbox_since.or(Some(Instant::now()));
-    }
-    let events = builder.events();
-    Sent {
-        pkid: None,
-        payload: Bytes::from(builder.take()),
-        events,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sent(n: u8) -> Sent {
-        Sent {
-            pkid: None,
-            payload: Bytes::from(vec![n; 10]),
-            events: u32::from(n),
-        }
-    }
-
-    #[test]
-    fn in_flight_assigns_ids_in_publish_order_and_acks_any_order() {
-        let mut f = InFlight::default();
-        for n in 1..=3 {
-            f.push(sent(n));
-        }
-        assert_eq!(f.bytes, 30);
-        f.assign(7);
-        f.assign(8);
-        f.assign(7); // a retransmission: known id, nothing assigned
-        assert_eq!(f.unassigned, 1);
-        assert_eq!(f.ack(8).map(|s| s.events), Some(2), "out of order");
-        assert_eq!(f.ack(8).map(|s| s.events), None, "acked once");
-        assert_eq!(f.ack(99).map(|s| s.events), None, "unknown id");
-        f.assign(9);
-        assert_eq!(f.ack(7).map(|s| s.events), Some(1));
-        assert_eq!(f.ack(9).map(|s| s.events), Some(3));
-        assert_eq!(f.events(), 0);
-        assert_eq!((f.bytes, f.unassigned), (0, 0));
-    }
-
-    #[test]
-    fn in_flight_gives_everything_back_in_order_without_ids() {
-        let mut f = InFlight::default();
-        for n in 1..=3 {
-            f.push(sent(n));
-        }
-        f.assign(1);
-        let back = f.take_all();
-        assert_eq!(
-            back.iter().map(|s| s.events).collect::<Vec<_>>(),
-            vec![1, 2, 3]
-        );
-        assert!(back.iter().all(|s| s.pkid.is_none()));
-        assert!(f.events() == 0 && !f.full());
-        f.push(sent(4));
-        f.assign(1); // ids are free again
-        assert_eq!(f.ack(1).map(|s| s.events), Some(4));
-    }
-
-    #[test]
-    fn in_flight_is_full_by_count_or_bytes() {
-        let mut f = InFlight::default();
-        f.push(Sent {
-            pkid: None,
-            payload: Bytes::from(vec![0; UNCONFIRMED_BYTES_MAX]),
-            events: 1,
-        });
-        assert!(f.full());
-        let mut f = InFlight::default();
-        for _ in 0..UNCONFIRMED_MAX {
-            f.push(sent(1));
-        }
-        assert!(f.full());
-    }
-
-    #[test]
-    fn the_reconnect_hold_ends_only_on_online_records_of_awaited_peers() {
-        let mut l = Link {
-            awaiting: ["a", "b"].map(String::from).into(),
-            settle_until: Some(Instant::now() + RESUBSCRIBE_WAIT),
-            ..Link::default()
-        };
-        // A retained last will says the peer was cut off, not that it re-subscribed:
-        // it may be reconnecting right now, and what we publish first would miss it.
-        assert!(
-            !l.presence_seen("a", false),
-            "an offline record ends no wait"
-        );
-        assert!(!l.presence_seen("c", true), "c was not awaited");
-        assert!(l.presence_seen("b", true));
-        assert!(!l.settled(Instant::now()), "still waiting for a");
-        assert!(l.presence_seen("a", true));
-        assert!(l.settled(Instant::now()));
-    }
-
-    #[test]
-    fn the_queue_is_full_by_bytes_too_and_drops_only_after_admission_gives_up() {
-        let mut mqtt = Config::defaults(true).mqtt;
-        mqtt.offline_buffer_bytes = 1 << 20;
-        mqtt.backpressure_max_ms = 0;
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let out = Outbound::new(&mqtt, tx, Arc::default());
-        let big = || Journal {
-            bytes: vec![0; 600 << 10],
-            events: 1,
-        };
-        out.push(big());
-        assert!(!out.full());
-        out.push(big());
-        assert!(out.full(), "two events, but 1.2 MiB of them");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        rt.block_on(out.admit()); // gives up at once: backpressure_max_ms = 0
-        out.push(big());
-        assert_eq!(out.stats.dropped_overflow.load(Relaxed), 1);
-        for _ in 0..2 {
-            let j = rx.try_recv().unwrap();
-            out.taken(j.events as usize, j.bytes.len());
-        }
-        assert!(
-            rx.try_recv().is_err(),
-            "the dropped journal was never queued"
-        );
-        assert!(!out.full() && !out.overflow.load(Relaxed));
-    }
-
-    #[test]
-    fn topics_name_presence_records() {
-        let t = Topics::new("a/b");
-        assert_eq!(t.updates, "a/b/updates");
-        assert_eq!(t.nodes, "a/b/nodes/+");
-        assert_eq!(t.presence("n1"), "a/b/nodes/n1");
-        assert_eq!(t.presence_node("a/b/nodes/n1"), Some("n1"));
-        assert_eq!(t.presence_node("a/b/nodes/"), None);
-        assert_eq!(t.presence_node("a/b/updates"), None);
     }
 }

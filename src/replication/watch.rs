@@ -10,7 +10,7 @@
 
 use crate::config::Config;
 use crate::replication::changes::{decode, Limits};
-use crate::replication::thread::{mqtt_options, payload_bytes_max, ReplError, Topics};
+use crate::replication::mqtt::{mqtt_options, payload_bytes_max, ReplError, Topics};
 use rumqttc::{Event, Packet, QoS};
 use std::io::Write;
 
@@ -35,10 +35,10 @@ pub fn run(config: &Config, stop: impl std::future::Future<Output = ()>) -> Resu
     eprintln!(
         "watching {} on {} (Ctrl-C to stop)",
         topics.updates,
-        crate::replication::thread::broker_address(config)
+        crate::replication::mqtt::broker_address(config)
     );
     rt.block_on(async move {
-        let (client, mut eventloop) = crate::replication::thread::mqtt_client(options, 16);
+        let (client, mut eventloop) = crate::replication::mqtt::mqtt_client(options, 16);
         tokio::pin!(stop);
         loop {
             let event = tokio::select! {
