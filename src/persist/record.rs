@@ -13,6 +13,12 @@
 //! record before it and truncates the rest, saying how much it dropped. A record is
 //! never half applied: its body is seen only when every byte of it checks out.
 
+/// Record kinds, the first byte of every record body. Log segments hold entries;
+/// snapshots a header, entries and an end.
+pub const RECORD_ENTRIES: u8 = 1;
+pub const RECORD_SNAPSHOT_HEADER: u8 = 2;
+pub const RECORD_SNAPSHOT_END: u8 = 3;
+
 /// Bytes before a record's body.
 pub const HEADER_BYTES: usize = 8;
 /// Largest record body: a shard's share of one batch of writes, or one snapshot chunk.

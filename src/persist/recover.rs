@@ -9,9 +9,9 @@
 //! the file and the byte, and the node does not start on silently wrong data.
 
 use crate::persist::files::{io_at, list, PersistError};
-use crate::persist::record;
+use crate::persist::record::{self, RECORD_ENTRIES};
 use crate::persist::snapshot::{self, Snapshot};
-use crate::persist::writer::{ShardStart, RECORD_ENTRIES};
+use crate::persist::writer::ShardStart;
 use std::path::{Path, PathBuf};
 
 /// Why a shard directory cannot be recovered.

@@ -14,13 +14,10 @@
 //! gives the exact state, because applying an entry is idempotent under last-write-wins.
 
 use crate::persist::files::{io_at, snapshot_name, sync_dir, PersistError};
-use crate::persist::record;
-use crate::persist::writer::RECORD_ENTRIES;
+use crate::persist::record::{self, RECORD_ENTRIES, RECORD_SNAPSHOT_END, RECORD_SNAPSHOT_HEADER};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-pub const RECORD_SNAPSHOT_HEADER: u8 = 2;
-pub const RECORD_SNAPSHOT_END: u8 = 3;
 const HEADER_BYTES: usize = 1 + 4 + 4 + 8 + 8 + 4;
 const END_BYTES: usize = 1 + 8 + 32;
 

@@ -13,7 +13,7 @@
 use crate::persist::files::{
     io_at, list, segment_name, shard_dir, snapshot_name, sync_dir, PersistError,
 };
-use crate::persist::record;
+use crate::persist::record::{self, RECORD_ENTRIES};
 use crate::persist::snapshot::{Header, SnapshotWriter};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -21,9 +21,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
-
-/// Record kinds, the first byte of every record body.
-pub const RECORD_ENTRIES: u8 = 1;
 
 /// When data reaches the disk (`[storage] fsync`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
