@@ -21,7 +21,7 @@ use crate::store::merkle::short_digest;
 use crate::store::merkle::{combine_roots, Digest};
 use crate::store::shard::{OwnedEntry, Shard};
 use crate::store::version::Version;
-use crate::wire::put_varint;
+use crate::wire::{put_varint, ReadError, Reader};
 
 /// Tree levels descended per round trip: 16 descendants per differing node.
 pub const FANOUT_BITS: u32 = 4;
@@ -181,7 +181,7 @@ pub fn parse(request: &[u8]) -> Result<Request, SyncError> {
     let mut r = Reader::new(request);
     let req = match r.byte()? {
         MSG_ROOT => Request::Root {
-            marker: r.version()?,
+            marker: read_version(&mut r)?,
         },
         MSG_NODES => {
             let level = u32::from(r.byte()?);
@@ -190,24 +190,24 @@ pub fn parse(request: &[u8]) -> Result<Request, SyncError> {
             }
             Request::Nodes {
                 level,
-                indices: r.index_list(1 << level)?,
+                indices: read_index_list(&mut r, 1 << level)?,
             }
         }
         MSG_LISTINGS => {
-            let buckets = r.index_list(BUCKETS)?;
+            let buckets = read_index_list(&mut r, BUCKETS)?;
             if buckets.len() > BUCKETS_PER_ROUND {
                 return Err(SyncError::Malformed("too many buckets"));
             }
             Request::Listings { buckets }
         }
         MSG_EXCHANGE => {
-            let wanted = r.wanted()?;
+            let wanted = read_wanted(&mut r)?;
             if wanted.len() > BUCKETS_PER_ROUND {
                 return Err(SyncError::Malformed("too many buckets"));
             }
             Request::Exchange {
                 wanted,
-                entries: r.entries()?,
+                entries: read_entries(&mut r)?,
                 room: ReplyRoom::default(),
             }
         }
@@ -429,7 +429,7 @@ pub fn exchange(local: &mut dyn Peer, peer: &mut dyn Peer) -> Result<Report, Syn
         let (mut rm, mut rt) = (Reader::new(&mine), Reader::new(&theirs));
         let mut wanted: Vec<(usize, Vec<u32>)> = Vec::new();
         for &bucket in buckets {
-            let differ = diff_listings(&rm.listing()?, &rt.listing()?);
+            let differ = diff_listings(&read_listing(&mut rm)?, &read_listing(&mut rt)?);
             report.buckets_compared += 1;
             if !differ.is_empty() {
                 wanted.push((bucket, differ));
@@ -478,8 +478,8 @@ fn root_request(marker: Version) -> Vec<u8> {
 /// A root reply: the root's first 8 bytes, and the newest flush marker.
 fn root_reply(reply: &[u8]) -> Result<(u64, Version), SyncError> {
     let mut r = Reader::new(reply);
-    let root = u64::from_le_bytes(r.bytes(8)?.try_into().expect("8 bytes"));
-    let marker = r.version()?;
+    let root = u64::from_le_bytes(r.array()?);
+    let marker = read_version(&mut r)?;
     if !r.done() {
         return Err(SyncError::Malformed("root reply"));
     }
@@ -491,7 +491,7 @@ fn root_reply(reply: &[u8]) -> Result<(u64, Version), SyncError> {
 fn exchange_reply(reply: &[u8]) -> Result<((u64, u64), Vec<OwnedEntry>), SyncError> {
     let mut r = Reader::new(reply);
     let counts = (r.varint()?, r.varint()?);
-    Ok((counts, r.rest_entries()?))
+    Ok((counts, read_rest_entries(&mut r)?))
 }
 
 /// Whether `e` is one of the `wanted` (buckets and key hashes, both sorted).
@@ -605,149 +605,109 @@ fn put_version(out: &mut Vec<u8>, v: Version) {
     out.extend_from_slice(&v.origin.to_le_bytes());
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    at: usize,
+impl From<ReadError> for SyncError {
+    fn from(e: ReadError) -> SyncError {
+        SyncError::Malformed(match e {
+            ReadError::Truncated(_) => "truncated",
+            ReadError::BadVarint(_) => "varint",
+        })
+    }
 }
 
-impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8]) -> Reader<'a> {
-        Reader { buf, at: 0 }
-    }
+fn read_u32(r: &mut Reader) -> Result<u32, SyncError> {
+    Ok(u32::from_le_bytes(r.array()?))
+}
 
-    fn done(&self) -> bool {
-        self.at == self.buf.len()
+/// A count, at most `REQUEST_ITEMS_MAX` and what the remaining bytes can hold.
+fn read_count(r: &mut Reader, min_item_bytes: usize) -> Result<usize, SyncError> {
+    let n = r.varint()? as usize;
+    let room = r.left() / min_item_bytes.max(1);
+    if n > REQUEST_ITEMS_MAX || n > room {
+        return Err(SyncError::Malformed("count"));
     }
+    Ok(n)
+}
 
-    fn byte(&mut self) -> Result<u8, SyncError> {
-        let b = *self
-            .buf
-            .get(self.at)
-            .ok_or(SyncError::Malformed("truncated"))?;
-        self.at += 1;
-        Ok(b)
-    }
-
-    fn bytes(&mut self, n: usize) -> Result<&'a [u8], SyncError> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|&e| e <= self.buf.len())
-            .ok_or(SyncError::Malformed("truncated"))?;
-        let s = &self.buf[self.at..end];
-        self.at = end;
-        Ok(s)
-    }
-
-    fn u32(&mut self) -> Result<u32, SyncError> {
-        Ok(u32::from_le_bytes(
-            self.bytes(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-
-    fn varint(&mut self) -> Result<u64, SyncError> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.byte()?;
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
+/// Strictly increasing indices below `limit`.
+fn read_index_list(r: &mut Reader, limit: usize) -> Result<Vec<usize>, SyncError> {
+    let n = read_count(r, 1)?;
+    let mut out = Vec::with_capacity(n);
+    let mut prev = 0usize;
+    for k in 0..n {
+        let gap = r.varint()? as usize;
+        if k > 0 && gap == 0 {
+            return Err(SyncError::Malformed("index order"));
         }
-        Err(SyncError::Malformed("varint"))
+        prev = prev
+            .checked_add(gap)
+            .filter(|&i| i < limit)
+            .ok_or(SyncError::Malformed("index"))?;
+        out.push(prev);
     }
+    Ok(out)
+}
 
-    /// A count, at most `REQUEST_ITEMS_MAX` and what the remaining bytes can hold.
-    fn count(&mut self, min_item_bytes: usize) -> Result<usize, SyncError> {
-        let n = self.varint()? as usize;
-        let room = (self.buf.len() - self.at) / min_item_bytes.max(1);
-        if n > REQUEST_ITEMS_MAX || n > room {
-            return Err(SyncError::Malformed("count"));
+fn read_listing(r: &mut Reader) -> Result<Vec<(u32, u32)>, SyncError> {
+    let n = read_count(r, 8)?;
+    (0..n).map(|_| Ok((read_u32(r)?, read_u32(r)?))).collect()
+}
+
+fn read_wanted(r: &mut Reader) -> Result<Vec<(usize, Vec<u32>)>, SyncError> {
+    let buckets = read_index_list(r, BUCKETS)?;
+    let mut out = Vec::with_capacity(buckets.len());
+    for b in buckets {
+        let n = read_count(r, 4)?;
+        let mut hashes: Vec<u32> = (0..n).map(|_| read_u32(r)).collect::<Result<_, _>>()?;
+        hashes.sort_unstable();
+        out.push((b, hashes));
+    }
+    Ok(out)
+}
+
+fn read_rest_entries(r: &mut Reader) -> Result<Vec<OwnedEntry>, SyncError> {
+    let mut out = Vec::new();
+    while !r.done() {
+        if out.len() == ENTRIES_PER_REPLY_MAX {
+            return Err(SyncError::Malformed("too many entries"));
         }
-        Ok(n)
+        out.push(read_entry(r)?);
     }
+    Ok(out)
+}
 
-    /// Strictly increasing indices below `limit`.
-    fn index_list(&mut self, limit: usize) -> Result<Vec<usize>, SyncError> {
-        let n = self.count(1)?;
-        let mut out = Vec::with_capacity(n);
-        let mut prev = 0usize;
-        for k in 0..n {
-            let gap = self.varint()? as usize;
-            if k > 0 && gap == 0 {
-                return Err(SyncError::Malformed("index order"));
-            }
-            prev = prev
-                .checked_add(gap)
-                .filter(|&i| i < limit)
-                .ok_or(SyncError::Malformed("index"))?;
-            out.push(prev);
-        }
-        Ok(out)
-    }
+fn read_entries(r: &mut Reader) -> Result<Vec<OwnedEntry>, SyncError> {
+    let n = read_count(r, 7)?;
+    (0..n).map(|_| read_entry(r)).collect()
+}
 
-    fn listing(&mut self) -> Result<Vec<(u32, u32)>, SyncError> {
-        let n = self.count(8)?;
-        (0..n).map(|_| Ok((self.u32()?, self.u32()?))).collect()
+fn read_entry(r: &mut Reader) -> Result<OwnedEntry, SyncError> {
+    let kind = r.byte()?;
+    if kind != KIND_SET && kind != KIND_DEL {
+        return Err(SyncError::Malformed("entry kind"));
     }
+    let version = read_version(r)?;
+    // The key and value rules are the receiving shard's (`Shard::refuses`): an
+    // entry that breaks them is refused alone, the rest of the message applies.
+    let key_len = r.varint()? as usize;
+    let key = r.bytes(key_len)?.to_vec();
+    let value = if kind == KIND_SET {
+        let n = r.varint()? as usize;
+        Some(r.bytes(n)?.to_vec())
+    } else {
+        None
+    };
+    Ok(OwnedEntry {
+        key,
+        value,
+        version,
+    })
+}
 
-    fn wanted(&mut self) -> Result<Vec<(usize, Vec<u32>)>, SyncError> {
-        let buckets = self.index_list(BUCKETS)?;
-        let mut out = Vec::with_capacity(buckets.len());
-        for b in buckets {
-            let n = self.count(4)?;
-            let mut hashes: Vec<u32> = (0..n).map(|_| self.u32()).collect::<Result<_, _>>()?;
-            hashes.sort_unstable();
-            out.push((b, hashes));
-        }
-        Ok(out)
-    }
-
-    fn rest_entries(&mut self) -> Result<Vec<OwnedEntry>, SyncError> {
-        let mut out = Vec::new();
-        while !self.done() {
-            if out.len() == ENTRIES_PER_REPLY_MAX {
-                return Err(SyncError::Malformed("too many entries"));
-            }
-            out.push(self.entry()?);
-        }
-        Ok(out)
-    }
-
-    fn entries(&mut self) -> Result<Vec<OwnedEntry>, SyncError> {
-        let n = self.count(7)?;
-        (0..n).map(|_| self.entry()).collect()
-    }
-
-    fn entry(&mut self) -> Result<OwnedEntry, SyncError> {
-        let kind = self.byte()?;
-        if kind != KIND_SET && kind != KIND_DEL {
-            return Err(SyncError::Malformed("entry kind"));
-        }
-        let version = self.version()?;
-        // The key and value rules are the receiving shard's (`Shard::refuses`): an
-        // entry that breaks them is refused alone, the rest of the message applies.
-        let key_len = self.varint()? as usize;
-        let key = self.bytes(key_len)?.to_vec();
-        let value = if kind == KIND_SET {
-            let n = self.varint()? as usize;
-            Some(self.bytes(n)?.to_vec())
-        } else {
-            None
-        };
-        Ok(OwnedEntry {
-            key,
-            value,
-            version,
-        })
-    }
-
-    fn version(&mut self) -> Result<Version, SyncError> {
-        Ok(Version {
-            hlc: self.varint()?,
-            origin: self.u32()?,
-        })
-    }
+fn read_version(r: &mut Reader) -> Result<Version, SyncError> {
+    Ok(Version {
+        hlc: r.varint()?,
+        origin: read_u32(r)?,
+    })
 }
 
 #[cfg(test)]
@@ -1083,6 +1043,22 @@ mod tests {
         };
         let h = KeyHash::of(b"x");
         assert!(!b[h.shard(1)].apply(h, b"x", Some(b"old"), late, t));
+    }
+
+    #[test]
+    fn a_varint_overflowing_64_bits_is_refused() {
+        // A root request whose marker clock is nine 0xff bytes and a 10th byte of 2:
+        // bit 64 and up. Cutting it silently would apply a marker nobody sent.
+        let mut req = vec![MSG_ROOT];
+        req.extend_from_slice(&[0xff; 9]);
+        req.push(0x02);
+        req.extend_from_slice(&[0; 4]);
+        assert_eq!(parse(&req).err(), Some(SyncError::Malformed("varint")));
+        // The largest clock a varint holds is read as it is.
+        let mut req = vec![MSG_ROOT];
+        put_varint(&mut req, u64::MAX);
+        req.extend_from_slice(&[0; 4]);
+        assert!(matches!(parse(&req), Ok(Request::Root { marker }) if marker.hlc == u64::MAX));
     }
 
     #[test]

@@ -28,6 +28,7 @@ use crate::limits::{is_valid_key, KEY_BYTES_MAX, NODE_ID_BYTES_MAX};
 #[cfg(test)]
 use crate::store::journal::{encode_event, encode_flush};
 use crate::store::journal::{KIND_DEL, KIND_FLUSH, KIND_SET};
+use crate::wire::{ReadError, Reader};
 
 pub const FORMAT_VERSION: u8 = 1;
 /// The fewest bytes an event takes (a flush: kind and a one-byte varint).
@@ -62,6 +63,15 @@ pub enum DecodeError {
     ValueTooLarge(u64),
     #[error("{0} bytes after the last event")]
     Trailing(usize),
+}
+
+impl From<ReadError> for DecodeError {
+    fn from(e: ReadError) -> DecodeError {
+        match e {
+            ReadError::Truncated(at) => DecodeError::Truncated(at),
+            ReadError::BadVarint(at) => DecodeError::BadVarint(at),
+        }
+    }
 }
 
 /// One change: the state a key has after a write, at version `hlc` of the payload's origin.
@@ -160,15 +170,11 @@ pub fn decode(payload: &[u8], limits: Limits) -> Result<Decoded<'_>, DecodeError
     if payload.len() > limits.payload_bytes_max {
         return Err(DecodeError::TooLarge(payload.len()));
     }
-    let mut r = Reader {
-        buf: payload,
-        at: 0,
-    };
-    let version = *payload.first().ok_or(DecodeError::Empty)?;
+    let mut r = Reader::new(payload);
+    let version = r.byte().map_err(|_| DecodeError::Empty)?;
     if version != FORMAT_VERSION {
         return Err(DecodeError::UnknownVersion(version));
     }
-    r.at = 1;
     let origin = u32::from_le_bytes(r.array()?);
     let id_len = r.byte()? as usize;
     let node_id = std::str::from_utf8(r.bytes(id_len)?)
@@ -178,20 +184,20 @@ pub fn decode(payload: &[u8], limits: Limits) -> Result<Decoded<'_>, DecodeError
     let count = u32::from_le_bytes(r.array()?) as usize;
     // A count larger than the bytes left can hold is a lie, and must not size an
     // allocation.
-    let left = payload.len() - r.at;
+    let left = r.left();
     if count > left / EVENT_BYTES_MIN {
         return Err(DecodeError::Truncated(payload.len()));
     }
     let mut events = Vec::with_capacity(count.min(left / CHANGE_BYTES_MIN));
     let mut flush = None;
     for _ in 0..count {
-        match r.event(limits.value_bytes_max)? {
+        match read_event(&mut r, limits.value_bytes_max)? {
             Item::Change(e) => events.push(e),
             Item::Flush(hlc) => flush = flush.max(Some(hlc)),
         }
     }
-    if r.at != payload.len() {
-        return Err(DecodeError::Trailing(payload.len() - r.at));
+    if !r.done() {
+        return Err(DecodeError::Trailing(r.left()));
     }
     Ok(Decoded {
         origin,
@@ -210,100 +216,51 @@ pub fn prefix_len(
     max_bytes: usize,
     take_one: bool,
 ) -> (usize, u32) {
-    let mut r = Reader {
-        buf: encoded,
-        at: 0,
-    };
+    let mut r = Reader::new(encoded);
     let mut taken = 0;
-    while taken < max_events && r.at < encoded.len() {
-        let start = r.at;
-        if r.event(usize::MAX).is_err() {
+    while taken < max_events && !r.done() {
+        let start = r.at();
+        if read_event(&mut r, usize::MAX).is_err() {
             // Our own journal is always well formed; never loop on anything else.
             return (encoded.len(), taken as u32 + 1);
         }
-        if r.at > max_bytes && !(take_one && taken == 0) {
+        if r.at() > max_bytes && !(take_one && taken == 0) {
             return (start, taken as u32);
         }
         taken += 1;
     }
-    (r.at, taken as u32)
+    (r.at(), taken as u32)
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn byte(&mut self) -> Result<u8, DecodeError> {
-        let b = *self
-            .buf
-            .get(self.at)
-            .ok_or(DecodeError::Truncated(self.at))?;
-        self.at += 1;
-        Ok(b)
+/// Read one event (the format `store::journal::encode_event` writes), checking its kind,
+/// key and value against the format's and this node's limits.
+fn read_event<'a>(r: &mut Reader<'a>, value_max: usize) -> Result<Item<'a>, DecodeError> {
+    let kind = r.byte()?;
+    if kind != KIND_SET && kind != KIND_DEL && kind != KIND_FLUSH {
+        return Err(DecodeError::BadKind(kind));
     }
-
-    fn bytes(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|&e| e <= self.buf.len())
-            .ok_or(DecodeError::Truncated(self.at))?;
-        let s = &self.buf[self.at..end];
-        self.at = end;
-        Ok(s)
+    let hlc = r.varint()?;
+    if kind == KIND_FLUSH {
+        return Ok(Item::Flush(hlc));
     }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
-        Ok(self.bytes(N)?.try_into().expect("length checked"))
+    let key_len = r.varint()?;
+    if key_len == 0 || key_len > KEY_BYTES_MAX as u64 {
+        return Err(DecodeError::BadKey(key_len));
     }
-
-    fn varint(&mut self) -> Result<u64, DecodeError> {
-        let start = self.at;
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.byte()?;
-            let bits = u64::from(b & 0x7f);
-            if shift == 63 && bits > 1 {
-                return Err(DecodeError::BadVarint(start));
-            }
-            v |= bits << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(DecodeError::BadVarint(start))
+    let key = r.bytes(key_len as usize)?;
+    if !is_valid_key(key) {
+        return Err(DecodeError::KeyCharacters);
     }
-
-    fn event(&mut self, value_max: usize) -> Result<Item<'a>, DecodeError> {
-        let kind = self.byte()?;
-        if kind != KIND_SET && kind != KIND_DEL && kind != KIND_FLUSH {
-            return Err(DecodeError::BadKind(kind));
+    let value = if kind == KIND_SET {
+        let len = r.varint()?;
+        if len > value_max as u64 {
+            return Err(DecodeError::ValueTooLarge(len));
         }
-        let hlc = self.varint()?;
-        if kind == KIND_FLUSH {
-            return Ok(Item::Flush(hlc));
-        }
-        let key_len = self.varint()?;
-        if key_len == 0 || key_len > KEY_BYTES_MAX as u64 {
-            return Err(DecodeError::BadKey(key_len));
-        }
-        let key = self.bytes(key_len as usize)?;
-        if !is_valid_key(key) {
-            return Err(DecodeError::KeyCharacters);
-        }
-        let value = if kind == KIND_SET {
-            let len = self.varint()?;
-            if len > value_max as u64 {
-                return Err(DecodeError::ValueTooLarge(len));
-            }
-            Some(self.bytes(len as usize)?)
-        } else {
-            None
-        };
-        Ok(Item::Change(Event { hlc, key, value }))
-    }
+        Some(r.bytes(len as usize)?)
+    } else {
+        None
+    };
+    Ok(Item::Change(Event { hlc, key, value }))
 }
 
 #[cfg(test)]
