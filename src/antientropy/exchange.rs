@@ -16,6 +16,7 @@
 //! Messages are binary (docs/ANTI_ENTROPY.md draws them); varints are LEB128 as in
 //! [`crate::changes`].
 
+use crate::store::journal::{decode_event, encode_event, Event, EventError};
 use crate::store::keyspace::{shard_of_bucket, KeyHash, BUCKETS, BUCKET_BITS};
 use crate::store::merkle::short_digest;
 use crate::store::merkle::{combine_roots, Digest};
@@ -51,9 +52,9 @@ pub const REQUEST_ITEMS_MAX: usize = BUCKETS;
 const MSG_ROOT: u8 = 1;
 const MSG_NODES: u8 = 2;
 const MSG_LISTINGS: u8 = 3;
-const MSG_EXCHANGE: u8 = 4;
-const KIND_SET: u8 = 1;
-const KIND_DEL: u8 = 2;
+/// 5, not 4: the exchange message of earlier releases (4) sent its entries in another
+/// layout. A node of either refuses the other's as an unknown type, never misreads it.
+const MSG_EXCHANGE: u8 = 5;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SyncError {
@@ -584,19 +585,11 @@ fn put_entries(out: &mut Vec<u8>, entries: &[OwnedEntry]) {
     }
 }
 
+/// An entry as sent: its version's origin, then the store's change event at the
+/// version's clock ([`encode_event`]).
 fn encode_entry(out: &mut Vec<u8>, e: &OwnedEntry) {
-    out.push(if e.value.is_some() {
-        KIND_SET
-    } else {
-        KIND_DEL
-    });
-    put_version(out, e.version);
-    put_varint(out, e.key.len() as u64);
-    out.extend_from_slice(&e.key);
-    if let Some(v) = &e.value {
-        put_varint(out, v.len() as u64);
-        out.extend_from_slice(v);
-    }
+    out.extend_from_slice(&e.version.origin.to_le_bytes());
+    encode_event(out, e.version.hlc, &e.key, e.value.as_deref());
 }
 
 /// A version as sent: varint hlc, u32 origin.
@@ -680,27 +673,22 @@ fn read_entries(r: &mut Reader) -> Result<Vec<OwnedEntry>, SyncError> {
     (0..n).map(|_| read_entry(r)).collect()
 }
 
+/// An entry as [`encode_entry`] wrote it.
 fn read_entry(r: &mut Reader) -> Result<OwnedEntry, SyncError> {
-    let kind = r.byte()?;
-    if kind != KIND_SET && kind != KIND_DEL {
-        return Err(SyncError::Malformed("entry kind"));
-    }
-    let version = read_version(r)?;
+    let origin = read_u32(r)?;
     // The key and value rules are the receiving shard's (`Shard::refuses`): an
     // entry that breaks them is refused alone, the rest of the message applies.
-    let key_len = r.varint()? as usize;
-    let key = r.bytes(key_len)?.to_vec();
-    let value = if kind == KIND_SET {
-        let n = r.varint()? as usize;
-        Some(r.bytes(n)?.to_vec())
-    } else {
-        None
-    };
-    Ok(OwnedEntry {
-        key,
-        value,
-        version,
-    })
+    match decode_event(r) {
+        Ok(Event::Change(c)) => Ok(OwnedEntry {
+            key: c.key.to_vec(),
+            value: c.value.map(<[u8]>::to_vec),
+            version: Version { hlc: c.hlc, origin },
+        }),
+        Ok(Event::Flush(_)) | Err(EventError::BadKind(_)) => {
+            Err(SyncError::Malformed("entry kind"))
+        }
+        Err(EventError::Read(e)) => Err(e.into()),
+    }
 }
 
 fn read_version(r: &mut Reader) -> Result<Version, SyncError> {
@@ -1043,6 +1031,53 @@ mod tests {
         };
         let h = KeyHash::of(b"x");
         assert!(!b[h.shard(1)].apply(h, b"x", Some(b"old"), late, t));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn entries_read_back_as_written(entries in proptest::collection::vec(
+            (proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+             proptest::option::of(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)),
+             proptest::prelude::any::<u64>(), proptest::prelude::any::<u32>()), 0..20)) {
+            let entries: Vec<OwnedEntry> = entries
+                .into_iter()
+                .map(|(key, value, hlc, origin)| OwnedEntry { key, value, version: Version { hlc, origin } })
+                .collect();
+            // As a request carries them (counted) and as a reply does (to the end).
+            let mut req = Vec::new();
+            put_entries(&mut req, &entries);
+            let mut r = Reader::new(&req);
+            proptest::prop_assert_eq!(&read_entries(&mut r).unwrap(), &entries);
+            proptest::prop_assert!(r.done());
+            let mut reply = Vec::new();
+            for e in &entries {
+                encode_entry(&mut reply, e);
+            }
+            proptest::prop_assert_eq!(read_rest_entries(&mut Reader::new(&reply)).unwrap(), entries);
+        }
+    }
+
+    #[test]
+    fn an_entry_is_its_origin_and_a_store_event() {
+        // The layout docs/ANTI_ENTROPY.md draws: origin 9 (u32 LE), then the set of k
+        // to v at hlc 300 exactly as a replication payload carries it.
+        let mut out = Vec::new();
+        encode_entry(&mut out, &entry(b"k", Some(b"v"), 300));
+        let origin = 9u32.to_le_bytes();
+        assert_eq!(out[..4], origin);
+        assert_eq!(out[4..], [1, 0xac, 0x02, 1, b'k', 1, b'v']);
+        // A flush is no entry, and the exchange message of earlier releases (type 4,
+        // entries in the old layout) is refused as a whole.
+        let mut flush = vec![MSG_EXCHANGE, 0, 1, 9, 0, 0, 0];
+        crate::store::journal::encode_flush(&mut flush, 300);
+        assert_eq!(
+            parse(&flush).err(),
+            Some(SyncError::Malformed("entry kind"))
+        );
+        assert_eq!(
+            parse(&[4, 0, 0]).err(),
+            Some(SyncError::Malformed("message type"))
+        );
     }
 
     #[test]

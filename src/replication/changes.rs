@@ -1,6 +1,7 @@
-//! The replication wire format: change events, and the MQTT payload that carries a
-//! batch of them. Pure: bytes in, bytes or typed errors out. docs/REPLICATION.md draws
-//! the format byte by byte; this module is its only implementation.
+//! The replication wire format: the MQTT payload that carries a batch of change events,
+//! and the rules its events must meet. Pure: bytes in, bytes or typed errors out.
+//! docs/REPLICATION.md draws the format byte by byte; the events themselves are the
+//! store's, encoded and decoded by [`crate::store::journal`].
 //!
 //! A payload is a header followed by events:
 //!
@@ -25,9 +26,9 @@
 //! order it arrives in relative to the writes around it ([`crate::store::shard::Shard::apply_flush`]).
 
 use crate::limits::{is_valid_key, KEY_BYTES_MAX, NODE_ID_BYTES_MAX};
+use crate::store::journal::{decode_event, Change, Event, EventError};
 #[cfg(test)]
 use crate::store::journal::{encode_event, encode_flush};
-use crate::store::journal::{KIND_DEL, KIND_FLUSH, KIND_SET};
 use crate::wire::{ReadError, Reader};
 
 pub const FORMAT_VERSION: u8 = 1;
@@ -74,13 +75,13 @@ impl From<ReadError> for DecodeError {
     }
 }
 
-/// One change: the state a key has after a write, at version `hlc` of the payload's origin.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Event<'a> {
-    pub hlc: u64,
-    pub key: &'a [u8],
-    /// `None` is a delete (tombstone).
-    pub value: Option<&'a [u8]>,
+impl From<EventError> for DecodeError {
+    fn from(e: EventError) -> DecodeError {
+        match e {
+            EventError::Read(e) => e.into(),
+            EventError::BadKind(kind) => DecodeError::BadKind(kind),
+        }
+    }
 }
 
 /// A decoded payload; events borrow from the payload bytes.
@@ -89,16 +90,10 @@ pub struct Decoded<'a> {
     pub origin: u32,
     pub node_id: &'a str,
     /// The sets and deletes, in payload order.
-    pub events: Vec<Event<'a>>,
+    pub events: Vec<Change<'a>>,
     /// The clock of the newest flush in the payload, if it holds any: a newer flush
     /// marker covers every older one, so one per payload is all a receiver applies.
     pub flush: Option<u64>,
-}
-
-/// One event as read: a change to a key, or a flush.
-enum Item<'a> {
-    Change(Event<'a>),
-    Flush(u64),
 }
 
 /// What a decoder accepts.
@@ -192,8 +187,8 @@ pub fn decode(payload: &[u8], limits: Limits) -> Result<Decoded<'_>, DecodeError
     let mut flush = None;
     for _ in 0..count {
         match read_event(&mut r, limits.value_bytes_max)? {
-            Item::Change(e) => events.push(e),
-            Item::Flush(hlc) => flush = flush.max(Some(hlc)),
+            Event::Change(c) => events.push(c),
+            Event::Flush(hlc) => flush = flush.max(Some(hlc)),
         }
     }
     if !r.done() {
@@ -232,35 +227,25 @@ pub fn prefix_len(
     (r.at(), taken as u32)
 }
 
-/// Read one event (the format `store::journal::encode_event` writes), checking its kind,
-/// key and value against the format's and this node's limits.
-fn read_event<'a>(r: &mut Reader<'a>, value_max: usize) -> Result<Item<'a>, DecodeError> {
-    let kind = r.byte()?;
-    if kind != KIND_SET && kind != KIND_DEL && kind != KIND_FLUSH {
-        return Err(DecodeError::BadKind(kind));
-    }
-    let hlc = r.varint()?;
-    if kind == KIND_FLUSH {
-        return Ok(Item::Flush(hlc));
-    }
-    let key_len = r.varint()?;
-    if key_len == 0 || key_len > KEY_BYTES_MAX as u64 {
-        return Err(DecodeError::BadKey(key_len));
-    }
-    let key = r.bytes(key_len as usize)?;
-    if !is_valid_key(key) {
-        return Err(DecodeError::KeyCharacters);
-    }
-    let value = if kind == KIND_SET {
-        let len = r.varint()?;
-        if len > value_max as u64 {
-            return Err(DecodeError::ValueTooLarge(len));
+/// Read one event, checking a change's key and value against the format's and this
+/// node's limits.
+fn read_event<'a>(r: &mut Reader<'a>, value_max: usize) -> Result<Event<'a>, DecodeError> {
+    let event = decode_event(r)?;
+    if let Event::Change(c) = event {
+        if c.key.is_empty() || c.key.len() > KEY_BYTES_MAX {
+            return Err(DecodeError::BadKey(c.key.len() as u64));
         }
-        Some(r.bytes(len as usize)?)
-    } else {
-        None
-    };
-    Ok(Item::Change(Event { hlc, key, value }))
+        if !is_valid_key(c.key) {
+            return Err(DecodeError::KeyCharacters);
+        }
+        match c.value {
+            Some(v) if v.len() > value_max => {
+                return Err(DecodeError::ValueTooLarge(v.len() as u64))
+            }
+            _ => {}
+        }
+    }
+    Ok(event)
 }
 
 #[cfg(test)]
@@ -365,17 +350,17 @@ mod tests {
         assert_eq!(
             d.events,
             vec![
-                Event {
+                crate::store::journal::Change {
                     hlc: 1,
                     key: b"a",
                     value: Some(b"1")
                 },
-                Event {
+                crate::store::journal::Change {
                     hlc: u64::MAX,
                     key: b"b",
                     value: None
                 },
-                Event {
+                crate::store::journal::Change {
                     hlc: 1 << 52,
                     key: b"c",
                     value: Some(b"")
