@@ -6,7 +6,8 @@
 //! peer, and to this node's own port — so it uses exactly the path a peer uses, and no
 //! shard thread ever waits on the network.
 
-use crate::antientropy::exchange::{exchange, Peer, Report, SyncError};
+use crate::antientropy::exchange::{exchange, Report};
+use crate::antientropy::messages::{Peer, SyncError};
 use crate::node::inbox::ThreadMsg;
 use dashmap::DashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -171,7 +172,7 @@ struct LocalShards(Vec<tokio::sync::mpsc::Sender<ThreadMsg>>);
 impl Peer for LocalShards {
     fn call(&mut self, request: &[u8]) -> Result<Vec<u8>, SyncError> {
         let stopped = || SyncError::Transport("this node's shards have stopped".into());
-        let request = std::sync::Arc::new(crate::antientropy::exchange::parse(request)?);
+        let request = std::sync::Arc::new(crate::antientropy::messages::parse(request)?);
         let mut waiting = Vec::with_capacity(self.0.len());
         for inbox in &self.0 {
             let (reply, rx) = tokio::sync::oneshot::channel();
@@ -186,7 +187,7 @@ impl Peer for LocalShards {
             .into_iter()
             .map(|rx| rx.blocking_recv().map_err(|_| stopped()))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(crate::antientropy::exchange::assemble(&request, parts))
+        Ok(crate::antientropy::serve::assemble(&request, parts))
     }
 }
 

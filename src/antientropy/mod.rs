@@ -3,3 +3,5 @@
 
 pub mod client;
 pub mod exchange;
+pub mod messages;
+pub mod serve;

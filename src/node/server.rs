@@ -271,7 +271,7 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
                         .as_ref()
                         .expect("sync sent to a thread without a shard");
                     let bits = shared.shard_bits;
-                    let part = crate::antientropy::exchange::answer_part(
+                    let part = crate::antientropy::serve::answer_part(
                         &mut shard.borrow_mut(),
                         *i,
                         bits,
