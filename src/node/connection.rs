@@ -466,11 +466,11 @@ pub async fn run_sync(shared: &Arc<Shared>, peer: String) -> String {
         })
         .map_err(|e| e.to_string());
     let line = match &result {
-        Ok((report, took)) => crate::antientropy::client::report_line(report, *took),
+        Ok((report, took)) => crate::antientropy::log::report_line(report, *took),
         Err(e) => format!("ERROR: {e}"),
     };
     let ended = std::time::Instant::now();
-    let started = crate::antientropy::client::Started::OneOff;
+    let started = crate::antientropy::log::Started::OneOff;
     shared.sync_log.record(&peer, result, started, ended);
     line
 }

@@ -141,8 +141,8 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
     tokio::spawn(crate::node::bootstrap::run(shared.clone()));
     if shared.config.anti_entropy.enabled {
         let peers = shared.peers.clone();
-        tokio::spawn(crate::antientropy::client::run_periodic(
-            crate::antientropy::client::Periodic {
+        tokio::spawn(crate::antientropy::periodic::run_periodic(
+            crate::antientropy::periodic::Periodic {
                 config: shared.config.clone(),
                 me: crate::antientropy::client::self_address(shared.local_addr),
                 shards: shared.shard_inboxes(),
