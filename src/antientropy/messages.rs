@@ -50,7 +50,9 @@ impl From<ReadError> for SyncError {
     }
 }
 
-/// One side of the transport: send a request, get the reply.
+/// One side of the transport: send a request, get the reply. It lives beside the
+/// messages rather than in exchange.rs so that the answering side (serve.rs) and the
+/// network client implement it without depending on the exchange.
 pub trait Peer {
     fn call(&mut self, request: &[u8]) -> Result<Vec<u8>, SyncError>;
 }
