@@ -5,7 +5,8 @@
 //! against the minimum (the changed entries' own bytes) and shipping everything.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use merkle_kv::antientropy::exchange::{exchange, Shards};
+use merkle_kv::antientropy::exchange::exchange;
+use merkle_kv::antientropy::serve::Shards;
 use merkle_kv::store::keyspace::KeyHash;
 use merkle_kv::store::shard::{MemoryBudget, Shard};
 use merkle_kv::store::version::Version;

@@ -34,3 +34,128 @@ impl Span {
         &data[self.start as usize..(self.start + self.len) as usize]
     }
 }
+
+/// Why bytes could not be read: each format maps it into its own typed error
+/// (`replication::changes::DecodeError`, `antientropy`'s `SyncError`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    #[error("truncated at byte {0}")]
+    Truncated(usize),
+    #[error("malformed varint at byte {0}")]
+    BadVarint(usize),
+}
+
+/// Reads a received buffer front to back, every read bounds-checked: malformed input is
+/// an error, never a panic. The one reader of both wire formats.
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8]) -> Reader<'a> {
+        Reader { buf, at: 0 }
+    }
+
+    /// Bytes read so far.
+    pub fn at(&self) -> usize {
+        self.at
+    }
+
+    /// Bytes not read yet.
+    pub fn left(&self) -> usize {
+        self.buf.len() - self.at
+    }
+
+    pub fn done(&self) -> bool {
+        self.at == self.buf.len()
+    }
+
+    pub fn byte(&mut self) -> Result<u8, ReadError> {
+        let b = *self.buf.get(self.at).ok_or(ReadError::Truncated(self.at))?;
+        self.at += 1;
+        Ok(b)
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], ReadError> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or(ReadError::Truncated(self.at))?;
+        let s = &self.buf[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N], ReadError> {
+        Ok(self.bytes(N)?.try_into().expect("length checked"))
+    }
+
+    /// An unsigned LEB128 varint of at most 10 bytes whose value fits a u64: a 10th
+    /// byte holding more than the top bit is refused, not silently cut.
+    pub fn varint(&mut self) -> Result<u64, ReadError> {
+        let start = self.at;
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            let bits = u64::from(b & 0x7f);
+            if shift == 63 && bits > 1 {
+                return Err(ReadError::BadVarint(start));
+            }
+            v |= bits << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(ReadError::BadVarint(start))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varints_round_trip_and_overflow_is_refused() {
+        for v in [
+            0,
+            1,
+            127,
+            128,
+            300,
+            u64::from(u32::MAX),
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
+            let mut out = Vec::new();
+            put_varint(&mut out, v);
+            let mut r = Reader::new(&out);
+            assert_eq!((r.varint(), r.done()), (Ok(v), true), "{v}");
+        }
+        // u64::MAX is nine 0xff and a 1; a 10th byte of 2 would need bit 64.
+        let mut over = vec![0xff; 9];
+        over.push(0x02);
+        assert_eq!(Reader::new(&over).varint(), Err(ReadError::BadVarint(0)));
+        // Eleven bytes, or a 10th byte that goes on, are too long.
+        assert_eq!(
+            Reader::new(&[0x80; 11]).varint(),
+            Err(ReadError::BadVarint(0))
+        );
+        assert_eq!(
+            Reader::new(&[0x80, 0x80]).varint(),
+            Err(ReadError::Truncated(2))
+        );
+    }
+
+    #[test]
+    fn reads_past_the_end_are_errors_at_their_position() {
+        let mut r = Reader::new(&[1, 2, 3]);
+        assert_eq!(r.byte(), Ok(1));
+        assert_eq!(r.bytes(3), Err(ReadError::Truncated(1)));
+        assert_eq!(r.bytes(usize::MAX), Err(ReadError::Truncated(1)));
+        assert_eq!(r.array::<2>(), Ok([2, 3]));
+        assert_eq!((r.left(), r.at()), (0, 3));
+        assert_eq!(r.byte(), Err(ReadError::Truncated(3)));
+    }
+}

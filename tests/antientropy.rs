@@ -4,7 +4,8 @@
 //! exchange through the real message encoding. Afterwards both equal the model, their
 //! roots are equal, and exactly the divergent entries crossed, once each way.
 
-use merkle_kv::antientropy::exchange::{exchange, Report, Shards};
+use merkle_kv::antientropy::exchange::{exchange, Report};
+use merkle_kv::antientropy::serve::Shards;
 use merkle_kv::store::keyspace::KeyHash;
 use merkle_kv::store::shard::{MemoryBudget, Shard};
 use merkle_kv::store::version::Version;
@@ -115,7 +116,7 @@ proptest! {
         } else {
             // Root, four levels, then a listing and an exchange round trip per chunk
             // of differing buckets.
-            let chunks = report.buckets_compared.div_ceil(merkle_kv::antientropy::exchange::BUCKETS_PER_ROUND as u64);
+            let chunks = report.buckets_compared.div_ceil(merkle_kv::antientropy::messages::BUCKETS_PER_ROUND as u64);
             prop_assert!(report.round_trips <= 5 + 2 * chunks, "{:?}", report);
         }
         // A second exchange finds nothing.
@@ -151,7 +152,7 @@ fn replies_are_bounded_and_the_next_exchange_takes_the_rest() {
         }
         assert!(
             r.bytes_received
-                < (merkle_kv::antientropy::exchange::ENTRY_BYTES_PER_REPLY + (2 << 20)) as u64 * 2,
+                < (merkle_kv::antientropy::messages::ENTRY_BYTES_PER_REPLY + (2 << 20)) as u64 * 2,
             "{r:?}"
         );
         received += r.entries_received;
@@ -170,11 +171,11 @@ struct Moving<'a> {
     writes: u64,
 }
 
-impl merkle_kv::antientropy::exchange::Peer for Moving<'_> {
+impl merkle_kv::antientropy::messages::Peer for Moving<'_> {
     fn call(
         &mut self,
         request: &[u8],
-    ) -> Result<Vec<u8>, merkle_kv::antientropy::exchange::SyncError> {
+    ) -> Result<Vec<u8>, merkle_kv::antientropy::messages::SyncError> {
         let reply = self.node.call(request);
         self.writes += 1;
         let key = format!("moving:{}", self.writes).into_bytes();

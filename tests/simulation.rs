@@ -19,7 +19,8 @@
 //!
 //! A failure prints its seed; rerun one with MKV_SIM_SEED=<seed>.
 
-use merkle_kv::antientropy::exchange::{exchange, Shards};
+use merkle_kv::antientropy::exchange::exchange;
+use merkle_kv::antientropy::serve::Shards;
 use merkle_kv::node::inbox::RemoteChanges;
 use merkle_kv::replication::changes::{Limits, PayloadBuilder};
 use merkle_kv::replication::inbound::{apply_remote, route};

@@ -1,6 +1,7 @@
-//! Anti-entropy, the pure core: the messages two replicas exchange to find and repair
-//! their differences, the server side that answers them from shards, and the
-//! initiator's algorithm. No I/O: the transport is whatever carries [`Peer::call`].
+//! Anti-entropy, the exchange: the initiator's algorithm, which drives two [`Peer`]s —
+//! this node and the other replica — through the messages ([`crate::antientropy::messages`])
+//! to find and repair their differences. No I/O: the transport is whatever carries
+//! [`Peer::call`].
 //!
 //! The exchange, in round trips to the peer:
 //! 1. compare roots (64-bit truncated digests); equal → done, one round trip. The root
@@ -12,61 +13,17 @@
 //! 3. for the buckets that differ, compare listings (key hash + entry digest per entry);
 //! 4. fetch the peer's differing entries and push ours in one round trip; each side
 //!    applies the other's with the last-write-wins merge, so one exchange heals both.
-//!
-//! Messages are binary (docs/ANTI_ENTROPY.md draws them); varints are LEB128 as in
-//! [`crate::changes`].
 
-use crate::store::keyspace::{shard_of_bucket, KeyHash, BUCKETS, BUCKET_BITS};
-use crate::store::merkle::short_digest;
-use crate::store::merkle::{combine_roots, Digest};
-use crate::store::shard::{OwnedEntry, Shard};
+use crate::antientropy::messages::{
+    exchange_reply, exchange_request, key32, listings_reply, listings_request, nodes_request,
+    root_reply, root_request, Peer, SyncError, BUCKETS_PER_ROUND, NODE_DIGEST_BYTES,
+};
+use crate::store::keyspace::{KeyHash, BUCKET_BITS};
+use crate::store::shard::OwnedEntry;
 use crate::store::version::Version;
-use crate::wire::put_varint;
 
 /// Tree levels descended per round trip: 16 descendants per differing node.
 pub const FANOUT_BITS: u32 = 4;
-/// Interior node digests travel truncated to 32 bits: a false "equal" needs a 2^-32
-/// coincidence, and only delays a repair until the subtree's next write. Measured:
-/// halving the digests cut the d = 100 exchange at 1M keys from 68.8 KB to about 45 KB.
-pub const NODE_DIGEST_BYTES: usize = 4;
-
-/// A node digest as sent.
-fn node32(d: &Digest) -> u32 {
-    u32::from_le_bytes(d[..4].try_into().expect("32-byte digest"))
-}
-
-/// A key hash as listed: the 32 bits below the bucket bits (all keys of a bucket share
-/// the top 16), so order within a bucket is kept.
-fn key32(h: u64) -> u32 {
-    (h >> (64 - BUCKET_BITS - 32)) as u32
-}
-/// Most bytes of entries one exchange reply (or request) carries, besides one entry of
-/// any size ([`ReplyRoom`]): bounds the memory an exchange needs whatever the value sizes.
-pub const ENTRY_BYTES_PER_REPLY: usize = 16 << 20;
-/// Most entries one exchange reply carries (so a request carrying them back is valid).
-pub const ENTRIES_PER_REPLY_MAX: usize = REQUEST_ITEMS_MAX;
-/// Most node indices, buckets or entries one request may name.
-pub const REQUEST_ITEMS_MAX: usize = BUCKETS;
-
-const MSG_ROOT: u8 = 1;
-const MSG_NODES: u8 = 2;
-const MSG_LISTINGS: u8 = 3;
-const MSG_EXCHANGE: u8 = 4;
-const KIND_SET: u8 = 1;
-const KIND_DEL: u8 = 2;
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SyncError {
-    #[error("malformed sync message: {0}")]
-    Malformed(&'static str),
-    #[error("peer: {0}")]
-    Transport(String),
-}
-
-/// One side of the transport: send a request, get the reply.
-pub trait Peer {
-    fn call(&mut self, request: &[u8]) -> Result<Vec<u8>, SyncError>;
-}
 
 /// What one exchange did, as `SYNC` reports it.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -88,297 +45,6 @@ pub struct Report {
     pub entries_ignored: u64,
 }
 
-/// A parsed request.
-#[derive(Debug)]
-pub enum Request {
-    /// Apply this flush marker (when newer), then give the root and the newest marker.
-    Root { marker: Version },
-    /// Truncated digests of these nodes of `level` (sorted indices).
-    Nodes { level: u32, indices: Vec<usize> },
-    /// Listings of these buckets (sorted).
-    Listings { buckets: Vec<usize> },
-    /// Apply `entries`; reply with the entries of `wanted` (bucket, sorted 32-bit key
-    /// hashes) as they were before applying, as many as `room` takes.
-    Exchange {
-        wanted: Vec<(usize, Vec<u32>)>,
-        entries: Vec<OwnedEntry>,
-        /// The reply's room, shared by the shards that answer (on their own threads).
-        room: ReplyRoom,
-    },
-}
-
-/// The room left in one exchange reply: [`ENTRY_BYTES_PER_REPLY`] bytes and
-/// [`ENTRIES_PER_REPLY_MAX`] entries for the whole node — the shards take from it as
-/// they find their entries, so the reply carries the documented amount whatever the
-/// shard count — plus one entry that does not fit the bytes left, whatever its size
-/// (so no entry is too large to repair, and one large entry leaves the others their
-/// room). An entry that finds no room stays different; the next exchange takes it.
-#[derive(Debug)]
-pub struct ReplyRoom(std::sync::Mutex<Room>);
-
-#[derive(Debug)]
-struct Room {
-    bytes: usize,
-    entries: usize,
-    /// The one entry beyond `bytes` is still to be taken.
-    beyond: bool,
-}
-
-impl Default for ReplyRoom {
-    fn default() -> ReplyRoom {
-        ReplyRoom(std::sync::Mutex::new(Room {
-            bytes: ENTRY_BYTES_PER_REPLY,
-            entries: ENTRIES_PER_REPLY_MAX,
-            beyond: true,
-        }))
-    }
-}
-
-impl ReplyRoom {
-    /// Take room for one entry of `size` bytes; false when there is none.
-    fn take(&self, size: usize) -> bool {
-        // Nothing panics while the lock is held, so it is never poisoned.
-        let mut r = self.0.lock().expect("reply room lock");
-        if r.entries == 0 {
-            return false;
-        }
-        if size <= r.bytes {
-            r.bytes -= size;
-        } else if r.beyond {
-            r.beyond = false;
-        } else {
-            return false;
-        }
-        r.entries -= 1;
-        true
-    }
-}
-
-/// The bytes an entry takes of a reply's room (about its encoded size).
-fn entry_size(e: &OwnedEntry) -> usize {
-    e.key.len() + e.value.as_ref().map_or(0, Vec::len) + 16
-}
-
-/// One shard's share of a reply; [`assemble`] joins the shares in request order.
-#[derive(Debug, Default)]
-pub struct Part {
-    /// The shard's root (for nodes above the shards' subtrees).
-    root: Option<Digest>,
-    /// (position in the request, value) for the items this shard owns.
-    digests: Vec<(usize, u32)>,
-    listings: Vec<(usize, Vec<(u32, u32)>)>,
-    entries: Vec<(usize, Vec<OwnedEntry>)>,
-    applied: u64,
-    refused: u64,
-    /// The shard's flush marker, after applying the request's.
-    marker: Version,
-    /// Entries the request's flush marker dropped here (the caller logs them).
-    pub flushed: u64,
-}
-
-/// Parse a request. Malformed input is an error, never a panic.
-pub fn parse(request: &[u8]) -> Result<Request, SyncError> {
-    let mut r = Reader::new(request);
-    let req = match r.byte()? {
-        MSG_ROOT => Request::Root {
-            marker: r.version()?,
-        },
-        MSG_NODES => {
-            let level = u32::from(r.byte()?);
-            if level > BUCKET_BITS {
-                return Err(SyncError::Malformed("level"));
-            }
-            Request::Nodes {
-                level,
-                indices: r.index_list(1 << level)?,
-            }
-        }
-        MSG_LISTINGS => {
-            let buckets = r.index_list(BUCKETS)?;
-            if buckets.len() > BUCKETS_PER_ROUND {
-                return Err(SyncError::Malformed("too many buckets"));
-            }
-            Request::Listings { buckets }
-        }
-        MSG_EXCHANGE => {
-            let wanted = r.wanted()?;
-            if wanted.len() > BUCKETS_PER_ROUND {
-                return Err(SyncError::Malformed("too many buckets"));
-            }
-            Request::Exchange {
-                wanted,
-                entries: r.entries()?,
-                room: ReplyRoom::default(),
-            }
-        }
-        _ => return Err(SyncError::Malformed("message type")),
-    };
-    if !r.done() {
-        return Err(SyncError::Malformed("trailing bytes"));
-    }
-    Ok(req)
-}
-
-/// Shard `index` of `1 << bits` answers its share of `req`.
-pub fn answer_part(shard: &mut Shard, index: usize, bits: u32, req: &Request, now_us: u64) -> Part {
-    let mut part = Part::default();
-    let owns_bucket = |b: usize| shard_of_bucket(b, bits) == index;
-    match req {
-        Request::Root { marker } => {
-            part.flushed = shard.apply_flush(*marker, now_us);
-            part.marker = shard.flushed();
-            part.root = Some(shard.root());
-        }
-        // Above the shards' subtrees: every shard gives its root, `assemble` combines.
-        Request::Nodes { level, .. } if *level < bits => part.root = Some(shard.root()),
-        Request::Nodes { level, indices } => {
-            for (pos, &i) in indices.iter().enumerate() {
-                if owns_bucket(i << (BUCKET_BITS - level)) {
-                    part.digests
-                        .push((pos, node32(&shard.node_digest(*level, i))));
-                }
-            }
-        }
-        Request::Listings { buckets } => {
-            for (pos, &b) in buckets.iter().enumerate() {
-                if owns_bucket(b) {
-                    let mut l: Vec<(u32, u32)> = shard
-                        .listing(b)
-                        .into_iter()
-                        .map(|(h, d)| (key32(h), d as u32))
-                        .collect();
-                    l.sort_unstable();
-                    part.listings.push((pos, l));
-                }
-            }
-        }
-        Request::Exchange {
-            wanted,
-            entries,
-            room,
-        } => {
-            // Ours are read before theirs are applied: each side sends what it held.
-            for (pos, (b, hashes)) in wanted.iter().enumerate() {
-                if owns_bucket(*b) {
-                    let mut found =
-                        shard.entries_by_hash(*b, |h| hashes.binary_search(&key32(h)).is_ok());
-                    found.retain(|e| room.take(entry_size(e)));
-                    part.entries.push((pos, found));
-                }
-            }
-            // An entry this shard cannot store is counted and skipped: the rest of the
-            // chunk applies.
-            let full_before = shard.stats.storage_full;
-            for e in entries {
-                let h = KeyHash::of(&e.key);
-                if owns_bucket(h.bucket()) {
-                    let value = e.value.as_deref();
-                    if shard.apply(h, &e.key, value, e.version, now_us) {
-                        part.applied += 1;
-                    } else if shard.refuses(&e.key, value) {
-                        part.refused += 1;
-                    }
-                }
-            }
-            part.refused += shard.stats.storage_full - full_before;
-        }
-    }
-    part
-}
-
-/// Join the shards' shares (index = shard) into the reply bytes.
-pub fn assemble(req: &Request, parts: Vec<Part>) -> Vec<u8> {
-    let mut out = Vec::new();
-    let bits = parts.len().trailing_zeros();
-    let roots = |parts: &[Part]| -> Vec<Digest> { parts.iter().filter_map(|p| p.root).collect() };
-    match req {
-        Request::Root { .. } => {
-            out.extend_from_slice(&short_digest(&combine_roots(&roots(&parts))).to_le_bytes());
-            let marker = parts.iter().map(|p| p.marker).max().unwrap_or_default();
-            put_version(&mut out, marker);
-        }
-        Request::Nodes { level, indices } if *level < bits => {
-            let roots = roots(&parts);
-            let per = 1usize << (bits - level);
-            for &i in indices {
-                let d = combine_roots(&roots[i * per..(i + 1) * per]);
-                out.extend_from_slice(&node32(&d).to_le_bytes());
-            }
-        }
-        Request::Nodes { indices, .. } => {
-            let mut all = vec![0u32; indices.len()];
-            for (pos, d) in parts.into_iter().flat_map(|p| p.digests) {
-                all[pos] = d;
-            }
-            for d in all {
-                out.extend_from_slice(&d.to_le_bytes());
-            }
-        }
-        Request::Listings { buckets } => {
-            let mut all = vec![Vec::new(); buckets.len()];
-            for (pos, l) in parts.into_iter().flat_map(|p| p.listings) {
-                all[pos] = l;
-            }
-            for listing in all {
-                put_varint(&mut out, listing.len() as u64);
-                for (h, d) in listing {
-                    out.extend_from_slice(&h.to_le_bytes());
-                    out.extend_from_slice(&d.to_le_bytes());
-                }
-            }
-        }
-        Request::Exchange { wanted, .. } => {
-            put_varint(&mut out, parts.iter().map(|p| p.applied).sum());
-            put_varint(&mut out, parts.iter().map(|p| p.refused).sum());
-            let mut all = vec![Vec::new(); wanted.len()];
-            for (pos, e) in parts.into_iter().flat_map(|p| p.entries) {
-                all[pos] = e;
-            }
-            for e in all.iter().flatten() {
-                encode_entry(&mut out, e);
-            }
-        }
-    }
-    out
-}
-
-/// A node's shards in one thread (tests, benches, and the in-process side of an
-/// exchange): parse, every shard's part, assemble — the same steps a node runs across
-/// its shard threads.
-pub struct Shards<'a> {
-    pub shards: &'a mut [Shard],
-    pub now_us: u64,
-}
-
-impl Peer for Shards<'_> {
-    fn call(&mut self, request: &[u8]) -> Result<Vec<u8>, SyncError> {
-        let req = parse(request)?;
-        let bits = self.shards.len().trailing_zeros();
-        let parts = self
-            .shards
-            .iter_mut()
-            .enumerate()
-            .map(|(i, s)| answer_part(s, i, bits, &req, self.now_us))
-            .collect();
-        Ok(assemble(&req, parts))
-    }
-}
-
-/// The reply to `SYNC.MSG`: `SYNC.REPLY <n>`, CRLF, then `n` bytes; or an error line.
-pub fn write_reply(out: &mut Vec<u8>, reply: Result<Vec<u8>, SyncError>) {
-    match reply {
-        Ok(bytes) => {
-            out.extend_from_slice(format!("SYNC.REPLY {}\r\n", bytes.len()).as_bytes());
-            out.extend_from_slice(&bytes);
-        }
-        Err(e) => out.extend_from_slice(format!("ERROR: {e}\r\n").as_bytes()),
-    }
-}
-
-/// Buckets whose listings are compared per round trip: bounds every message (a node
-/// that starts empty fills itself in chunks, never one message holding everything).
-pub const BUCKETS_PER_ROUND: usize = 256;
-
 /// Run one exchange between this node (`local`, whose traffic is not counted) and
 /// `peer`. Differences that appear while it runs are found by the next exchange.
 pub fn exchange(local: &mut dyn Peer, peer: &mut dyn Peer) -> Result<Report, SyncError> {
@@ -395,7 +61,22 @@ pub fn exchange(local: &mut dyn Peer, peer: &mut dyn Peer) -> Result<Report, Syn
     if mine == theirs {
         return Ok(report);
     }
-    // Descend: the frontier holds the differing nodes of the current level.
+    let differing = descend(local, peer, &mut report)?;
+    // Compare listings and repair, a bounded number of buckets per round.
+    for buckets in differing.chunks(BUCKETS_PER_ROUND) {
+        repair(local, peer, buckets, &mut report)?;
+    }
+    Ok(report)
+}
+
+/// Descend the tree from the root to the buckets, [`FANOUT_BITS`] levels per round
+/// trip, expanding only the nodes that differ: the buckets that differ, sorted.
+fn descend(
+    local: &mut dyn Peer,
+    peer: &mut dyn Peer,
+    report: &mut Report,
+) -> Result<Vec<usize>, SyncError> {
+    // The frontier holds the differing nodes of the current level.
     let (mut level, mut frontier) = (0u32, vec![0usize]);
     while level < BUCKET_BITS && !frontier.is_empty() {
         let next = (level + FANOUT_BITS).min(BUCKET_BITS);
@@ -404,9 +85,7 @@ pub fn exchange(local: &mut dyn Peer, peer: &mut dyn Peer) -> Result<Report, Syn
             .iter()
             .flat_map(|&p| p * span..(p + 1) * span)
             .collect();
-        let mut req = vec![MSG_NODES, next as u8];
-        put_index_list(&mut req, &children);
-        let (mine, theirs) = ask_both(local, peer, req, &mut report)?;
+        let (mine, theirs) = ask_both(local, peer, nodes_request(next, &children), report)?;
         if mine.len() != children.len() * NODE_DIGEST_BYTES || theirs.len() != mine.len() {
             return Err(SyncError::Malformed("node digests"));
         }
@@ -421,77 +100,49 @@ pub fn exchange(local: &mut dyn Peer, peer: &mut dyn Peer) -> Result<Report, Syn
             .collect();
         level = next;
     }
-    // Compare listings and repair, a bounded number of buckets per round.
-    for buckets in frontier.chunks(BUCKETS_PER_ROUND) {
-        let mut req = vec![MSG_LISTINGS];
-        put_index_list(&mut req, buckets);
-        let (mine, theirs) = ask_both(local, peer, req, &mut report)?;
-        let (mut rm, mut rt) = (Reader::new(&mine), Reader::new(&theirs));
-        let mut wanted: Vec<(usize, Vec<u32>)> = Vec::new();
-        for &bucket in buckets {
-            let differ = diff_listings(&rm.listing()?, &rt.listing()?);
-            report.buckets_compared += 1;
-            if !differ.is_empty() {
-                wanted.push((bucket, differ));
-            }
+    Ok(frontier)
+}
+
+/// Compare the listings of `buckets` (at most [`BUCKETS_PER_ROUND`]) and swap the
+/// entries that differ.
+fn repair(
+    local: &mut dyn Peer,
+    peer: &mut dyn Peer,
+    buckets: &[usize],
+    report: &mut Report,
+) -> Result<(), SyncError> {
+    let (mine, theirs) = ask_both(local, peer, listings_request(buckets), report)?;
+    let (mine, theirs) = (
+        listings_reply(&mine, buckets.len())?,
+        listings_reply(&theirs, buckets.len())?,
+    );
+    let mut wanted: Vec<(usize, Vec<u32>)> = Vec::new();
+    for ((&bucket, m), t) in buckets.iter().zip(&mine).zip(&theirs) {
+        let differ = diff_listings(m, t);
+        report.buckets_compared += 1;
+        if !differ.is_empty() {
+            wanted.push((bucket, differ));
         }
-        if !rm.done() || !rt.done() {
-            return Err(SyncError::Malformed("listings"));
-        }
-        if wanted.is_empty() {
-            continue;
-        }
-        // Our entries first (an exchange with nothing to apply), then one round trip
-        // to the peer: it applies ours and returns its own; then we apply theirs.
-        let mut req = vec![MSG_EXCHANGE];
-        put_wanted(&mut req, &wanted);
-        put_entries(&mut req, &[]);
-        let (_, ours) = exchange_reply(&local.call(&req)?)?;
-        let mut req = vec![MSG_EXCHANGE];
-        put_wanted(&mut req, &wanted);
-        put_entries(&mut req, &ours);
-        report.entries_sent += ours.len() as u64;
-        let (there, theirs) = exchange_reply(&ask(peer, &req, &mut report)?)?;
-        report.entries_received += theirs.len() as u64;
-        // Only what we asked for: a reply names no keys we can check otherwise, and a
-        // peer has no business writing anything else here.
-        let (theirs, other): (Vec<OwnedEntry>, Vec<OwnedEntry>) =
-            theirs.into_iter().partition(|e| asked_for(&wanted, e));
-        report.entries_ignored += other.len() as u64;
-        let mut req = vec![MSG_EXCHANGE];
-        put_wanted(&mut req, &[]);
-        put_entries(&mut req, &theirs);
-        let (here, _) = exchange_reply(&local.call(&req)?)?;
-        report.keys_repaired += there.0 + here.0;
-        report.entries_refused += there.1 + here.1;
     }
-    Ok(report)
-}
-
-/// A root request carrying `marker`.
-fn root_request(marker: Version) -> Vec<u8> {
-    let mut req = vec![MSG_ROOT];
-    put_version(&mut req, marker);
-    req
-}
-
-/// A root reply: the root's first 8 bytes, and the newest flush marker.
-fn root_reply(reply: &[u8]) -> Result<(u64, Version), SyncError> {
-    let mut r = Reader::new(reply);
-    let root = u64::from_le_bytes(r.bytes(8)?.try_into().expect("8 bytes"));
-    let marker = r.version()?;
-    if !r.done() {
-        return Err(SyncError::Malformed("root reply"));
+    if wanted.is_empty() {
+        return Ok(());
     }
-    Ok((root, marker))
-}
-
-/// An exchange reply: (entries applied, entries refused) of the request's, and the
-/// wanted entries.
-fn exchange_reply(reply: &[u8]) -> Result<((u64, u64), Vec<OwnedEntry>), SyncError> {
-    let mut r = Reader::new(reply);
-    let counts = (r.varint()?, r.varint()?);
-    Ok((counts, r.rest_entries()?))
+    // Our entries first (an exchange with nothing to apply), then one round trip
+    // to the peer: it applies ours and returns its own; then we apply theirs.
+    let (_, ours) = exchange_reply(&local.call(&exchange_request(&wanted, &[]))?)?;
+    report.entries_sent += ours.len() as u64;
+    let req = exchange_request(&wanted, &ours);
+    let (there, theirs) = exchange_reply(&ask(peer, &req, report)?)?;
+    report.entries_received += theirs.len() as u64;
+    // Only what we asked for: a reply names no keys we can check otherwise, and a
+    // peer has no business writing anything else here.
+    let (theirs, other): (Vec<OwnedEntry>, Vec<OwnedEntry>) =
+        theirs.into_iter().partition(|e| asked_for(&wanted, e));
+    report.entries_ignored += other.len() as u64;
+    let (here, _) = exchange_reply(&local.call(&exchange_request(&[], &theirs))?)?;
+    report.keys_repaired += there.0 + here.0;
+    report.entries_refused += there.1 + here.1;
+    Ok(())
 }
 
 /// Whether `e` is one of the `wanted` (buckets and key hashes, both sorted).
@@ -556,203 +207,14 @@ pub fn diff_listings(a: &[(u32, u32)], b: &[(u32, u32)]) -> Vec<u32> {
     out
 }
 
-/// Sorted indices as a count and gaps (small numbers, so short varints).
-fn put_index_list(out: &mut Vec<u8>, sorted: &[usize]) {
-    put_varint(out, sorted.len() as u64);
-    let mut prev = 0;
-    for &i in sorted {
-        put_varint(out, (i - prev) as u64);
-        prev = i;
-    }
-}
-
-fn put_wanted(out: &mut Vec<u8>, wanted: &[(usize, Vec<u32>)]) {
-    let buckets: Vec<usize> = wanted.iter().map(|w| w.0).collect();
-    put_index_list(out, &buckets);
-    for (_, hashes) in wanted {
-        put_varint(out, hashes.len() as u64);
-        for h in hashes {
-            out.extend_from_slice(&h.to_le_bytes());
-        }
-    }
-}
-
-fn put_entries(out: &mut Vec<u8>, entries: &[OwnedEntry]) {
-    put_varint(out, entries.len() as u64);
-    for e in entries {
-        encode_entry(out, e);
-    }
-}
-
-fn encode_entry(out: &mut Vec<u8>, e: &OwnedEntry) {
-    out.push(if e.value.is_some() {
-        KIND_SET
-    } else {
-        KIND_DEL
-    });
-    put_version(out, e.version);
-    put_varint(out, e.key.len() as u64);
-    out.extend_from_slice(&e.key);
-    if let Some(v) = &e.value {
-        put_varint(out, v.len() as u64);
-        out.extend_from_slice(v);
-    }
-}
-
-/// A version as sent: varint hlc, u32 origin.
-fn put_version(out: &mut Vec<u8>, v: Version) {
-    put_varint(out, v.hlc);
-    out.extend_from_slice(&v.origin.to_le_bytes());
-}
-
-struct Reader<'a> {
-    buf: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8]) -> Reader<'a> {
-        Reader { buf, at: 0 }
-    }
-
-    fn done(&self) -> bool {
-        self.at == self.buf.len()
-    }
-
-    fn byte(&mut self) -> Result<u8, SyncError> {
-        let b = *self
-            .buf
-            .get(self.at)
-            .ok_or(SyncError::Malformed("truncated"))?;
-        self.at += 1;
-        Ok(b)
-    }
-
-    fn bytes(&mut self, n: usize) -> Result<&'a [u8], SyncError> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|&e| e <= self.buf.len())
-            .ok_or(SyncError::Malformed("truncated"))?;
-        let s = &self.buf[self.at..end];
-        self.at = end;
-        Ok(s)
-    }
-
-    fn u32(&mut self) -> Result<u32, SyncError> {
-        Ok(u32::from_le_bytes(
-            self.bytes(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-
-    fn varint(&mut self) -> Result<u64, SyncError> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.byte()?;
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(SyncError::Malformed("varint"))
-    }
-
-    /// A count, at most `REQUEST_ITEMS_MAX` and what the remaining bytes can hold.
-    fn count(&mut self, min_item_bytes: usize) -> Result<usize, SyncError> {
-        let n = self.varint()? as usize;
-        let room = (self.buf.len() - self.at) / min_item_bytes.max(1);
-        if n > REQUEST_ITEMS_MAX || n > room {
-            return Err(SyncError::Malformed("count"));
-        }
-        Ok(n)
-    }
-
-    /// Strictly increasing indices below `limit`.
-    fn index_list(&mut self, limit: usize) -> Result<Vec<usize>, SyncError> {
-        let n = self.count(1)?;
-        let mut out = Vec::with_capacity(n);
-        let mut prev = 0usize;
-        for k in 0..n {
-            let gap = self.varint()? as usize;
-            if k > 0 && gap == 0 {
-                return Err(SyncError::Malformed("index order"));
-            }
-            prev = prev
-                .checked_add(gap)
-                .filter(|&i| i < limit)
-                .ok_or(SyncError::Malformed("index"))?;
-            out.push(prev);
-        }
-        Ok(out)
-    }
-
-    fn listing(&mut self) -> Result<Vec<(u32, u32)>, SyncError> {
-        let n = self.count(8)?;
-        (0..n).map(|_| Ok((self.u32()?, self.u32()?))).collect()
-    }
-
-    fn wanted(&mut self) -> Result<Vec<(usize, Vec<u32>)>, SyncError> {
-        let buckets = self.index_list(BUCKETS)?;
-        let mut out = Vec::with_capacity(buckets.len());
-        for b in buckets {
-            let n = self.count(4)?;
-            let mut hashes: Vec<u32> = (0..n).map(|_| self.u32()).collect::<Result<_, _>>()?;
-            hashes.sort_unstable();
-            out.push((b, hashes));
-        }
-        Ok(out)
-    }
-
-    fn rest_entries(&mut self) -> Result<Vec<OwnedEntry>, SyncError> {
-        let mut out = Vec::new();
-        while !self.done() {
-            if out.len() == ENTRIES_PER_REPLY_MAX {
-                return Err(SyncError::Malformed("too many entries"));
-            }
-            out.push(self.entry()?);
-        }
-        Ok(out)
-    }
-
-    fn entries(&mut self) -> Result<Vec<OwnedEntry>, SyncError> {
-        let n = self.count(7)?;
-        (0..n).map(|_| self.entry()).collect()
-    }
-
-    fn entry(&mut self) -> Result<OwnedEntry, SyncError> {
-        let kind = self.byte()?;
-        if kind != KIND_SET && kind != KIND_DEL {
-            return Err(SyncError::Malformed("entry kind"));
-        }
-        let version = self.version()?;
-        // The key and value rules are the receiving shard's (`Shard::refuses`): an
-        // entry that breaks them is refused alone, the rest of the message applies.
-        let key_len = self.varint()? as usize;
-        let key = self.bytes(key_len)?.to_vec();
-        let value = if kind == KIND_SET {
-            let n = self.varint()? as usize;
-            Some(self.bytes(n)?.to_vec())
-        } else {
-            None
-        };
-        Ok(OwnedEntry {
-            key,
-            value,
-            version,
-        })
-    }
-
-    fn version(&mut self) -> Result<Version, SyncError> {
-        Ok(Version {
-            hlc: self.varint()?,
-            origin: self.u32()?,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::antientropy::messages::{encode_entry, parse, Request};
+    use crate::antientropy::serve::tests::{entry, keys, node, put, put_at, stored};
+    use crate::antientropy::serve::Shards;
+    use crate::store::merkle::{combine_roots, Digest};
+    use crate::store::shard::Shard;
 
     #[test]
     fn diff_finds_one_sided_and_changed_hashes() {
@@ -761,134 +223,6 @@ mod tests {
         assert_eq!(diff_listings(&a, &b), vec![1, 2, 3, 9]);
         assert_eq!(diff_listings(&a, &a), Vec::<u32>::new());
         assert_eq!(diff_listings(&[], &b), vec![2, 3, 5, 9]);
-    }
-
-    fn node(shards: usize, value_bytes_max: usize) -> Vec<Shard> {
-        let budget = crate::store::shard::MemoryBudget::unlimited();
-        (0..shards)
-            .map(|i| Shard::new(i, shards.trailing_zeros(), budget.clone(), value_bytes_max))
-            .collect()
-    }
-
-    fn entry(key: &[u8], value: Option<&[u8]>, hlc: u64) -> OwnedEntry {
-        OwnedEntry {
-            key: key.to_vec(),
-            value: value.map(<[u8]>::to_vec),
-            version: Version { hlc, origin: 9 },
-        }
-    }
-
-    fn push(entries: &[OwnedEntry]) -> Vec<u8> {
-        let mut req = vec![MSG_EXCHANGE];
-        put_wanted(&mut req, &[]);
-        put_entries(&mut req, entries);
-        req
-    }
-
-    fn stored(shards: &[Shard], key: &[u8]) -> bool {
-        let h = KeyHash::of(key);
-        shards[h.shard(shards.len().trailing_zeros())]
-            .get(h, key)
-            .is_some()
-    }
-
-    #[test]
-    fn pushed_entries_with_bad_keys_or_oversize_values_are_refused_alone() {
-        let mut shards = node(2, 16);
-        let now = 1 << 50;
-        let pushed = [
-            entry(b"two words", Some(b"v"), now),
-            entry(b"line\r\nbreak", Some(b"v"), now),
-            entry(b"tab\t", None, now),
-            entry(b"big", Some(&[b'x'; 17]), now),
-            entry(b"good", Some(b"a b\r\n\0"), now),
-        ];
-        let reply = Shards {
-            shards: &mut shards,
-            now_us: now,
-        }
-        .call(&push(&pushed))
-        .unwrap();
-        assert_eq!(
-            exchange_reply(&reply).unwrap().0,
-            (1, 4),
-            "applied, refused"
-        );
-        for e in &pushed[..4] {
-            assert!(!stored(&shards, &e.key), "{:?}", e.key);
-        }
-        assert!(stored(&shards, b"good"), "the rest of the chunk applies");
-    }
-
-    fn put(shards: &mut [Shard], key: &[u8], value: &[u8]) {
-        let h = KeyHash::of(key);
-        let bits = shards.len().trailing_zeros();
-        let v = Version {
-            hlc: 1 << 50,
-            origin: 1,
-        };
-        assert!(shards[h.shard(bits)].apply(h, key, Some(value), v, 1 << 50));
-    }
-
-    /// Keys `{prefix}0..n`, sorted by bucket.
-    fn keys(prefix: &str, n: usize) -> Vec<Vec<u8>> {
-        let mut keys: Vec<Vec<u8>> = (0..n)
-            .map(|i| format!("{prefix}{i}").into_bytes())
-            .collect();
-        keys.sort_by_key(|k| KeyHash::of(k).0);
-        keys
-    }
-
-    /// An exchange request asking for `keys`.
-    fn ask_for(keys: &[Vec<u8>]) -> Vec<u8> {
-        let mut wanted: Vec<(usize, Vec<u32>)> = Vec::new();
-        for k in keys {
-            let h = KeyHash::of(k);
-            match wanted.last_mut() {
-                Some((b, hashes)) if *b == h.bucket() => hashes.push(key32(h.0)),
-                _ => wanted.push((h.bucket(), vec![key32(h.0)])),
-            }
-        }
-        let mut req = vec![MSG_EXCHANGE];
-        put_wanted(&mut req, &wanted);
-        put_entries(&mut req, &[]);
-        req
-    }
-
-    /// The entries of an exchange reply (after its counts).
-    fn entries_of(reply: &[u8]) -> Vec<OwnedEntry> {
-        exchange_reply(reply).unwrap().1
-    }
-
-    #[test]
-    fn the_reply_room_holds_its_bytes_its_entries_and_one_entry_beyond() {
-        let room = ReplyRoom::default();
-        assert!(room.take(ENTRY_BYTES_PER_REPLY - 10));
-        assert!(room.take(64 << 20), "one entry beyond the bytes left");
-        assert!(!room.take(11), "only one");
-        for _ in 2..ENTRIES_PER_REPLY_MAX {
-            assert!(room.take(0));
-        }
-        assert!(!room.take(0), "{ENTRIES_PER_REPLY_MAX} entries at most");
-    }
-
-    #[test]
-    fn a_reply_carries_the_whole_budget_whatever_the_shard_count() {
-        // 20 entries of 1 MiB on 4 shards: one reply carries 15 within the 16 MiB, and
-        // one more beyond it — not 16 MiB divided by the shards (3 per shard).
-        let mut b = node(4, 1 << 20);
-        let wanted = keys("big", 20);
-        for k in &wanted {
-            put(&mut b, k, &[b'v'; 1 << 20]);
-        }
-        let reply = Shards {
-            shards: &mut b,
-            now_us: 1 << 50,
-        }
-        .call(&ask_for(&wanted))
-        .unwrap();
-        let n = entries_of(&reply).len();
-        assert_eq!(n, 16);
     }
 
     #[test]
@@ -967,7 +301,7 @@ mod tests {
     impl Peer for Slipping<'_> {
         fn call(&mut self, request: &[u8]) -> Result<Vec<u8>, SyncError> {
             let mut reply = self.peer.call(request)?;
-            if request[0] == MSG_EXCHANGE {
+            if matches!(parse(request), Ok(Request::Exchange { .. })) {
                 encode_entry(&mut reply, &self.extra);
             }
             Ok(reply)
@@ -994,14 +328,6 @@ mod tests {
         assert!(stored(&a, b"asked"));
         assert!(!stored(&a, b"slipped"), "an entry it did not ask for");
         assert_eq!((report.entries_received, report.entries_ignored), (2, 1));
-    }
-
-    /// Store `key` on the shard that owns it, at version (`hlc`, 9).
-    fn put_at(shards: &mut [Shard], key: &[u8], value: Option<&[u8]>, hlc: u64) {
-        let h = KeyHash::of(key);
-        let bits = shards.len().trailing_zeros();
-        let v = Version { hlc, origin: 9 };
-        assert!(shards[h.shard(bits)].apply(h, key, value, v, hlc));
     }
 
     #[test]
@@ -1083,36 +409,5 @@ mod tests {
         };
         let h = KeyHash::of(b"x");
         assert!(!b[h.shard(1)].apply(h, b"x", Some(b"old"), late, t));
-    }
-
-    #[test]
-    fn malformed_requests_are_errors_not_panics() {
-        let mut shards: Vec<Shard> = (0..2)
-            .map(|i| {
-                Shard::new(
-                    i,
-                    1,
-                    crate::store::shard::MemoryBudget::unlimited(),
-                    1 << 10,
-                )
-            })
-            .collect();
-        let mut node = Shards {
-            shards: &mut shards,
-            now_us: 0,
-        };
-        for bad in [
-            &[][..],
-            &[9],
-            &[MSG_NODES, 17, 1, 0],
-            &[MSG_NODES, 4, 2, 3, 0],      // not increasing
-            &[MSG_NODES, 4, 1, 16],        // index out of range
-            &[MSG_LISTINGS, 200],          // count larger than the bytes
-            &[MSG_EXCHANGE, 0, 1, 7],      // a bad entry
-            &[MSG_ROOT, 0],                // a marker cut short
-            &[MSG_ROOT, 0, 0, 0, 0, 0, 0], // trailing byte
-        ] {
-            assert!(node.call(bad).is_err(), "{bad:?}");
-        }
     }
 }

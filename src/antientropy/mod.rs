@@ -3,3 +3,7 @@
 
 pub mod client;
 pub mod exchange;
+pub mod log;
+pub mod messages;
+pub mod periodic;
+pub mod serve;

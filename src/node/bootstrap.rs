@@ -249,7 +249,7 @@ async fn copy_from(shared: &Arc<Shared>, peer: &str) -> Result<u64, String> {
         .map_err(|e| e.to_string())?;
         let (report, took) = result.map_err(|e| e.to_string())?;
         let n = report.keys_repaired;
-        let periodic = crate::antientropy::client::Started::Periodic;
+        let periodic = crate::antientropy::log::Started::Periodic;
         shared
             .sync_log
             .record(peer, Ok((report, took)), periodic, Instant::now());

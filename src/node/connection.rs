@@ -225,11 +225,11 @@ impl Connection {
                     }
                 }
                 let body = inbuf.split_to(len);
-                let reply = match crate::antientropy::exchange::parse(&body) {
+                let reply = match crate::antientropy::messages::parse(&body) {
                     Ok(request) => Ok(self.serve_sync(request).await?),
                     Err(e) => Err(e),
                 };
-                crate::antientropy::exchange::write_reply(&mut self.out, reply);
+                crate::antientropy::messages::write_reply(&mut self.out, reply);
             }
             Special::Sync(peer) => {
                 let peer = String::from_utf8_lossy(peer.get(line)).into_owned();
@@ -262,12 +262,12 @@ impl Connection {
     /// shards get the request first, so they work while this thread answers its own.
     async fn serve_sync(
         &mut self,
-        request: crate::antientropy::exchange::Request,
+        request: crate::antientropy::messages::Request,
     ) -> std::io::Result<Vec<u8>> {
         let request = Arc::new(request);
         let shards = 1usize << self.shared.shard_bits;
         let own = self.local.as_ref().map(|(id, _)| *id);
-        let mut parts: Vec<Option<crate::antientropy::exchange::Part>> =
+        let mut parts: Vec<Option<crate::antientropy::serve::Part>> =
             (0..shards).map(|_| None).collect();
         let mut waiting = Vec::new();
         for i in (0..shards).filter(|&i| Some(i) != own) {
@@ -285,7 +285,7 @@ impl Connection {
         if let Some((i, shard)) = &self.local {
             let bits = self.shared.shard_bits;
             let now = crate::store::version::now_us();
-            parts[*i] = Some(crate::antientropy::exchange::answer_part(
+            parts[*i] = Some(crate::antientropy::serve::answer_part(
                 &mut shard.borrow_mut(),
                 *i,
                 bits,
@@ -296,7 +296,7 @@ impl Connection {
         for (i, rx) in waiting {
             parts[i] = Some(rx.await.map_err(|_| stopping())?);
         }
-        let parts: Vec<crate::antientropy::exchange::Part> = parts
+        let parts: Vec<crate::antientropy::serve::Part> = parts
             .into_iter()
             .map(|p| p.expect("every shard answered"))
             .collect();
@@ -307,7 +307,7 @@ impl Connection {
                 "an anti-entropy peer knew of a newer FLUSHDB: applied its flush marker"
             );
         }
-        Ok(crate::antientropy::exchange::assemble(&request, parts))
+        Ok(crate::antientropy::serve::assemble(&request, parts))
     }
 
     /// Write the pending replies. A client that stops reading is dropped after the idle
@@ -460,17 +460,17 @@ pub async fn run_sync(shared: &Arc<Shared>, peer: String) -> String {
     let result = rx
         .await
         .unwrap_or_else(|_| {
-            Err(crate::antientropy::exchange::SyncError::Transport(
+            Err(crate::antientropy::messages::SyncError::Transport(
                 "the exchange thread died".into(),
             ))
         })
         .map_err(|e| e.to_string());
     let line = match &result {
-        Ok((report, took)) => crate::antientropy::client::report_line(report, *took),
+        Ok((report, took)) => crate::antientropy::log::report_line(report, *took),
         Err(e) => format!("ERROR: {e}"),
     };
     let ended = std::time::Instant::now();
-    let started = crate::antientropy::client::Started::OneOff;
+    let started = crate::antientropy::log::Started::OneOff;
     shared.sync_log.record(&peer, result, started, ended);
     line
 }

@@ -829,13 +829,13 @@ pub fn answer_all(
                     return segment;
                 };
                 used += len as usize;
-                let mut node = crate::antientropy::exchange::Shards {
+                let mut node = crate::antientropy::serve::Shards {
                     shards,
                     now_us: crate::store::version::now_us(),
                 };
-                crate::antientropy::exchange::write_reply(
+                crate::antientropy::messages::write_reply(
                     out,
-                    crate::antientropy::exchange::Peer::call(&mut node, body),
+                    crate::antientropy::messages::Peer::call(&mut node, body),
                 );
                 continue;
             }

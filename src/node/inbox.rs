@@ -2,7 +2,8 @@
 //! replies, remote changes, anti-entropy requests. The one module of `node` that
 //! `replication` and `antientropy` may use: they reach shards only through it.
 
-use crate::antientropy::exchange::{Part, Request};
+use crate::antientropy::messages::Request;
+use crate::antientropy::serve::Part;
 use crate::node::ops::{Outcome, ShardOp};
 use crate::store::keyspace::KeyHash;
 use crate::wire::Span;

@@ -142,8 +142,8 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
     tokio::spawn(crate::node::bootstrap::run(shared.clone()));
     if shared.config.anti_entropy.enabled {
         let peers = shared.peers.clone();
-        tokio::spawn(crate::antientropy::client::run_periodic(
-            crate::antientropy::client::Periodic {
+        tokio::spawn(crate::antientropy::periodic::run_periodic(
+            crate::antientropy::periodic::Periodic {
                 config: shared.config.clone(),
                 me: crate::antientropy::client::self_address(shared.local_addr),
                 shards: shared.shard_inboxes(),
@@ -272,7 +272,7 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
                         .as_ref()
                         .expect("sync sent to a thread without a shard");
                     let bits = shared.shard_bits;
-                    let part = crate::antientropy::exchange::answer_part(
+                    let part = crate::antientropy::serve::answer_part(
                         &mut shard.borrow_mut(),
                         *i,
                         bits,

@@ -1,7 +1,7 @@
 //! What every thread of a node sees: the configuration, the inboxes, the counters, the
 //! replication queue, readiness. Shard data is not here: each shard thread owns its own.
 
-use crate::antientropy::client::SyncLog;
+use crate::antientropy::log::SyncLog;
 use crate::config::Config;
 use crate::node::inbox::ThreadMsg;
 use crate::replication::outbound::Outbound;

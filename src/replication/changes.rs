@@ -1,6 +1,7 @@
-//! The replication wire format: change events, and the MQTT payload that carries a
-//! batch of them. Pure: bytes in, bytes or typed errors out. docs/REPLICATION.md draws
-//! the format byte by byte; this module is its only implementation.
+//! The replication wire format: the MQTT payload that carries a batch of change events,
+//! and the rules its events must meet. Pure: bytes in, bytes or typed errors out.
+//! docs/REPLICATION.md draws the format byte by byte; the events themselves are the
+//! store's, encoded and decoded by [`crate::store::journal`].
 //!
 //! A payload is a header followed by events:
 //!
@@ -25,9 +26,10 @@
 //! order it arrives in relative to the writes around it ([`crate::store::shard::Shard::apply_flush`]).
 
 use crate::limits::{is_valid_key, KEY_BYTES_MAX, NODE_ID_BYTES_MAX};
+use crate::store::journal::{decode_event, Change, Event, EventError};
 #[cfg(test)]
 use crate::store::journal::{encode_event, encode_flush};
-use crate::store::journal::{KIND_DEL, KIND_FLUSH, KIND_SET};
+use crate::wire::{ReadError, Reader};
 
 pub const FORMAT_VERSION: u8 = 1;
 /// The fewest bytes an event takes (a flush: kind and a one-byte varint).
@@ -64,13 +66,22 @@ pub enum DecodeError {
     Trailing(usize),
 }
 
-/// One change: the state a key has after a write, at version `hlc` of the payload's origin.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Event<'a> {
-    pub hlc: u64,
-    pub key: &'a [u8],
-    /// `None` is a delete (tombstone).
-    pub value: Option<&'a [u8]>,
+impl From<ReadError> for DecodeError {
+    fn from(e: ReadError) -> DecodeError {
+        match e {
+            ReadError::Truncated(at) => DecodeError::Truncated(at),
+            ReadError::BadVarint(at) => DecodeError::BadVarint(at),
+        }
+    }
+}
+
+impl From<EventError> for DecodeError {
+    fn from(e: EventError) -> DecodeError {
+        match e {
+            EventError::Read(e) => e.into(),
+            EventError::BadKind(kind) => DecodeError::BadKind(kind),
+        }
+    }
 }
 
 /// A decoded payload; events borrow from the payload bytes.
@@ -79,16 +90,10 @@ pub struct Decoded<'a> {
     pub origin: u32,
     pub node_id: &'a str,
     /// The sets and deletes, in payload order.
-    pub events: Vec<Event<'a>>,
+    pub events: Vec<Change<'a>>,
     /// The clock of the newest flush in the payload, if it holds any: a newer flush
     /// marker covers every older one, so one per payload is all a receiver applies.
     pub flush: Option<u64>,
-}
-
-/// One event as read: a change to a key, or a flush.
-enum Item<'a> {
-    Change(Event<'a>),
-    Flush(u64),
 }
 
 /// What a decoder accepts.
@@ -160,15 +165,11 @@ pub fn decode(payload: &[u8], limits: Limits) -> Result<Decoded<'_>, DecodeError
     if payload.len() > limits.payload_bytes_max {
         return Err(DecodeError::TooLarge(payload.len()));
     }
-    let mut r = Reader {
-        buf: payload,
-        at: 0,
-    };
-    let version = *payload.first().ok_or(DecodeError::Empty)?;
+    let mut r = Reader::new(payload);
+    let version = r.byte().map_err(|_| DecodeError::Empty)?;
     if version != FORMAT_VERSION {
         return Err(DecodeError::UnknownVersion(version));
     }
-    r.at = 1;
     let origin = u32::from_le_bytes(r.array()?);
     let id_len = r.byte()? as usize;
     let node_id = std::str::from_utf8(r.bytes(id_len)?)
@@ -178,20 +179,20 @@ pub fn decode(payload: &[u8], limits: Limits) -> Result<Decoded<'_>, DecodeError
     let count = u32::from_le_bytes(r.array()?) as usize;
     // A count larger than the bytes left can hold is a lie, and must not size an
     // allocation.
-    let left = payload.len() - r.at;
+    let left = r.left();
     if count > left / EVENT_BYTES_MIN {
         return Err(DecodeError::Truncated(payload.len()));
     }
     let mut events = Vec::with_capacity(count.min(left / CHANGE_BYTES_MIN));
     let mut flush = None;
     for _ in 0..count {
-        match r.event(limits.value_bytes_max)? {
-            Item::Change(e) => events.push(e),
-            Item::Flush(hlc) => flush = flush.max(Some(hlc)),
+        match read_event(&mut r, limits.value_bytes_max)? {
+            Event::Change(c) => events.push(c),
+            Event::Flush(hlc) => flush = flush.max(Some(hlc)),
         }
     }
-    if r.at != payload.len() {
-        return Err(DecodeError::Trailing(payload.len() - r.at));
+    if !r.done() {
+        return Err(DecodeError::Trailing(r.left()));
     }
     Ok(Decoded {
         origin,
@@ -210,100 +211,41 @@ pub fn prefix_len(
     max_bytes: usize,
     take_one: bool,
 ) -> (usize, u32) {
-    let mut r = Reader {
-        buf: encoded,
-        at: 0,
-    };
+    let mut r = Reader::new(encoded);
     let mut taken = 0;
-    while taken < max_events && r.at < encoded.len() {
-        let start = r.at;
-        if r.event(usize::MAX).is_err() {
+    while taken < max_events && !r.done() {
+        let start = r.at();
+        if read_event(&mut r, usize::MAX).is_err() {
             // Our own journal is always well formed; never loop on anything else.
             return (encoded.len(), taken as u32 + 1);
         }
-        if r.at > max_bytes && !(take_one && taken == 0) {
+        if r.at() > max_bytes && !(take_one && taken == 0) {
             return (start, taken as u32);
         }
         taken += 1;
     }
-    (r.at, taken as u32)
+    (r.at(), taken as u32)
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn byte(&mut self) -> Result<u8, DecodeError> {
-        let b = *self
-            .buf
-            .get(self.at)
-            .ok_or(DecodeError::Truncated(self.at))?;
-        self.at += 1;
-        Ok(b)
-    }
-
-    fn bytes(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|&e| e <= self.buf.len())
-            .ok_or(DecodeError::Truncated(self.at))?;
-        let s = &self.buf[self.at..end];
-        self.at = end;
-        Ok(s)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
-        Ok(self.bytes(N)?.try_into().expect("length checked"))
-    }
-
-    fn varint(&mut self) -> Result<u64, DecodeError> {
-        let start = self.at;
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.byte()?;
-            let bits = u64::from(b & 0x7f);
-            if shift == 63 && bits > 1 {
-                return Err(DecodeError::BadVarint(start));
-            }
-            v |= bits << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
+/// Read one event, checking a change's key and value against the format's and this
+/// node's limits.
+fn read_event<'a>(r: &mut Reader<'a>, value_max: usize) -> Result<Event<'a>, DecodeError> {
+    let event = decode_event(r)?;
+    if let Event::Change(c) = event {
+        if c.key.is_empty() || c.key.len() > KEY_BYTES_MAX {
+            return Err(DecodeError::BadKey(c.key.len() as u64));
         }
-        Err(DecodeError::BadVarint(start))
-    }
-
-    fn event(&mut self, value_max: usize) -> Result<Item<'a>, DecodeError> {
-        let kind = self.byte()?;
-        if kind != KIND_SET && kind != KIND_DEL && kind != KIND_FLUSH {
-            return Err(DecodeError::BadKind(kind));
-        }
-        let hlc = self.varint()?;
-        if kind == KIND_FLUSH {
-            return Ok(Item::Flush(hlc));
-        }
-        let key_len = self.varint()?;
-        if key_len == 0 || key_len > KEY_BYTES_MAX as u64 {
-            return Err(DecodeError::BadKey(key_len));
-        }
-        let key = self.bytes(key_len as usize)?;
-        if !is_valid_key(key) {
+        if !is_valid_key(c.key) {
             return Err(DecodeError::KeyCharacters);
         }
-        let value = if kind == KIND_SET {
-            let len = self.varint()?;
-            if len > value_max as u64 {
-                return Err(DecodeError::ValueTooLarge(len));
+        match c.value {
+            Some(v) if v.len() > value_max => {
+                return Err(DecodeError::ValueTooLarge(v.len() as u64))
             }
-            Some(self.bytes(len as usize)?)
-        } else {
-            None
-        };
-        Ok(Item::Change(Event { hlc, key, value }))
+            _ => {}
+        }
     }
+    Ok(event)
 }
 
 #[cfg(test)]
@@ -408,17 +350,17 @@ mod tests {
         assert_eq!(
             d.events,
             vec![
-                Event {
+                crate::store::journal::Change {
                     hlc: 1,
                     key: b"a",
                     value: Some(b"1")
                 },
-                Event {
+                crate::store::journal::Change {
                     hlc: u64::MAX,
                     key: b"b",
                     value: None
                 },
-                Event {
+                crate::store::journal::Change {
                     hlc: 1 << 52,
                     key: b"c",
                     value: Some(b"")

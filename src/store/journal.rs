@@ -1,9 +1,10 @@
 //! The change events the store emits: every local write, encoded as the state it left
-//! (key, value or tombstone, version), and FLUSHDB markers. Replication copies these
-//! bytes into MQTT payloads unchanged (docs/REPLICATION.md draws the format); the
-//! decoder is `replication::changes`.
+//! (key, value or tombstone, version), and FLUSHDB markers — and their decoding. The
+//! store owns this format both ways; replication carries events in MQTT payloads
+//! (`replication::changes`, docs/REPLICATION.md draws the format) and anti-entropy
+//! sends each entry as its origin and an event (docs/ANTI_ENTROPY.md).
 
-use crate::wire::put_varint;
+use crate::wire::{put_varint, ReadError, Reader};
 
 /// Event kinds, the first byte of every event.
 pub const KIND_SET: u8 = 1;
@@ -33,4 +34,100 @@ pub fn encode_event(out: &mut Vec<u8>, hlc: u64, key: &[u8], value: Option<&[u8]
 pub fn encode_flush(out: &mut Vec<u8>, hlc: u64) {
     out.push(KIND_FLUSH);
     put_varint(out, hlc);
+}
+
+/// One change: the state a key has after a write, at clock `hlc` (the origin is the
+/// carrier's: a payload's header, an anti-entropy entry's own field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Change<'a> {
+    pub hlc: u64,
+    pub key: &'a [u8],
+    /// `None` is a delete (tombstone).
+    pub value: Option<&'a [u8]>,
+}
+
+/// One event as read: a change to a key, or a flush at a clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event<'a> {
+    Change(Change<'a>),
+    Flush(u64),
+}
+
+/// Why an event could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error("unknown event kind {0}")]
+    BadKind(u8),
+}
+
+/// Read one event as [`encode_event`] or [`encode_flush`] wrote it. Only its shape is
+/// checked here: the rules a key and a value must meet are the reader's (a payload is
+/// refused whole for one bad key, an anti-entropy entry alone), checked on the result.
+pub fn decode_event<'a>(r: &mut Reader<'a>) -> Result<Event<'a>, EventError> {
+    let kind = r.byte()?;
+    if kind != KIND_SET && kind != KIND_DEL && kind != KIND_FLUSH {
+        return Err(EventError::BadKind(kind));
+    }
+    let hlc = r.varint()?;
+    if kind == KIND_FLUSH {
+        return Ok(Event::Flush(hlc));
+    }
+    let key_len = r.varint()?;
+    let key = r.bytes(usize::try_from(key_len).unwrap_or(usize::MAX))?;
+    let value = if kind == KIND_SET {
+        let len = r.varint()?;
+        Some(r.bytes(usize::try_from(len).unwrap_or(usize::MAX))?)
+    } else {
+        None
+    };
+    Ok(Event::Change(Change { hlc, key, value }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn every_event_reads_back_as_written(
+            events in proptest::collection::vec(
+                (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..40),
+                 proptest::option::of(proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)))),
+                0..20)) {
+            // `None`: a flush at the clock; `Some(value)`: a set or a delete of the key.
+            let mut out = Vec::new();
+            for (hlc, key, value) in &events {
+                match value {
+                    None => encode_flush(&mut out, *hlc),
+                    Some(v) => encode_event(&mut out, *hlc, key, v.as_deref()),
+                }
+            }
+            let mut r = Reader::new(&out);
+            for (hlc, key, value) in &events {
+                let want = match value {
+                    None => Event::Flush(*hlc),
+                    Some(v) => Event::Change(Change { hlc: *hlc, key, value: v.as_deref() }),
+                };
+                prop_assert_eq!(decode_event(&mut r), Ok(want));
+            }
+            prop_assert!(r.done());
+        }
+    }
+
+    #[test]
+    fn an_unknown_kind_or_a_cut_event_is_an_error() {
+        assert_eq!(
+            decode_event(&mut Reader::new(&[4, 1])),
+            Err(EventError::BadKind(4))
+        );
+        let mut e = Vec::new();
+        encode_event(&mut e, 300, b"key", Some(b"value"));
+        for cut in 0..e.len() {
+            let r = decode_event(&mut Reader::new(&e[..cut]));
+            assert!(matches!(r, Err(EventError::Read(_))), "cut at {cut}: {r:?}");
+        }
+    }
 }

@@ -1066,13 +1066,29 @@ mod tests {
         assert_eq!(s.snapshot_stats(), ShardStats::default());
         s.set(h(b"a"), b"a", b"2").unwrap();
         assert!(s.version_of(h(b"a"), b"a").unwrap().wins_over(s.flushed()));
-        // The flush is journaled in write order, for replication (which decodes it:
-        // replication::changes::tests::a_shards_journal_decodes_with_its_flush).
+        // The flush is journaled in write order, between the writes around it.
+        use crate::store::journal::{decode_event, Change, Event};
         let j = s.take_journal().unwrap();
-        let mut flush = Vec::new();
-        crate::store::journal::encode_flush(&mut flush, hlc);
-        assert_eq!(j.events, 4);
-        assert!(j.bytes.windows(flush.len()).any(|w| w == flush));
+        let mut r = crate::wire::Reader::new(&j.bytes);
+        let events: Vec<Event> = (0..j.events)
+            .map(|_| decode_event(&mut r).unwrap())
+            .collect();
+        assert!(r.done());
+        let shape: Vec<(&[u8], Option<&[u8]>)> = events
+            .iter()
+            .map(|e| match e {
+                Event::Change(Change { key, value, .. }) => (*key, *value),
+                Event::Flush(_) => (&b"FLUSH"[..], None),
+            })
+            .collect();
+        let want: [(&[u8], Option<&[u8]>); 4] = [
+            (b"a", Some(b"1")),
+            (b"d", None),
+            (b"FLUSH", None),
+            (b"a", Some(b"2")),
+        ];
+        assert_eq!(shape, want);
+        assert_eq!(events[2], Event::Flush(hlc));
         // A harness's reset forgets the marker: an old entry is taken again.
         s.reset();
         assert_eq!((s.root(), s.flushed()), (empty, Version::default()));
