@@ -1,14 +1,16 @@
 //! Fuzz the receiving side of replication as the replication thread and a shard run it:
-//! decode and route a payload (`replication::route`), then apply its events with the
+//! decode and route a payload (`replication::inbound::route`), then apply its events with the
 //! merge (`apply_remote`) on two shards. Nothing may panic, and what decodes must
 //! re-encode to a payload that decodes to the same events.
 #![no_main]
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use merkle_kv::changes::{decode, encode_event, encode_flush, Limits, PayloadBuilder};
-use merkle_kv::replication::{apply_remote, route, RemoteChanges};
-use merkle_kv::shard::{MemoryBudget, Shard};
+use merkle_kv::node::inbox::RemoteChanges;
+use merkle_kv::replication::changes::{decode, Limits, PayloadBuilder};
+use merkle_kv::replication::inbound::{apply_remote, route};
+use merkle_kv::store::journal::{encode_event, encode_flush};
+use merkle_kv::store::shard::{MemoryBudget, Shard};
 use std::cell::RefCell;
 
 const LIMITS: Limits = Limits {
