@@ -4,8 +4,9 @@
 //! I/O thread (every op hops). All complete lines of one read are answered with one
 //! write, in order; ops for other shards go out as one message per shard per segment.
 
-use crate::node::dispatch::{Batch, NodeInfo, Results, Special};
+use crate::node::dispatch::{Batch, Results, Special};
 use crate::node::inbox::{ShardRequest, ThreadMsg};
+use crate::node::info::NodeInfo;
 use crate::node::ops::ShardOp;
 use crate::node::shared::Shared;
 use crate::protocol::native::Framer;
@@ -153,8 +154,12 @@ impl Connection {
             shared
                 .protocol_errors
                 .fetch_add(u64::from(self.batch.errors), Relaxed);
-            self.batch
-                .assemble(&chunk, &self.results, &|| node_info(shared), &mut self.out);
+            self.batch.assemble(
+                &chunk,
+                &self.results,
+                &|| NodeInfo::of(shared),
+                &mut self.out,
+            );
             if self.batch.shutdown {
                 tracing::info!("SHUTDOWN requested by a client");
                 let _ = self.shared.shutdown.send(true);
@@ -473,36 +478,4 @@ pub async fn run_sync(shared: &Arc<Shared>, peer: String) -> String {
     let started = crate::antientropy::client::Started::OneOff;
     shared.sync_log.record(&peer, result, started, ended);
     line
-}
-
-fn node_info(shared: &Shared) -> NodeInfo {
-    let net = &shared.config.network;
-    NodeInfo {
-        node_id: shared.config.node_id.clone(),
-        uptime_seconds: shared.started.elapsed().as_secs(),
-        bind: shared.local_addr.to_string(),
-        io_threads: net.io_threads,
-        connections_current: shared.connections.load(Relaxed) as u64,
-        connections_max: net.max_connections as u64,
-        connections_total: shared.connections_total.load(Relaxed),
-        connections_rejected: shared.connections_rejected.load(Relaxed),
-        protocol_errors: shared.protocol_errors.load(Relaxed),
-        memory_limit_bytes: shared
-            .config
-            .storage
-            .memory_limit_mb
-            .saturating_mul(1 << 20),
-        peers_online: shared.peers.online().len() as u64,
-        clock_skew: shared
-            .peers
-            .clock_skew(shared.config.mqtt.max_clock_skew_ms),
-        replication: shared
-            .outbound
-            .as_ref()
-            .map(|o| o.stats.snapshot())
-            .unwrap_or_default(),
-        sync_peers: shared.sync_log.info_values(std::time::Instant::now()),
-        loading: shared.readiness.is_loading(),
-        bootstrap: shared.readiness.progress(),
-    }
 }

@@ -8,16 +8,15 @@
 //! command order, so a connection's commands on one key take effect in the order sent.
 
 use crate::node::inbox::ShardReply;
-use crate::node::ops::{execute, OpKind, Outcome, ShardOp, CRLF};
+use crate::node::info::{self, NodeInfo};
+use crate::node::ops::{execute, line, OpKind, Outcome, ShardOp, CRLF};
 use crate::protocol::native::{parse, Args, Command, Framer, ProtocolError, Step};
-use crate::replication::thread::ReplSnapshot;
-use crate::store::keyspace::{shard_buckets, shard_of_bucket, KeyHash};
-use crate::store::merkle::{combine_roots, to_hex, Digest};
+use crate::store::keyspace::{shard_of_bucket, KeyHash};
+use crate::store::merkle::Digest;
 #[cfg(test)]
 use crate::store::shard::MemoryBudget;
 use crate::store::shard::{Shard, ShardStats};
 use crate::wire::Span;
-use std::fmt::Write as _;
 
 use crate::VERSION;
 
@@ -111,31 +110,6 @@ enum Fanout {
     HashShards,
     Info,
     Stats,
-}
-
-/// Node-wide facts for INFO and STATS, gathered only when one of them is asked.
-/// `Default` (all zero) serves tests, benches and fuzzing, which run without a node.
-#[derive(Default)]
-pub struct NodeInfo {
-    pub node_id: String,
-    pub uptime_seconds: u64,
-    pub bind: String,
-    pub io_threads: usize,
-    pub connections_current: u64,
-    pub connections_max: u64,
-    pub connections_total: u64,
-    pub connections_rejected: u64,
-    pub protocol_errors: u64,
-    /// 0 = unlimited.
-    pub memory_limit_bytes: u64,
-    pub peers_online: u64,
-    pub clock_skew: crate::replication::peers::ClockSkew,
-    pub replication: crate::replication::thread::ReplSnapshot,
-    /// One `sync_peer` INFO line per peer anti-entropy has run with.
-    pub sync_peers: Vec<String>,
-    pub loading: bool,
-    /// What the bootstrap is doing, or how it ended.
-    pub bootstrap: String,
 }
 
 pub struct Batch {
@@ -573,6 +547,7 @@ impl Batch {
         }
     }
 
+    /// The reply of a command every shard answered: ops `first..first + shards`.
     fn fanout_reply(
         &self,
         what: Fanout,
@@ -582,107 +557,17 @@ impl Batch {
         out: &mut Vec<u8>,
     ) {
         let n = 1u32 << self.shard_bits;
-        let roots = || -> Vec<Digest> {
-            (first..first + n)
-                .map(|i| match results.outcome(i) {
-                    Outcome::Root(d) => d,
-                    o => unreachable!("root op gave {o:?}"),
-                })
-                .collect()
-        };
-        let stats = || {
-            let mut sum = ShardStats::default();
-            for i in first..first + n {
-                if let Outcome::Stats(s) = results.outcome(i) {
-                    sum.add(&s);
-                }
-            }
-            sum
-        };
+        let ops = first..first + n;
         match what {
             Fanout::Dbsize => line(out, &results.count(first, n).to_string()),
             Fanout::Flush => out.extend_from_slice(b"OK\r\n"),
-            Fanout::Hash => line(out, &to_hex(&combine_roots(&roots()))),
+            Fanout::Hash => info::write_hash(out, &results.roots(ops)),
             Fanout::HashShards => {
-                line(out, &format!("SHARDS {n}"));
-                for (s, root) in roots().iter().enumerate() {
-                    let r = shard_buckets(s, self.shard_bits);
-                    line(
-                        out,
-                        &format!("{s} {} {} {}", r.start, r.end - 1, to_hex(root)),
-                    );
-                }
+                info::write_hash_shards(out, &results.roots(ops), self.shard_bits)
             }
-            Fanout::Info => {
-                let (i, s) = (info(), stats());
-                let fields = [
-                    ("version", VERSION.to_string()),
-                    ("node_id", i.node_id),
-                    ("uptime_seconds", i.uptime_seconds.to_string()),
-                    ("bind", i.bind),
-                    ("shards", n.to_string()),
-                    ("io_threads", i.io_threads.to_string()),
-                    ("keys", s.keys.to_string()),
-                    ("memory_used_bytes", s.bytes_used.to_string()),
-                    ("memory_limit_bytes", i.memory_limit_bytes.to_string()),
-                    ("connected_clients", i.connections_current.to_string()),
-                    ("max_connections", i.connections_max.to_string()),
-                    ("replication", i.replication.state().to_string()),
-                    ("peers_online", i.peers_online.to_string()),
-                    ("loading", u8::from(i.loading).to_string()),
-                    ("bootstrap", i.bootstrap),
-                    ("clock_skew_peers", i.clock_skew.peers.to_string()),
-                    ("clock_skew_max_ms", i.clock_skew.max_ms.to_string()),
-                ];
-                let peers = i.sync_peers.into_iter().map(|v| ("sync_peer", v));
-                let fields: Vec<_> = fields.into_iter().chain(peers).collect();
-                write_fields(out, "INFO", &fields);
-            }
-            Fanout::Stats => {
-                let (i, s) = (info(), stats());
-                let fields = [
-                    ("connections_current", i.connections_current),
-                    ("connections_total", i.connections_total),
-                    ("connections_rejected", i.connections_rejected),
-                    ("protocol_errors", i.protocol_errors),
-                    ("get_commands", s.gets),
-                    ("get_hits", s.get_hits),
-                    ("get_misses", s.gets - s.get_hits),
-                    ("write_commands", s.writes),
-                    ("del_commands", s.dels),
-                    ("storage_full_errors", s.storage_full),
-                    ("keys", s.keys),
-                    ("tombstones", s.tombstones),
-                    ("memory_used_bytes", s.bytes_used),
-                ];
-                let repl = ReplSnapshot::NAMES.iter().zip(i.replication.counters);
-                // Counted by the shards: versions refused by replication or anti-entropy.
-                let future = ("repl_rejected_future", s.rejected_future);
-                let fields: Vec<_> = fields
-                    .into_iter()
-                    .chain(repl.map(|(k, v)| (*k, v)))
-                    .chain([future])
-                    .map(|(k, v)| (k, v.to_string()))
-                    .collect();
-                write_fields(out, "STATS", &fields);
-            }
+            Fanout::Info => info::write_info(out, info(), &results.stats(ops), n),
+            Fanout::Stats => info::write_stats(out, info(), &results.stats(ops)),
         }
-    }
-}
-
-fn line(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(s.as_bytes());
-    out.extend_from_slice(CRLF);
-}
-
-/// `NAME <n>` then n lines of `field:value`.
-fn write_fields(out: &mut Vec<u8>, name: &str, fields: &[(&str, String)]) {
-    line(out, &format!("{name} {}", fields.len()));
-    let mut s = String::new();
-    for (k, v) in fields {
-        s.clear();
-        let _ = write!(s, "{k}:{v}");
-        line(out, &s);
     }
 }
 
@@ -775,6 +660,26 @@ impl Results {
                 _ => 0,
             })
             .sum()
+    }
+
+    /// The Merkle roots that ops `ops` (one per shard) answered.
+    fn roots(&self, ops: std::ops::Range<u32>) -> Vec<Digest> {
+        ops.map(|i| match self.outcome(i) {
+            Outcome::Root(d) => d,
+            o => unreachable!("root op gave {o:?}"),
+        })
+        .collect()
+    }
+
+    /// The statistics that ops `ops` (one per shard) answered, summed.
+    fn stats(&self, ops: std::ops::Range<u32>) -> ShardStats {
+        let mut sum = ShardStats::default();
+        for i in ops {
+            if let Outcome::Stats(s) = self.outcome(i) {
+                sum.add(&s);
+            }
+        }
+        sum
     }
 }
 

@@ -5,6 +5,7 @@ pub mod bootstrap;
 pub mod connection;
 pub mod dispatch;
 pub mod inbox;
+pub mod info;
 pub mod ops;
 pub mod server;
 pub mod shared;

@@ -11,6 +11,12 @@ use crate::wire::Span;
 
 pub const CRLF: &[u8] = b"\r\n";
 
+/// Write `s` as one reply line.
+pub fn line(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(s.as_bytes());
+    out.extend_from_slice(CRLF);
+}
+
 /// The reply to a GET (or an MGET slot) whose value cannot travel in a text line. Values
 /// may hold any bytes (a peer or a binary-safe port may have stored them); written raw, a
 /// CR or LF would split the reply and desynchronise the client for every later reply.
