@@ -3,7 +3,8 @@
 //! A [`Batch`] holds the commands of one segment of a connection's input: one [`Reply`]
 //! per command (how to build its reply) and the [`ShardOp`]s it needs, each tagged with
 //! the shard that owns it. Whoever executes the ops (inline on the owner thread, over a
-//! channel to another shard thread, or [`execute_all`] in tests) fills [`Results`];
+//! channel to another shard thread, or [`execute_all`] on in-memory shards) fills
+//! [`Results`];
 //! [`Batch::assemble`] then writes every reply in command order. Per-shard op order is
 //! command order, so a connection's commands on one key take effect in the order sent.
 
@@ -13,8 +14,6 @@ use crate::node::ops::{execute, line, OpKind, Outcome, ShardOp, CRLF};
 use crate::protocol::native::{parse, Args, Command, Framer, ProtocolError, Step};
 use crate::store::keyspace::{shard_of_bucket, KeyHash};
 use crate::store::merkle::Digest;
-#[cfg(test)]
-use crate::store::shard::MemoryBudget;
 use crate::store::shard::{Shard, ShardStats};
 use crate::wire::Span;
 
@@ -589,7 +588,8 @@ const PENDING: OpResult = OpResult {
 /// The results of a batch's ops: reply bytes live in `bufs` (0 = inline execution, then
 /// one per remote reply), `items[i]` locates op `i`'s bytes and outcome.
 pub struct Results {
-    bufs: Vec<Vec<u8>>,
+    /// Visible to the node so tests of the whole path (node/session.rs) can weigh them.
+    pub(super) bufs: Vec<Vec<u8>>,
     items: Vec<OpResult>,
 }
 
@@ -704,271 +704,9 @@ pub fn execute_all(shards: &mut [Shard], batch: &Batch, data: &[u8], results: &m
     }
 }
 
-/// The whole request path in one thread, without sockets: answer every complete line
-/// of `input` into `out`, segment by segment, exactly as a connection does. Returns
-/// the bytes consumed. For tests, benches and fuzzing.
-pub fn answer_all(
-    shards: &mut [Shard],
-    framer: &mut Framer,
-    input: &[u8],
-    out: &mut Vec<u8>,
-    info: &dyn Fn() -> NodeInfo,
-) -> usize {
-    let mut batch = Batch::new(shards.len().trailing_zeros());
-    let mut results = Results::default();
-    let (mut used, mut segment) = (0, 0);
-    loop {
-        if batch.has_rest() {
-            batch.fill_rest(&input[segment..]);
-        } else {
-            segment = used;
-            used += batch.fill(framer, &input[used..]);
-            if batch.is_empty() {
-                return used;
-            }
-        }
-        match batch.special.take() {
-            Some(Special::SyncMsg(len)) => {
-                // The message body follows the line; wait for all of it.
-                let Some(body) = input.get(used..used + len as usize) else {
-                    return segment;
-                };
-                used += len as usize;
-                let mut node = crate::antientropy::exchange::Shards {
-                    shards,
-                    now_us: crate::store::version::now_us(),
-                };
-                crate::antientropy::exchange::write_reply(
-                    out,
-                    crate::antientropy::exchange::Peer::call(&mut node, body),
-                );
-                continue;
-            }
-            Some(Special::Sync(_)) => {
-                out.extend_from_slice(b"ERROR: SYNC needs a running node\r\n");
-                continue;
-            }
-            None => {}
-        }
-        execute_all(shards, &batch, &input[segment..], &mut results);
-        batch.assemble(&input[segment..], &results, info, out);
-        if batch.stopped() {
-            return used;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Run `input` through framing, parsing, planning, execution and assembly.
-    fn run(shards: &mut [Shard], input: &str) -> String {
-        let mut out = Vec::new();
-        answer_all(
-            shards,
-            &mut Framer::new(1 << 20),
-            input.as_bytes(),
-            &mut out,
-            &NodeInfo::default,
-        );
-        String::from_utf8(out).unwrap()
-    }
-
-    fn shards(n: usize) -> Vec<Shard> {
-        (0..n)
-            .map(|i| Shard::new(i, n.trailing_zeros(), MemoryBudget::unlimited(), 1 << 20))
-            .collect()
-    }
-
-    #[test]
-    fn values_a_text_line_cannot_carry_are_refused_per_key_and_the_stream_stays_in_sync() {
-        // Such values arrive from peers or binary-safe ports, never from a native SET.
-        let mut s = shards(2);
-        for (key, value) in [
-            (&b"crlf"[..], &b"one\r\nOK"[..]),
-            (b"lf", b"two\nlines"),
-            (b"latin1", b"caf\xe9"),
-            (b"fine", "café".as_bytes()),
-        ] {
-            let h = KeyHash::of(key);
-            s[h.shard(1)].set(h, key, value).unwrap();
-        }
-        let out = run(
-            &mut s,
-            "GET crlf\nGET lf\nGET latin1\nGET fine\nMGET fine crlf nope\nPING\n",
-        );
-        let refused = "ERROR: Value not representable in the text protocol\r\n";
-        assert_eq!(
-            out,
-            format!("{refused}{refused}{refused}café\r\nVALUES 3\r\ncafé\r\n{refused}(null)\r\nPONG\r\n")
-        );
-    }
-
-    #[test]
-    fn replies_come_back_in_command_order_across_shards() {
-        for n in [1, 2, 8] {
-            let mut s = shards(n);
-            let out = run(
-                &mut s,
-                "SET a 1\nSET b 2\nGET b\nGET a\nGET zz\nDEL a\nDEL a\n",
-            );
-            assert_eq!(
-                out,
-                "OK\r\nOK\r\n2\r\n1\r\n(null)\r\nDELETED\r\nNOT_FOUND\r\n"
-            );
-        }
-    }
-
-    #[test]
-    fn multi_key_commands_reassemble() {
-        let mut s = shards(4);
-        let out = run(
-            &mut s,
-            "MSET a 1 b 2 c 3\nMGET c x a b\nEXISTS a b x c\nDBSIZE\n",
-        );
-        assert_eq!(out, "OK\r\nVALUES 4\r\n3\r\n(null)\r\n1\r\n2\r\n3\r\n3\r\n");
-    }
-
-    #[test]
-    fn large_mget_spans_segments() {
-        let mut s = shards(2);
-        let mut input = String::from("SET k7 seven\nMGET");
-        let mut expected = format!("OK\r\nVALUES {}\r\n", 3 * SEGMENT_OPS_MAX + 5);
-        for i in 0..3 * SEGMENT_OPS_MAX + 5 {
-            input += &format!(" k{}", i % 10);
-            expected += if i % 10 == 7 {
-                "seven\r\n"
-            } else {
-                "(null)\r\n"
-            };
-        }
-        input += "\nGET k7\n";
-        expected += "seven\r\n";
-        assert_eq!(run(&mut s, &input), expected);
-    }
-
-    #[test]
-    fn exists_mset_and_del_span_segments_with_bounded_ops() {
-        let n = 3 * RUN_OPS_MAX + 5;
-        let keys: String = (0..n).map(|i| format!(" k{i}")).collect();
-        let pairs: String = (0..n).map(|i| format!(" k{i} v{i}")).collect();
-        for line in [
-            format!("EXISTS{keys}"),
-            format!("MSET{pairs}"),
-            format!("DEL{keys}"),
-        ] {
-            let mut batch = Batch::new(1);
-            let input = format!("{line}\n");
-            batch.fill(&mut Framer::new(1 << 20), input.as_bytes());
-            assert!(batch.ops.len() <= RUN_OPS_MAX, "{}", &line[..6]);
-            let mut runs = 1;
-            while batch.has_rest() {
-                batch.fill_rest(input.as_bytes());
-                assert!(batch.ops.len() <= RUN_OPS_MAX);
-                runs += 1;
-            }
-            assert_eq!(runs, n.div_ceil(RUN_OPS_MAX));
-        }
-        let mut s = shards(2);
-        let out = run(
-            &mut s,
-            &format!("SET k7 x\nEXISTS{keys}\nMSET{pairs}\nEXISTS{keys} nope\nDEL{keys} nope\nEXISTS{keys}\nDBSIZE\n"),
-        );
-        assert_eq!(
-            out,
-            format!("OK\r\n1\r\nOK\r\n{n}\r\nDELETED {n}\r\n0\r\n0\r\n")
-        );
-    }
-
-    #[test]
-    fn an_mget_run_of_large_values_stops_at_its_byte_bound_and_goes_on() {
-        // More keys than a shared segment plans, so the run has its segment to itself.
-        const VALUE: usize = 20_000;
-        const KEYS: usize = SEGMENT_OPS_MAX + 72;
-        let mut s = shards(2);
-        let keys: Vec<String> = (0..KEYS).map(|i| format!("big{i}")).collect();
-        for (i, key) in keys.iter().enumerate() {
-            let h = KeyHash::of(key.as_bytes());
-            let value = vec![b'a' + (i % 26) as u8; VALUE];
-            s[h.shard(1)].set(h, key.as_bytes(), &value).unwrap();
-        }
-        let input = format!("MGET {} nope\nPING\n", keys.join(" "));
-        // Run by run: no shard's share of a run holds much more than the bound.
-        let (mut batch, mut results) = (Batch::new(1), Results::default());
-        let mut framer = Framer::new(1 << 20);
-        let (mut out, mut runs) = (Vec::new(), 0);
-        let used = batch.fill(&mut framer, input.as_bytes());
-        loop {
-            execute_all(&mut s, &batch, input.as_bytes(), &mut results);
-            let held: usize = results.bufs.iter().map(Vec::len).sum();
-            let bound = 2 * (crate::node::ops::RUN_REPLY_BYTES + VALUE + 2);
-            assert!(held <= bound, "{held} bytes in one run");
-            batch.assemble(input.as_bytes(), &results, &NodeInfo::default, &mut out);
-            runs += 1;
-            if !batch.has_rest() {
-                break;
-            }
-            batch.fill_rest(input.as_bytes());
-        }
-        assert!(runs > 3, "{runs} runs");
-        batch.fill(&mut framer, &input.as_bytes()[used..]);
-        execute_all(&mut s, &batch, &input.as_bytes()[used..], &mut results);
-        batch.assemble(
-            &input.as_bytes()[used..],
-            &results,
-            &NodeInfo::default,
-            &mut out,
-        );
-        let mut expected = format!("VALUES {}\r\n", KEYS + 1);
-        for i in 0..KEYS {
-            expected += &String::from_utf8(vec![b'a' + (i % 26) as u8; VALUE]).unwrap();
-            expected += "\r\n";
-        }
-        expected += "(null)\r\nPONG\r\n";
-        assert!(
-            String::from_utf8(out).unwrap() == expected,
-            "values out of order or lost"
-        );
-        // The same through the whole path, and with a command after it in the segment.
-        assert_eq!(run(&mut s, &input), expected);
-    }
-
-    #[test]
-    fn del_of_one_key_keeps_its_replies_and_of_several_counts() {
-        let mut s = shards(2);
-        let out = run(
-            &mut s,
-            "MSET a 1 b 2\nDEL a\nDEL a\nDEL a b c\nDEL x y\nDBSIZE\n",
-        );
-        assert_eq!(
-            out,
-            "OK\r\nDELETED\r\nNOT_FOUND\r\nDELETED 1\r\nDELETED 0\r\n0\r\n"
-        );
-    }
-
-    #[test]
-    fn flushdb_runs_between_the_commands_around_it_on_every_shard() {
-        for n in [1, 2, 8] {
-            let mut s = shards(n);
-            let out = run(
-                &mut s,
-                "MSET a 1 b 2 c 3\nDEL c\nFLUSHDB\nSET d 4\nDBSIZE\nMGET a b d\nFLUSHDB\nFLUSHDB\nDBSIZE\n",
-            );
-            assert_eq!(
-                out,
-                "OK\r\nDELETED\r\nOK\r\nOK\r\n1\r\nVALUES 3\r\n(null)\r\n(null)\r\n4\r\nOK\r\nOK\r\n0\r\n"
-            );
-            // One marker for the node, newer than every write before it.
-            let markers: Vec<_> = s.iter().map(Shard::flushed).collect();
-            assert!(markers.iter().all(|m| *m == markers[0]), "{markers:?}");
-            assert_eq!(
-                s.iter().map(|s| s.snapshot_stats().tombstones).sum::<u64>(),
-                0
-            );
-            assert_eq!(run(&mut s, "HASH\n"), run(&mut shards(n), "HASH\n"));
-        }
-    }
 
     #[test]
     fn segments_are_bounded() {
@@ -984,85 +722,5 @@ mod tests {
             1,
             "a segment ends once its ops budget is spent"
         );
-    }
-
-    #[test]
-    fn hash_is_the_same_for_every_shard_count() {
-        let input = "MSET a 1 b 2 c 3 d 4\nDEL c\nHASH\n";
-        let expected = run(&mut shards(1), input);
-        for n in [2, 4, 8, 256] {
-            assert_eq!(run(&mut shards(n), input), expected);
-        }
-    }
-
-    #[test]
-    fn hash_shards_lists_ranges() {
-        let out = run(&mut shards(2), "HASH SHARDS\n");
-        let lines: Vec<&str> = out.split("\r\n").collect();
-        assert_eq!(lines[0], "SHARDS 2");
-        assert!(lines[1].starts_with("0 0 32767 "));
-        assert!(lines[2].starts_with("1 32768 65535 "));
-        assert_eq!(lines[1].len(), "0 0 32767 ".len() + 64);
-    }
-
-    #[test]
-    fn errors_and_static_replies() {
-        let out = run(
-            &mut shards(2),
-            "PING\nPING hi there\nECHO x\nFOO\nVERSION\nQUIT\n",
-        );
-        assert_eq!(
-            out,
-            format!(
-                "PONG\r\nhi there\r\nx\r\nERROR: Invalid command\r\nVERSION {VERSION}\r\nOK\r\n"
-            )
-        );
-    }
-
-    #[test]
-    fn mset_reports_storage_full() {
-        let budget = MemoryBudget::new(100);
-        let mut s: Vec<Shard> = (0..2)
-            .map(|i| Shard::new(i, 1, budget.clone(), 1 << 20))
-            .collect();
-        let out = run(&mut s, "MSET a 1 b 2 c 3 d 4 e 5\n");
-        assert_eq!(out, "ERROR: Storage full\r\n");
-    }
-
-    #[test]
-    fn scan_walks_all_shards_with_its_cursor() {
-        let mut s = shards(4);
-        let mut input = String::new();
-        for i in 0..200 {
-            input += &format!("SET k{i} v\n");
-        }
-        run(&mut s, &input);
-        let mut cursor = 0;
-        let mut seen = std::collections::HashSet::new();
-        loop {
-            let out = run(&mut s, &format!("SCAN k* {cursor} 7\n"));
-            let mut lines = out.split("\r\n");
-            let head: Vec<&str> = lines.next().unwrap().split(' ').collect();
-            assert_eq!(head[0], "KEYS");
-            let n: usize = head[2].parse().unwrap();
-            for _ in 0..n {
-                assert!(seen.insert(lines.next().unwrap().to_string()));
-            }
-            cursor = head[1].parse().unwrap();
-            if cursor == 0 {
-                break;
-            }
-        }
-        assert_eq!(seen.len(), 200);
-    }
-
-    #[test]
-    fn info_and_stats_are_counted_lines() {
-        let out = run(&mut shards(2), "SET a 1\nGET a\nGET b\nSTATS\nINFO\n");
-        let lines: Vec<&str> = out.split("\r\n").collect();
-        let n: usize = lines[3].strip_prefix("STATS ").unwrap().parse().unwrap();
-        assert!(lines[4..4 + n].contains(&"get_hits:1"));
-        assert!(lines[4..4 + n].contains(&"get_misses:1"));
-        assert!(lines[4 + n].starts_with("INFO "));
     }
 }

@@ -8,4 +8,5 @@ pub mod inbox;
 pub mod info;
 pub mod ops;
 pub mod server;
+pub mod session;
 pub mod shared;
