@@ -44,23 +44,27 @@ enum Reply {
     /// A span of the received data, then CRLF (ECHO, PING msg).
     Echo(Span),
     Version,
-    /// One run of a command over many keys (see [`Multi`]): ops `first..first + n`.
-    /// `start` on its first run, `end` on its last; `keys` = its key count (MGET's
-    /// header, given on the first run only).
-    Multi {
-        kind: Multi,
-        first: u32,
-        n: u32,
-        start: bool,
-        end: bool,
-        keys: u32,
-    },
+    /// One run of a command over many keys.
+    Multi(Run),
     Scan(u32),
     /// One op per shard, `first..first + shards`.
     Fanout(Fanout, u32),
     /// FLUSHDB's first phase, one clock reading per shard from `first`: no reply yet;
     /// the flush at their maximum is the next segment ([`Rest::Flush`]).
     FlushTick(u32),
+}
+
+/// One run of a command over many keys (see [`Multi`]): ops `first..first + n`.
+/// `start` on its first run, `end` on its last; `keys` = its key count (MGET's header,
+/// given on the first run only).
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    kind: Multi,
+    first: u32,
+    n: u32,
+    start: bool,
+    end: bool,
+    keys: u32,
 }
 
 /// Commands over many keys. They are planned a segment's worth of keys at a time, so
@@ -226,12 +230,12 @@ impl Batch {
     /// An MGET run may stop when its reply bytes fill up, and go on in the next segment;
     /// only the segment's last command may, or a later command's reply would come first.
     fn let_the_last_mget_stop_early(&mut self) {
-        if let Some(&Reply::Multi {
+        if let Some(&Reply::Multi(Run {
             kind: Multi::Mget,
             first,
             n,
             ..
-        }) = self.replies.last()
+        })) = self.replies.last()
         {
             let slots = &mut self.ops[first as usize..(first + n) as usize];
             slots
@@ -308,14 +312,14 @@ impl Batch {
         } else {
             0
         };
-        Reply::Multi {
+        Reply::Multi(Run {
             kind,
             first,
             n: self.ops.len() as u32 - first,
             start,
             end,
             keys,
-        }
+        })
     }
 
     /// A run's reply bytes filled up at op `at`: the command goes on from that op's key
@@ -477,52 +481,7 @@ impl Batch {
                     out.extend_from_slice(CRLF);
                 }
                 Reply::Version => line(out, &format!("VERSION {VERSION}")),
-                Reply::Multi {
-                    kind,
-                    first,
-                    n,
-                    start,
-                    end,
-                    keys,
-                } => {
-                    if start {
-                        self.carry_count = 0;
-                        self.carry_failed = None;
-                    }
-                    self.carry_count += results.count(first, n);
-                    if self.carry_failed.is_none() {
-                        self.carry_failed =
-                            (first..first + n).find_map(|i| match results.outcome(i) {
-                                Outcome::Failed(e) => Some(e),
-                                _ => None,
-                            });
-                    }
-                    match kind {
-                        Multi::Mget => {
-                            if start {
-                                line(out, &format!("VALUES {keys}"));
-                            }
-                            let done = (first..first + n)
-                                .find(|&i| results.outcome(i) == Outcome::Skipped)
-                                .unwrap_or(first + n);
-                            (first..done).for_each(|i| out.extend_from_slice(results.bytes(i)));
-                            if done < first + n {
-                                self.resume_mget_at(done, first + n, data);
-                                let got = (done - first) as usize;
-                                self.mget_run = (2 * got).clamp(16, RUN_OPS_MAX);
-                            } else {
-                                self.mget_run = (2 * self.mget_run).min(RUN_OPS_MAX);
-                            }
-                        }
-                        _ if !end => {}
-                        Multi::Exists => line(out, &self.carry_count.to_string()),
-                        Multi::Mset | Multi::Del => match self.carry_failed {
-                            Some(e) => line(out, &e.to_string()),
-                            None if kind == Multi::Mset => out.extend_from_slice(b"OK\r\n"),
-                            None => line(out, &format!("DELETED {}", self.carry_count)),
-                        },
-                    }
-                }
+                Reply::Multi(run) => self.multi_reply(run, data, results, out),
                 Reply::Scan(i) => {
                     let Outcome::Scan { next, keys } = results.outcome(i) else {
                         unreachable!("SCAN op without a scan outcome")
@@ -543,6 +502,55 @@ impl Batch {
                     self.rest = Some(Rest::Flush { hlc });
                 }
             }
+        }
+    }
+
+    /// The reply of one run of a multi-key command: MGET's values as they come, the
+    /// others' once their last run is done.
+    fn multi_reply(&mut self, run: Run, data: &[u8], results: &Results, out: &mut Vec<u8>) {
+        let Run {
+            kind,
+            first,
+            n,
+            start,
+            end,
+            keys,
+        } = run;
+        if start {
+            self.carry_count = 0;
+            self.carry_failed = None;
+        }
+        self.carry_count += results.count(first, n);
+        if self.carry_failed.is_none() {
+            self.carry_failed = (first..first + n).find_map(|i| match results.outcome(i) {
+                Outcome::Failed(e) => Some(e),
+                _ => None,
+            });
+        }
+        match kind {
+            Multi::Mget => {
+                if start {
+                    line(out, &format!("VALUES {keys}"));
+                }
+                let done = (first..first + n)
+                    .find(|&i| results.outcome(i) == Outcome::Skipped)
+                    .unwrap_or(first + n);
+                (first..done).for_each(|i| out.extend_from_slice(results.bytes(i)));
+                if done < first + n {
+                    self.resume_mget_at(done, first + n, data);
+                    let got = (done - first) as usize;
+                    self.mget_run = (2 * got).clamp(16, RUN_OPS_MAX);
+                } else {
+                    self.mget_run = (2 * self.mget_run).min(RUN_OPS_MAX);
+                }
+            }
+            _ if !end => {}
+            Multi::Exists => line(out, &self.carry_count.to_string()),
+            Multi::Mset | Multi::Del => match self.carry_failed {
+                Some(e) => line(out, &e.to_string()),
+                None if kind == Multi::Mset => out.extend_from_slice(b"OK\r\n"),
+                None => line(out, &format!("DELETED {}", self.carry_count)),
+            },
         }
     }
 
