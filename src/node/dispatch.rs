@@ -344,11 +344,6 @@ impl Batch {
         });
     }
 
-    /// Commands in the batch.
-    pub fn len(&self) -> usize {
-        self.replies.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.replies.is_empty() && self.special.is_none()
     }
@@ -715,6 +710,13 @@ pub fn execute_all(shards: &mut [Shard], batch: &Batch, data: &[u8], results: &m
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Batch {
+        /// Commands in the batch.
+        fn len(&self) -> usize {
+            self.replies.len()
+        }
+    }
 
     #[test]
     fn segments_are_bounded() {

@@ -4,8 +4,6 @@
 //! not an error. Every rejection is a [`ProtocolError`] whose `Display` is the exact
 //! reply line (without `\r\n`). docs/PROTOCOL.md is the user-facing contract.
 
-use std::fmt;
-
 use crate::limits::{is_valid_key, BUCKETS, KEY_BYTES_MAX, SYNC_MSG_BYTES_MAX};
 
 /// `SCAN` page size when none is given, and the largest allowed.
@@ -484,38 +482,6 @@ fn scan(rest: &[u8]) -> Result<Command<'_>, ProtocolError> {
         cursor,
         count,
     })
-}
-
-impl fmt::Display for Command<'_> {
-    /// The command's name, for logs and statistics.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = match self {
-            Command::Get(_) => "GET",
-            Command::Set(..) => "SET",
-            Command::Del(_) => "DEL",
-            Command::Exists(_) => "EXISTS",
-            Command::Mget(_) => "MGET",
-            Command::Mset(_) => "MSET",
-            Command::Incr(..) => "INCR",
-            Command::Append(..) => "APPEND",
-            Command::Prepend(..) => "PREPEND",
-            Command::Scan { .. } => "SCAN",
-            Command::Dbsize => "DBSIZE",
-            Command::Ping(_) => "PING",
-            Command::Echo(_) => "ECHO",
-            Command::Info => "INFO",
-            Command::Stats => "STATS",
-            Command::Version => "VERSION",
-            Command::Flushdb => "FLUSHDB",
-            Command::Hash => "HASH",
-            Command::HashShards => "HASH SHARDS",
-            Command::Shutdown => "SHUTDOWN",
-            Command::Quit => "QUIT",
-            Command::SyncMsg(_) => "SYNC.MSG",
-            Command::Sync(_) => "SYNC",
-        };
-        f.write_str(name)
-    }
 }
 
 #[cfg(test)]
