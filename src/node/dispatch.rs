@@ -22,7 +22,7 @@ use crate::VERSION;
 /// Most commands planned and executed together.
 pub const SEGMENT_COMMANDS_MAX: usize = 128;
 
-/// The reply to a data command while the node is catching up (src/bootstrap.rs).
+/// The reply to a data command while the node is catching up (node/bootstrap.rs).
 pub const LOADING: &[u8] = b"ERROR: LOADING node is synchronising with its peers\r\n";
 /// Most ops in one segment, apart from one multi-key command's. With every GET's reply
 /// at most `max_line_bytes`, this bounds the reply bytes a segment can hold; a larger
@@ -138,12 +138,13 @@ pub struct Batch {
     /// the first failure (MSET, DEL). Reset by its first run, used by its last.
     carry_count: u64,
     carry_failed: Option<crate::store::shard::StoreError>,
-    /// A command the connection itself carries out (anti-entropy); it always forms a
+    /// A command the session and its driver carry out (anti-entropy); it always forms a
     /// segment of its own.
     pub special: Option<Special>,
 }
 
-/// Commands that are not shard ops: the connection handles them between segments.
+/// Commands that are not shard ops: the session (node/session.rs) hands them to its
+/// driver between segments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Special {
     /// `SYNC.MSG n`: `n` bytes of anti-entropy message follow the line.

@@ -1,5 +1,6 @@
-//! The node: threads and their inboxes, client connections, dispatch of commands to
-//! shards, INFO, readiness. The top of the tree: it may use every other folder.
+//! The node: threads and their inboxes, client sessions and connections, dispatch of
+//! commands to shards, INFO, readiness. The top of the tree: it may use every other
+//! folder.
 
 pub mod bootstrap;
 pub mod connection;

@@ -137,7 +137,7 @@ pub enum Command<'a> {
 
 impl Command<'_> {
     /// Whether the command reads or writes the data set, and so must wait while the node
-    /// is LOADING (src/bootstrap.rs). Exhaustive, so every new command decides.
+    /// is LOADING (node/bootstrap.rs). Exhaustive, so every new command decides.
     pub fn touches_data(&self) -> bool {
         match self {
             Command::Get(_)
