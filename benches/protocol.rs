@@ -2,7 +2,8 @@
 //! 16 commands (parse → plan → execute on shards → assemble replies).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use merkle_kv::node::dispatch::{answer_all, NodeInfo};
+use merkle_kv::node::info::NodeInfo;
+use merkle_kv::node::session::answer_all;
 use merkle_kv::protocol::native::{parse, Framer};
 use merkle_kv::store::shard::{MemoryBudget, Shard};
 use std::hint::black_box;

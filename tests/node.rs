@@ -457,3 +457,33 @@ fn huge_multi_key_requests_cost_memory_in_proportion_to_their_line() {
         four >> 10
     );
 }
+
+#[test]
+fn in_memory_answers_match_a_real_connection_for_refused_sync_requests() {
+    // `answer_all` (tests, benches, fuzzing) drives the same session as a connection:
+    // a SYNC whose peer is refused, and a bad SYNC.MSG length (answered, then the
+    // connection ends), get the same bytes from both.
+    use merkle_kv::node::info::NodeInfo;
+    use merkle_kv::node::session::answer_all;
+    use merkle_kv::protocol::native::Framer;
+    use merkle_kv::store::shard::{MemoryBudget, Shard};
+    let input = b"SYNC nonsense\r\nSYNC 0.0.0.0:7000\r\nPING\r\nSYNC.MSG 0\r\nPING\r\n";
+    let node = Node::start("");
+    let mut c = node.client();
+    c.send(input);
+    let from_node = String::from_utf8(c.read_to_end()).unwrap();
+    let mut shards = vec![Shard::new(0, 0, MemoryBudget::unlimited(), 1 << 20)];
+    let mut out = Vec::new();
+    answer_all(
+        &mut shards,
+        &mut Framer::new(1 << 20),
+        input,
+        &mut out,
+        &NodeInfo::default,
+    );
+    assert_eq!(String::from_utf8(out).unwrap(), from_node);
+    assert!(
+        from_node.starts_with("ERROR: SYNC needs host:port"),
+        "{from_node}"
+    );
+}

@@ -1,16 +1,17 @@
 //! Fuzz the native protocol front end exactly as a connection runs it, minus sockets:
 //! framing (with over-long-line resync), parsing, planning, execution on two shards and
-//! reply assembly (`dispatch::answer_all`), including anti-entropy messages (`SYNC.MSG`)
+//! reply assembly (`node::session::answer_all`), including anti-entropy messages (`SYNC.MSG`)
 //! served by the same shards. Nothing may panic, every reply must end in CRLF (but for
 //! SYNC.REPLY's length-prefixed binary body), and a parsed SET must survive a print →
 //! parse round trip.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use merkle_kv::dispatch::{answer_all, NodeInfo};
-use merkle_kv::protocol::{parse, Command, Framer, Step};
-use merkle_kv::shard::{MemoryBudget, Shard};
-use merkle_kv::version::Version;
+use merkle_kv::node::info::NodeInfo;
+use merkle_kv::node::session::answer_all;
+use merkle_kv::protocol::native::{parse, Command, Framer, Step};
+use merkle_kv::store::shard::{MemoryBudget, Shard};
+use merkle_kv::store::version::Version;
 use std::cell::RefCell;
 
 /// Small, so the fuzzer reaches the line-too-long and storage-full paths.

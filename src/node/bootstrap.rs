@@ -174,20 +174,10 @@ async fn catch_up(shared: &Arc<Shared>) {
             connected_for: connected_since.map(|t| t.elapsed()),
         };
         let peer = match state.next(&seen, Instant::now()) {
-            Step::Probe(peer) => {
-                let target = peer.clone();
-                match tokio::task::spawn_blocking(move || peer_is_loading(&target)).await {
-                    Ok(Some(false)) => peer,
-                    Ok(Some(true)) => {
-                        state.is_loading(&peer);
-                        continue;
-                    }
-                    _ => {
-                        state.failed(&peer);
-                        continue;
-                    }
-                }
-            }
+            Step::Probe(peer) => match probe(&mut state, peer).await {
+                Some(peer) => peer,
+                None => continue,
+            },
             Step::ExchangeLoading(peer) => peer,
             Step::Wait => {
                 tokio::select! {
@@ -196,18 +186,7 @@ async fn catch_up(shared: &Arc<Shared>) {
                 }
                 continue;
             }
-            Step::Ready(Reason::NobodyToLearnFrom) => {
-                tracing::info!("no peer to learn from: serving clients");
-                return ready("no peer to learn from".into());
-            }
-            Step::Ready(Reason::TimedOut) => {
-                tracing::warn!(
-                    timeout_s = timeout.as_secs(),
-                    "bootstrap timed out before an exchange with a peer completed: serving \
-                     clients with what this node has ([anti_entropy] bootstrap_timeout_seconds)"
-                );
-                return ready("timed out".into());
-            }
+            Step::Ready(reason) => return ready(gave_up(reason, timeout)),
         };
         shared
             .readiness
@@ -230,6 +209,41 @@ async fn catch_up(shared: &Arc<Shared>) {
                 shared.readiness.set(true, format!("{peer} failed: {e}"));
                 state.failed(&peer);
             }
+        }
+    }
+}
+
+/// Ask `peer` whether it is LOADING: it is the peer to learn from if it is not. A peer
+/// that is LOADING, or cannot be asked, is noted in `state` instead.
+async fn probe(state: &mut Bootstrap, peer: String) -> Option<String> {
+    let target = peer.clone();
+    match tokio::task::spawn_blocking(move || peer_is_loading(&target)).await {
+        Ok(Some(false)) => Some(peer),
+        Ok(Some(true)) => {
+            state.is_loading(&peer);
+            None
+        }
+        _ => {
+            state.failed(&peer);
+            None
+        }
+    }
+}
+
+/// Say why the bootstrap ends without an exchange; returns the progress INFO shows.
+fn gave_up(reason: Reason, timeout: Duration) -> String {
+    match reason {
+        Reason::NobodyToLearnFrom => {
+            tracing::info!("no peer to learn from: serving clients");
+            "no peer to learn from".into()
+        }
+        Reason::TimedOut => {
+            tracing::warn!(
+                timeout_s = timeout.as_secs(),
+                "bootstrap timed out before an exchange with a peer completed: serving \
+                 clients with what this node has ([anti_entropy] bootstrap_timeout_seconds)"
+            );
+            "timed out".into()
         }
     }
 }

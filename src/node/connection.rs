@@ -1,12 +1,16 @@
-//! One client connection: read, frame, parse, dispatch to shards, write replies.
+//! One client connection: the socket side of a [`Session`]. It reads, lets the session
+//! plan, runs the ops on the shards, writes the replies, and does what the session leaves
+//! to it: read a `SYNC.MSG` body within its time bound, serve it, run a `SYNC`, stop the
+//! node, close.
 //!
 //! Runs as a task on a shard thread (ops for that shard execute inline, no hop) or on an
 //! I/O thread (every op hops). All complete lines of one read are answered with one
 //! write, in order; ops for other shards go out as one message per shard per segment.
 
-use crate::node::dispatch::{Batch, NodeInfo, Results, Special};
 use crate::node::inbox::{ShardRequest, ThreadMsg};
+use crate::node::info::NodeInfo;
 use crate::node::ops::ShardOp;
+use crate::node::session::{Next, Session, Then};
 use crate::node::shared::Shared;
 use crate::protocol::native::Framer;
 use crate::store::shard::Shard;
@@ -52,8 +56,7 @@ pub async fn serve(stream: std::net::TcpStream, shared: Arc<Shared>, local: Loca
         Err(e) => return tracing::warn!(?peer, "cannot register connection: {e}"),
     };
     let mut conn = Connection {
-        batch: Batch::new(shared.shard_bits),
-        results: Results::default(),
+        session: Session::new(shared.shard_bits),
         outgoing: (0..1 << shared.shard_bits)
             .map(|_| Outgoing::default())
             .collect(),
@@ -71,8 +74,7 @@ pub async fn serve(stream: std::net::TcpStream, shared: Arc<Shared>, local: Loca
 struct Connection {
     shared: Arc<Shared>,
     local: LocalShard,
-    batch: Batch,
-    results: Results,
+    session: Session,
     outgoing: Vec<Outgoing>,
     out: Vec<u8>,
     framer: Framer,
@@ -122,122 +124,129 @@ impl Connection {
         inbuf: &mut BytesMut,
         stream: &mut TcpStream,
     ) -> std::io::Result<bool> {
-        let mut chunk = bytes::Bytes::new();
         loop {
-            if self.batch.has_rest() {
-                // The next run of a large MGET, from the same received bytes.
-                self.batch.fill_rest(&chunk);
-            } else {
-                self.batch.loading = self.shared.readiness.is_loading();
-                let used = self.batch.fill(&mut self.framer, inbuf);
-                if self.batch.is_empty() {
-                    inbuf.advance(used);
+            let loading = self.shared.readiness.is_loading();
+            match self
+                .session
+                .next(&mut self.framer, inbuf, loading, &mut self.out)
+            {
+                Next::Read(n) => {
+                    inbuf.advance(n);
                     break;
                 }
-                chunk = inbuf.split_to(used).freeze();
-                if let Some(special) = self.batch.special.take() {
-                    self.special(special, &chunk, inbuf, stream).await?;
-                    if self.out.len() >= OUT_FLUSH_BYTES {
+                Next::Answered(n) => inbuf.advance(n),
+                Next::Segment(n) => {
+                    let chunk = inbuf.split_to(n).freeze();
+                    if self.segment(&chunk, stream).await? {
                         self.write_out(stream).await?;
+                        return Ok(true);
                     }
-                    continue;
+                }
+                Next::SyncMsg { line, len } => {
+                    inbuf.advance(line);
+                    self.sync_msg(len, inbuf, stream).await?;
+                }
+                Next::Sync { line, peer } => {
+                    inbuf.advance(line);
+                    let reply = run_sync(&self.shared, peer).await;
+                    crate::node::ops::line(&mut self.out, &reply);
                 }
             }
+            if self.out.len() >= OUT_FLUSH_BYTES {
+                self.write_out(stream).await?;
+            }
+        }
+        self.write_out(stream).await?;
+        Ok(false)
+    }
+
+    /// Run and answer one segment, `chunk`, and the runs of a command that goes on
+    /// past it. Returns true when the client asked to stop.
+    async fn segment(
+        &mut self,
+        chunk: &bytes::Bytes,
+        stream: &mut TcpStream,
+    ) -> std::io::Result<bool> {
+        loop {
             // Replication backpressure, per segment: a segment adds at most
             // SEGMENT_OPS_MAX changes (or one multi-key command's) past the check.
             if let Some(out) = &self.shared.outbound {
                 out.admit().await;
             }
-            self.execute(&chunk).await?;
+            self.execute(chunk).await?;
             let shared = &self.shared;
+            let answer = self
+                .session
+                .answer(chunk, &|| NodeInfo::of(shared), &mut self.out);
             shared
                 .protocol_errors
-                .fetch_add(u64::from(self.batch.errors), Relaxed);
-            self.batch
-                .assemble(&chunk, &self.results, &|| node_info(shared), &mut self.out);
-            if self.batch.shutdown {
-                tracing::info!("SHUTDOWN requested by a client");
-                let _ = self.shared.shutdown.send(true);
+                .fetch_add(u64::from(answer.protocol_errors), Relaxed);
+            match answer.then {
+                Then::Again => {}
+                Then::Done => return Ok(false),
+                Then::Close { shutdown } => {
+                    if shutdown {
+                        tracing::info!("SHUTDOWN requested by a client");
+                        let _ = self.shared.shutdown.send(true);
+                    }
+                    return Ok(true);
+                }
             }
             if self.out.len() >= OUT_FLUSH_BYTES {
                 self.write_out(stream).await?;
             }
-            if self.batch.stopped() {
-                break;
-            }
         }
-        self.write_out(stream).await?;
-        Ok(self.batch.stopped())
     }
 
-    /// Carry out a command that is not a shard op: an anti-entropy message (its body
-    /// follows in `inbuf`, read more if needed) or a `SYNC` with a peer.
-    async fn special(
+    /// Read and serve an anti-entropy message of `len` bytes, whose body follows in
+    /// `inbuf` (read more if needed), if the session admits it.
+    async fn sync_msg(
         &mut self,
-        special: Special,
-        line: &bytes::Bytes,
+        len: usize,
         inbuf: &mut BytesMut,
         stream: &mut TcpStream,
     ) -> std::io::Result<()> {
-        match special {
-            Special::SyncMsg(len) => {
-                if let Err(why) =
-                    crate::antientropy::client::admit_incoming(stream.peer_addr().ok())
-                {
-                    self.out
-                        .extend_from_slice(format!("ERROR: {why}\r\n").as_bytes());
-                    return Err(std::io::Error::other("anti-entropy peer not admitted"));
-                }
-                let len = len as usize;
-                // A node-wide bound on message bodies in memory: many connections
-                // each sending a large body must not add up past it.
-                let held = self.shared.sync_bytes.fetch_add(len, Relaxed);
-                let _release = SyncBytes(self.shared.clone(), len);
-                if held + len > SYNC_BODIES_BYTES_MAX {
-                    self.out.extend_from_slice(
-                        b"ERROR: too many anti-entropy messages in flight; try again\r\n",
-                    );
-                    self.write_out(stream).await?;
-                    return Err(std::io::Error::other("anti-entropy memory bound reached"));
-                }
-                let idle = self.shared.config.network.connection_timeout;
-                let started = tokio::time::Instant::now();
-                while inbuf.len() < len {
-                    inbuf.reserve(len - inbuf.len());
-                    let wait =
-                        crate::antientropy::client::body_wait(inbuf.len(), started.elapsed(), idle);
-                    let read = match wait {
-                        Some(wait) => tokio::time::timeout(wait, stream.read_buf(inbuf))
-                            .await
-                            .ok(),
-                        None => None,
-                    };
-                    match read {
-                        None => return self.too_slow(stream, started.elapsed()).await,
-                        Some(Ok(0)) => {
-                            return Err(std::io::Error::new(
-                                std::io::ErrorKind::UnexpectedEof,
-                                "connection ended inside a SYNC.MSG body",
-                            ))
-                        }
-                        Some(Ok(_)) => {}
-                        Some(Err(e)) => return Err(e),
-                    }
-                }
-                let body = inbuf.split_to(len);
-                let reply = match crate::antientropy::messages::parse(&body) {
-                    Ok(request) => Ok(self.serve_sync(request).await?),
-                    Err(e) => Err(e),
-                };
-                crate::antientropy::messages::write_reply(&mut self.out, reply);
+        let shared = self.shared.clone();
+        let admitted = crate::antientropy::client::admit_incoming(stream.peer_addr().ok());
+        let _share = match self
+            .session
+            .admit_body(admitted, &shared.sync_bytes, &mut self.out)
+        {
+            Ok(share) => share,
+            Err(refused) => {
+                self.write_out(stream).await?;
+                return Err(std::io::Error::other(refused));
             }
-            Special::Sync(peer) => {
-                let peer = String::from_utf8_lossy(peer.get(line)).into_owned();
-                let line = run_sync(&self.shared, peer).await;
-                self.out.extend_from_slice(line.as_bytes());
-                self.out.extend_from_slice(b"\r\n");
+        };
+        let idle = self.shared.config.network.connection_timeout;
+        let started = tokio::time::Instant::now();
+        while inbuf.len() < len {
+            inbuf.reserve(len - inbuf.len());
+            let wait = crate::antientropy::client::body_wait(inbuf.len(), started.elapsed(), idle);
+            let read = match wait {
+                Some(wait) => tokio::time::timeout(wait, stream.read_buf(inbuf))
+                    .await
+                    .ok(),
+                None => None,
+            };
+            match read {
+                None => return self.too_slow(stream, started.elapsed()).await,
+                Some(Ok(0)) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "connection ended inside a SYNC.MSG body",
+                    ))
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e),
             }
         }
+        let body = inbuf.split_to(len);
+        let reply = match crate::antientropy::messages::parse(&body) {
+            Ok(request) => Ok(self.serve_sync(request).await?),
+            Err(e) => Err(e),
+        };
+        crate::antientropy::messages::write_reply(&mut self.out, reply);
         Ok(())
     }
 
@@ -336,9 +345,10 @@ impl Connection {
 
     /// Run the batch's ops: this thread's own inline, the rest as one request per shard.
     async fn execute(&mut self, data: &bytes::Bytes) -> std::io::Result<()> {
-        self.results.reset(self.batch.ops.len());
+        let (ops, results) = self.session.work();
+        results.reset(ops.len());
         let own = self.local.as_ref().map(|(id, _)| *id);
-        for (i, (s, op)) in self.batch.ops.iter().enumerate() {
+        for (i, (s, op)) in ops.iter().enumerate() {
             if Some(*s) != own {
                 let out = &mut self.outgoing[*s];
                 out.ops.push(*op);
@@ -367,9 +377,10 @@ impl Connection {
         }
         if let Some((id, shard)) = &self.local {
             let mut shard = shard.borrow_mut();
-            for (i, (s, op)) in self.batch.ops.iter().enumerate() {
+            let (ops, results) = self.session.work();
+            for (i, (s, op)) in ops.iter().enumerate() {
                 if s == id {
-                    self.results.run_inline(i, &mut shard, op, data);
+                    results.run_inline(i, &mut shard, op, data);
                 }
             }
             crate::node::shared::ship_changes(&mut shard, &self.shared.outbound);
@@ -377,22 +388,10 @@ impl Connection {
         for (s, rx) in waiting {
             let reply = rx.await.map_err(|_| stopping())?;
             let out = &mut self.outgoing[s];
-            self.results.add_remote(&out.indices, reply);
+            self.session.work().1.add_remote(&out.indices, reply);
             out.indices.clear();
         }
         Ok(())
-    }
-}
-
-/// Most bytes of `SYNC.MSG` bodies a node holds at once (each body ≤ 96 MiB).
-const SYNC_BODIES_BYTES_MAX: usize = 256 << 20;
-
-/// Releases a body's share of the node-wide bound when dropped.
-struct SyncBytes(Arc<Shared>, usize);
-
-impl Drop for SyncBytes {
-    fn drop(&mut self) {
-        self.0.sync_bytes.fetch_sub(self.1, Relaxed);
     }
 }
 
@@ -473,36 +472,4 @@ pub async fn run_sync(shared: &Arc<Shared>, peer: String) -> String {
     let started = crate::antientropy::log::Started::OneOff;
     shared.sync_log.record(&peer, result, started, ended);
     line
-}
-
-fn node_info(shared: &Shared) -> NodeInfo {
-    let net = &shared.config.network;
-    NodeInfo {
-        node_id: shared.config.node_id.clone(),
-        uptime_seconds: shared.started.elapsed().as_secs(),
-        bind: shared.local_addr.to_string(),
-        io_threads: net.io_threads,
-        connections_current: shared.connections.load(Relaxed) as u64,
-        connections_max: net.max_connections as u64,
-        connections_total: shared.connections_total.load(Relaxed),
-        connections_rejected: shared.connections_rejected.load(Relaxed),
-        protocol_errors: shared.protocol_errors.load(Relaxed),
-        memory_limit_bytes: shared
-            .config
-            .storage
-            .memory_limit_mb
-            .saturating_mul(1 << 20),
-        peers_online: shared.peers.online().len() as u64,
-        clock_skew: shared
-            .peers
-            .clock_skew(shared.config.mqtt.max_clock_skew_ms),
-        replication: shared
-            .outbound
-            .as_ref()
-            .map(|o| o.stats.snapshot())
-            .unwrap_or_default(),
-        sync_peers: shared.sync_log.info_values(std::time::Instant::now()),
-        loading: shared.readiness.is_loading(),
-        bootstrap: shared.readiness.progress(),
-    }
 }

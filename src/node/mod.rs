@@ -1,10 +1,13 @@
-//! The node: threads and their inboxes, client connections, dispatch of commands to
-//! shards, INFO, readiness. The top of the tree: it may use every other folder.
+//! The node: threads and their inboxes, client sessions and connections, dispatch of
+//! commands to shards, INFO, readiness. The top of the tree: it may use every other
+//! folder.
 
 pub mod bootstrap;
 pub mod connection;
 pub mod dispatch;
 pub mod inbox;
+pub mod info;
 pub mod ops;
 pub mod server;
+pub mod session;
 pub mod shared;

@@ -11,6 +11,12 @@ use crate::wire::Span;
 
 pub const CRLF: &[u8] = b"\r\n";
 
+/// Write `s` as one reply line.
+pub fn line(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(s.as_bytes());
+    out.extend_from_slice(CRLF);
+}
+
 /// The reply to a GET (or an MGET slot) whose value cannot travel in a text line. Values
 /// may hold any bytes (a peer or a binary-safe port may have stored them); written raw, a
 /// CR or LF would split the reply and desynchronise the client for every later reply.
@@ -93,32 +99,9 @@ pub fn execute(shard: &mut Shard, op: &ShardOp, data: &[u8], out: &mut Vec<u8>) 
     let key = op.key.get(data);
     let arg = op.arg.get(data);
     let h = op.hash;
-    let written = |r: Result<(), StoreError>, shard: &mut Shard, out: &mut Vec<u8>| match r {
-        Ok(()) => {
-            shard.stats.writes += 1;
-            out.extend_from_slice(b"OK\r\n");
-            Outcome::Done
-        }
-        Err(e) => error(shard, e, out),
-    };
     match op.kind {
         OpKind::MgetSlot if out.len() >= RUN_REPLY_BYTES => Outcome::Skipped,
-        OpKind::Get | OpKind::MgetSlot => {
-            shard.stats.gets += 1;
-            match shard.get(h, key) {
-                Some(v) if !representable(v) => {
-                    out.extend_from_slice(NOT_REPRESENTABLE);
-                    shard.stats.get_hits += 1;
-                }
-                Some(v) => {
-                    out.extend_from_slice(v);
-                    out.extend_from_slice(CRLF);
-                    shard.stats.get_hits += 1;
-                }
-                None => out.extend_from_slice(b"(null)\r\n"),
-            }
-            Outcome::Done
-        }
+        OpKind::Get | OpKind::MgetSlot => get(shard, h, key, out),
         OpKind::Set => {
             let r = shard.set(h, key, arg);
             written(r, shard, out)
@@ -166,18 +149,7 @@ pub fn execute(shard: &mut Shard, op: &ShardOp, data: &[u8], out: &mut Vec<u8>) 
             let r = shard.concat(h, key, arg, op.kind == OpKind::Prepend);
             written(r, shard, out)
         }
-        OpKind::Scan { cursor, count } => {
-            let mut keys = 0;
-            let next = shard.scan(cursor as usize, key, count as usize, |k| {
-                out.extend_from_slice(k);
-                out.extend_from_slice(CRLF);
-                keys += 1;
-            });
-            Outcome::Scan {
-                next: if next == BUCKETS { 0 } else { next as u32 },
-                keys,
-            }
-        }
+        OpKind::Scan { cursor, count } => scan(shard, cursor, key, count, out),
         OpKind::Dbsize => Outcome::Count(shard.snapshot_stats().keys),
         OpKind::Tick => Outcome::Count(shard.tick_clock()),
         OpKind::Flush { hlc, publish } => {
@@ -186,6 +158,49 @@ pub fn execute(shard: &mut Shard, op: &ShardOp, data: &[u8], out: &mut Vec<u8>) 
         }
         OpKind::Root => Outcome::Root(shard.root()),
         OpKind::Stats => Outcome::Stats(shard.snapshot_stats()),
+    }
+}
+
+fn get(shard: &mut Shard, h: KeyHash, key: &[u8], out: &mut Vec<u8>) -> Outcome {
+    shard.stats.gets += 1;
+    match shard.get(h, key) {
+        Some(v) if !representable(v) => {
+            out.extend_from_slice(NOT_REPRESENTABLE);
+            shard.stats.get_hits += 1;
+        }
+        Some(v) => {
+            out.extend_from_slice(v);
+            out.extend_from_slice(CRLF);
+            shard.stats.get_hits += 1;
+        }
+        None => out.extend_from_slice(b"(null)\r\n"),
+    }
+    Outcome::Done
+}
+
+/// Up to `count` keys starting with `prefix` from bucket `cursor` on, one per line.
+fn scan(shard: &mut Shard, cursor: u32, prefix: &[u8], count: u32, out: &mut Vec<u8>) -> Outcome {
+    let mut keys = 0;
+    let next = shard.scan(cursor as usize, prefix, count as usize, |k| {
+        out.extend_from_slice(k);
+        out.extend_from_slice(CRLF);
+        keys += 1;
+    });
+    Outcome::Scan {
+        next: if next == BUCKETS { 0 } else { next as u32 },
+        keys,
+    }
+}
+
+/// The reply to a write that answers `OK`.
+fn written(r: Result<(), StoreError>, shard: &mut Shard, out: &mut Vec<u8>) -> Outcome {
+    match r {
+        Ok(()) => {
+            shard.stats.writes += 1;
+            out.extend_from_slice(b"OK\r\n");
+            Outcome::Done
+        }
+        Err(e) => error(shard, e, out),
     }
 }
 

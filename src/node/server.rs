@@ -9,7 +9,7 @@
 use crate::config::Config;
 use crate::node::connection::{self, LocalShard};
 use crate::node::dispatch::serve_ops;
-use crate::node::inbox::ThreadMsg;
+use crate::node::inbox::{RemoteChanges, ThreadMsg};
 use crate::node::shared::{ship_changes, Shared};
 use crate::replication::inbound::apply_remote;
 use crate::replication::peers::Peers;
@@ -77,48 +77,50 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
         .unzip();
     let peers = Arc::new(Peers::default());
     let replication = if config.mqtt.enabled {
-        let embedded = &config.mqtt.embedded_broker;
-        if embedded.enabled {
-            let listen = embedded.listen.parse().expect("validated by the config");
-            let max = crate::replication::mqtt::payload_bytes_max(config.network.max_line_bytes);
-            crate::replication::broker::start(listen, max)?;
-        }
-        // The replication thread gets a core of its own when there is one to spare.
-        let cores = core_affinity::get_core_ids().unwrap_or_default();
-        let core = (config.storage.pin_threads && cores.len() > shards).then(|| cores[shards]);
-        let advertised = match &config.network.advertise_address {
-            Some(a) => a.clone(),
-            None => {
-                if local_addr.ip().is_unspecified() {
-                    tracing::warn!(
-                        %local_addr,
-                        "bound to all interfaces: peers are told {local_addr}, which they \
-                         cannot dial; set [network] advertise_address"
-                    );
-                }
-                local_addr.to_string()
-            }
-        };
-        Some(Replication::start(
+        Some(start_replication(
             &config,
-            advertised,
+            local_addr,
             senders[..shards].to_vec(),
             peers.clone(),
-            core,
         )?)
     } else {
         None
     };
-    let shared = Arc::new(Shared {
-        shard_bits: shard_bits(shards),
+    let outbound = replication.as_ref().map(|r| r.outbound.clone());
+    let shared = Arc::new(new_shared(config, local_addr, senders, outbound, peers));
+    let threads = spawn_threads(&shared, receivers);
+    tracing::info!(
+        node_id = %shared.config.node_id,
+        %local_addr,
+        shards,
+        io_threads,
+        "merkle-kv {} listening", crate::VERSION
+    );
+    start_background(&shared);
+    accept_loop(&shared, listener).await;
+    stop(&shared, replication, threads).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// What every thread of the node sees, before any of them runs.
+fn new_shared(
+    config: Config,
+    local_addr: std::net::SocketAddr,
+    inboxes: Vec<mpsc::Sender<ThreadMsg>>,
+    outbound: Option<Arc<crate::replication::outbound::Outbound>>,
+    peers: Arc<Peers>,
+) -> Shared {
+    Shared {
+        shard_bits: shard_bits(config.shard_count()),
         local_addr,
         started: Instant::now(),
-        inboxes: senders,
+        inboxes,
         connections: AtomicUsize::new(0),
         connections_total: AtomicU64::new(0),
         connections_rejected: AtomicU64::new(0),
         protocol_errors: AtomicU64::new(0),
-        outbound: replication.as_ref().map(|r| r.outbound.clone()),
+        outbound,
         peers,
         sync_log: Arc::default(),
         sync_bytes: AtomicUsize::new(0),
@@ -129,16 +131,51 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
             crate::node::shared::Readiness::new(false, "not needed")
         },
         config,
-    });
-    let threads = spawn_threads(&shared, receivers);
-    tracing::info!(
-        node_id = %shared.config.node_id,
-        %local_addr,
-        shards,
-        io_threads,
-        "merkle-kv {} listening", crate::VERSION
-    );
+    }
+}
 
+/// Start the embedded broker (when configured) and the replication thread, which gets
+/// a core of its own when there is one to spare.
+fn start_replication(
+    config: &Config,
+    local_addr: std::net::SocketAddr,
+    shard_inboxes: Vec<mpsc::Sender<ThreadMsg>>,
+    peers: Arc<Peers>,
+) -> Result<Replication, ServerError> {
+    let embedded = &config.mqtt.embedded_broker;
+    if embedded.enabled {
+        let listen = embedded.listen.parse().expect("validated by the config");
+        let max = crate::replication::mqtt::payload_bytes_max(config.network.max_line_bytes);
+        crate::replication::broker::start(listen, max)?;
+    }
+    let shards = shard_inboxes.len();
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let core = (config.storage.pin_threads && cores.len() > shards).then(|| cores[shards]);
+    let advertised = match &config.network.advertise_address {
+        Some(a) => a.clone(),
+        None => {
+            if local_addr.ip().is_unspecified() {
+                tracing::warn!(
+                    %local_addr,
+                    "bound to all interfaces: peers are told {local_addr}, which they \
+                     cannot dial; set [network] advertise_address"
+                );
+            }
+            local_addr.to_string()
+        }
+    };
+    Ok(Replication::start(
+        config,
+        advertised,
+        shard_inboxes,
+        peers,
+        core,
+    )?)
+}
+
+/// The node's own tasks beside the connections: the bootstrap, and periodic
+/// anti-entropy when it is enabled.
+fn start_background(shared: &Arc<Shared>) {
     tokio::spawn(crate::node::bootstrap::run(shared.clone()));
     if shared.config.anti_entropy.enabled {
         let peers = shared.peers.clone();
@@ -153,11 +190,19 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
             },
         ));
     }
-    accept_loop(&shared, listener).await;
-    drop_connections(&shared).await;
+}
+
+/// The graceful stop, once the listener is closed: let connections finish, get this
+/// node's writes to the cluster, then stop the threads.
+async fn stop(
+    shared: &Arc<Shared>,
+    replication: Option<Replication>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+) {
+    drop_connections(shared).await;
     // Shards still run: changes the broker has not confirmed can still be handed to a
     // peer by anti-entropy, which needs them.
-    keep_writes_at_shutdown(&shared, replication.as_ref()).await;
+    keep_writes_at_shutdown(shared, replication.as_ref()).await;
     for inbox in &shared.inboxes {
         let _ = inbox.send(ThreadMsg::Stop).await;
     }
@@ -167,8 +212,6 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
     if let Some(r) = replication {
         r.stop();
     }
-    tracing::info!("stopped");
-    Ok(())
 }
 
 fn spawn_threads(
@@ -285,21 +328,7 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
                     let (_, shard) = local
                         .as_ref()
                         .expect("changes sent to a thread without a shard");
-                    let done = apply_remote(&mut shard.borrow_mut(), &changes, now_us());
-                    if let Some(out) = &shared.outbound {
-                        out.stats.applied_events.fetch_add(done.applied, Relaxed);
-                        if done.failed > 0 {
-                            let total = out.stats.apply_failed.fetch_add(done.failed, Relaxed);
-                            // Log the first failure and then every 1,000th, not each one.
-                            if total == 0 || total / 1000 != (total + done.failed) / 1000 {
-                                tracing::warn!(
-                                    failed_total = total + done.failed,
-                                    "remote changes dropped: memory limit reached \
-                                     (storage.memory_limit_mb); this replica now differs"
-                                );
-                            }
-                        }
-                    }
+                    apply_changes(&shared, &mut shard.borrow_mut(), &changes);
                 }
                 ThreadMsg::Forget { hlc, reply } => {
                     let (_, shard) = local
@@ -311,6 +340,24 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
             }
         }
     });
+}
+
+/// Apply changes made on another node to this thread's shard, and count them.
+fn apply_changes(shared: &Shared, shard: &mut Shard, changes: &RemoteChanges) {
+    let done = apply_remote(shard, changes, now_us());
+    let Some(out) = &shared.outbound else { return };
+    out.stats.applied_events.fetch_add(done.applied, Relaxed);
+    if done.failed > 0 {
+        let total = out.stats.apply_failed.fetch_add(done.failed, Relaxed);
+        // Log the first failure and then every 1,000th, not each one.
+        if total == 0 || total / 1000 != (total + done.failed) / 1000 {
+            tracing::warn!(
+                failed_total = total + done.failed,
+                "remote changes dropped: memory limit reached \
+                 (storage.memory_limit_mb); this replica now differs"
+            );
+        }
+    }
 }
 
 /// The shard thread's log of remote versions refused for being in the future

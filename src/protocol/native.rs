@@ -4,8 +4,6 @@
 //! not an error. Every rejection is a [`ProtocolError`] whose `Display` is the exact
 //! reply line (without `\r\n`). docs/PROTOCOL.md is the user-facing contract.
 
-use std::fmt;
-
 use crate::limits::{is_valid_key, BUCKETS, KEY_BYTES_MAX, SYNC_MSG_BYTES_MAX};
 
 /// `SCAN` page size when none is given, and the largest allowed.
@@ -139,7 +137,7 @@ pub enum Command<'a> {
 
 impl Command<'_> {
     /// Whether the command reads or writes the data set, and so must wait while the node
-    /// is LOADING (src/bootstrap.rs). Exhaustive, so every new command decides.
+    /// is LOADING (node/bootstrap.rs). Exhaustive, so every new command decides.
     pub fn touches_data(&self) -> bool {
         match self {
             Command::Get(_)
@@ -250,6 +248,16 @@ pub fn parse(line: &[u8]) -> Result<Option<Command<'_>>, ProtocolError> {
     }
     let (name, rest) = split_token(line);
     let rest = trim_start(rest);
+    let cmd = match data_command(name, rest)? {
+        Some(cmd) => cmd,
+        None => server_command(name, rest, line)?,
+    };
+    Ok(Some(cmd))
+}
+
+/// A command on the data set named `name`, its arguments `rest`; `None` for any other
+/// name.
+fn data_command<'a>(name: &[u8], rest: &'a [u8]) -> Result<Option<Command<'a>>, ProtocolError> {
     let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
     let cmd = if is("GET") {
         Command::Get(only_key(rest)?)
@@ -283,7 +291,27 @@ pub fn parse(line: &[u8]) -> Result<Option<Command<'_>>, ProtocolError> {
         Command::Prepend(k, v)
     } else if is("SCAN") {
         scan(rest)?
-    } else if is("PING") {
+    } else if is("DBSIZE") {
+        no_more(rest)?;
+        Command::Dbsize
+    } else if is("FLUSHDB") {
+        no_more(rest)?;
+        Command::Flushdb
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(cmd))
+}
+
+/// Any other command: `name`, its arguments `rest`, and the whole `line` (whose
+/// verbatim rest PING and ECHO send back).
+fn server_command<'a>(
+    name: &[u8],
+    rest: &'a [u8],
+    line: &'a [u8],
+) -> Result<Command<'a>, ProtocolError> {
+    let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+    let cmd = if is("PING") {
         // The message is the rest of the line, verbatim, like a SET value.
         Command::Ping(line.get(name.len() + 1..).filter(|_| !rest.is_empty()))
     } else if is("ECHO") {
@@ -292,14 +320,7 @@ pub fn parse(line: &[u8]) -> Result<Option<Command<'_>>, ProtocolError> {
             _ => return Err(ProtocolError::MissingArguments),
         }
     } else if is("SYNC.MSG") {
-        let (n, tail) = split_token(rest);
-        no_more(tail)?;
-        let len = std::str::from_utf8(n)
-            .ok()
-            .and_then(|n| n.parse::<u32>().ok())
-            .filter(|n| (1..=SYNC_MSG_BYTES_MAX).contains(n))
-            .ok_or(ProtocolError::InvalidSyncLength)?;
-        Command::SyncMsg(len)
+        Command::SyncMsg(sync_length(rest)?)
     } else if is("SYNC") {
         Command::Sync(only_key(rest)?)
     } else if is("HASH") {
@@ -312,16 +333,12 @@ pub fn parse(line: &[u8]) -> Result<Option<Command<'_>>, ProtocolError> {
             _ => return Err(ProtocolError::UnknownHashOption),
         }
     } else {
-        let cmd = if is("DBSIZE") {
-            Command::Dbsize
-        } else if is("INFO") {
+        let cmd = if is("INFO") {
             Command::Info
         } else if is("STATS") {
             Command::Stats
         } else if is("VERSION") {
             Command::Version
-        } else if is("FLUSHDB") {
-            Command::Flushdb
         } else if is("SHUTDOWN") {
             Command::Shutdown
         } else if is("QUIT") {
@@ -332,7 +349,18 @@ pub fn parse(line: &[u8]) -> Result<Option<Command<'_>>, ProtocolError> {
         no_more(rest)?;
         cmd
     };
-    Ok(Some(cmd))
+    Ok(cmd)
+}
+
+/// `SYNC.MSG <bytes>`: the body length, within bounds.
+fn sync_length(rest: &[u8]) -> Result<u32, ProtocolError> {
+    let (n, tail) = split_token(rest);
+    no_more(tail)?;
+    std::str::from_utf8(n)
+        .ok()
+        .and_then(|n| n.parse::<u32>().ok())
+        .filter(|n| (1..=SYNC_MSG_BYTES_MAX).contains(n))
+        .ok_or(ProtocolError::InvalidSyncLength)
 }
 
 fn trim_start(s: &[u8]) -> &[u8] {
@@ -454,38 +482,6 @@ fn scan(rest: &[u8]) -> Result<Command<'_>, ProtocolError> {
         cursor,
         count,
     })
-}
-
-impl fmt::Display for Command<'_> {
-    /// The command's name, for logs and statistics.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = match self {
-            Command::Get(_) => "GET",
-            Command::Set(..) => "SET",
-            Command::Del(_) => "DEL",
-            Command::Exists(_) => "EXISTS",
-            Command::Mget(_) => "MGET",
-            Command::Mset(_) => "MSET",
-            Command::Incr(..) => "INCR",
-            Command::Append(..) => "APPEND",
-            Command::Prepend(..) => "PREPEND",
-            Command::Scan { .. } => "SCAN",
-            Command::Dbsize => "DBSIZE",
-            Command::Ping(_) => "PING",
-            Command::Echo(_) => "ECHO",
-            Command::Info => "INFO",
-            Command::Stats => "STATS",
-            Command::Version => "VERSION",
-            Command::Flushdb => "FLUSHDB",
-            Command::Hash => "HASH",
-            Command::HashShards => "HASH SHARDS",
-            Command::Shutdown => "SHUTDOWN",
-            Command::Quit => "QUIT",
-            Command::SyncMsg(_) => "SYNC.MSG",
-            Command::Sync(_) => "SYNC",
-        };
-        f.write_str(name)
-    }
 }
 
 #[cfg(test)]
