@@ -523,7 +523,7 @@ impl Config {
             ));
         }
         // A node that has not exchanged for a grace period treats itself as isolated and
-        // rejoins (src/bootstrap.rs): several rounds must fit in that time.
+        // rejoins (node/bootstrap.rs): several rounds must fit in that time.
         let grace = self.storage.tombstone_grace_seconds;
         if self.anti_entropy.interval_seconds >= grace / 4 {
             problems.push(format!(

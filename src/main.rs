@@ -1,6 +1,8 @@
 //! The `merkle-kv` binary: parse flags, load and validate the configuration, set up
 //! logging, run the node.
 
+#![deny(unsafe_code)]
+
 use clap::Parser;
 use merkle_kv::config::Config;
 use std::path::PathBuf;

@@ -9,7 +9,7 @@
 //! for each key, with its value or tombstone, and all Merkle roots equal.
 //!
 //! A second run partitions replicas for a while (their traffic is lost for good) and
-//! heals them with anti-entropy exchanges (`sync::exchange`, in-process, through the
+//! heals them with anti-entropy exchanges (`antientropy::exchange`, in-process, through the
 //! real message encoding); every replica must again equal the model.
 //!
 //! A third run sends every change through each replica's production `replication::link::Link`

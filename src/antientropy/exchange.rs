@@ -18,7 +18,8 @@ use crate::antientropy::messages::{
     exchange_reply, exchange_request, key32, listings_reply, listings_request, nodes_request,
     root_reply, root_request, Peer, SyncError, BUCKETS_PER_ROUND, NODE_DIGEST_BYTES,
 };
-use crate::store::keyspace::{KeyHash, BUCKET_BITS};
+use crate::limits::BUCKET_BITS;
+use crate::store::keyspace::KeyHash;
 use crate::store::shard::OwnedEntry;
 use crate::store::version::Version;
 

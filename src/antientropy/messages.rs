@@ -4,8 +4,8 @@
 //! as their origin and a store change event ([`crate::store::journal`]); varints are
 //! LEB128 ([`crate::wire`]).
 
+use crate::limits::{BUCKETS, BUCKET_BITS};
 use crate::store::journal::{decode_event, encode_event, Event, EventError};
-use crate::store::keyspace::{BUCKETS, BUCKET_BITS};
 use crate::store::merkle::Digest;
 use crate::store::shard::OwnedEntry;
 use crate::store::version::Version;

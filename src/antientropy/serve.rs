@@ -7,7 +7,8 @@ use crate::antientropy::messages::{
     encode_entry, key32, node32, parse, put_exchange_counts, put_listing, put_root_reply, Peer,
     ReplyRoom, Request, SyncError,
 };
-use crate::store::keyspace::{shard_of_bucket, KeyHash, BUCKET_BITS};
+use crate::limits::BUCKET_BITS;
+use crate::store::keyspace::{shard_of_bucket, KeyHash};
 use crate::store::merkle::{combine_roots, short_digest, Digest};
 use crate::store::shard::{OwnedEntry, Shard};
 use crate::store::version::Version;
@@ -120,8 +121,18 @@ fn answer_exchange(
     part.refused += shard.stats.storage_full - full_before;
 }
 
-/// Join the shards' shares (index = shard) into the reply bytes.
+/// Join the shards' shares (index = shard) into the reply bytes. The one place both ways
+/// of reaching a node's shards (a `SYNC.MSG` on the client port, this node's own
+/// exchanges through the inboxes) meet, so it also says when a peer's flush marker
+/// dropped entries here.
 pub fn assemble(req: &Request, parts: Vec<Part>) -> Vec<u8> {
+    let flushed: u64 = parts.iter().map(|p| p.flushed).sum();
+    if flushed > 0 {
+        tracing::info!(
+            entries_dropped = flushed,
+            "an anti-entropy peer knew of a newer FLUSHDB: applied its flush marker"
+        );
+    }
     let mut out = Vec::new();
     let bits = parts.len().trailing_zeros();
     let roots = |parts: &[Part]| -> Vec<Digest> { parts.iter().filter_map(|p| p.root).collect() };

@@ -309,13 +309,6 @@ impl Connection {
             .into_iter()
             .map(|p| p.expect("every shard answered"))
             .collect();
-        let flushed: u64 = parts.iter().map(|p| p.flushed).sum();
-        if flushed > 0 {
-            tracing::info!(
-                entries_dropped = flushed,
-                "an anti-entropy peer knew of a newer FLUSHDB: applied its flush marker"
-            );
-        }
         Ok(crate::antientropy::serve::assemble(&request, parts))
     }
 

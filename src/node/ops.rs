@@ -4,7 +4,8 @@
 //! same op runs inline on the owner thread or, shipped with a shared `Bytes` chunk, on
 //! another shard's thread — without copying keys and values.
 
-use crate::store::keyspace::{KeyHash, BUCKETS};
+use crate::limits::BUCKETS;
+use crate::store::keyspace::KeyHash;
 use crate::store::merkle::Digest;
 use crate::store::shard::{Shard, ShardStats, StoreError};
 use crate::wire::Span;

@@ -11,7 +11,7 @@ pub struct ReplStats {
     /// While stopping: changes not yet confirmed by the broker (see `Replication::flush`).
     pub unconfirmed: AtomicU64,
     /// Wall-clock µs when the broker last had confirmed every change this node had made:
-    /// what a rejoin after a long isolation may drop is older (src/bootstrap.rs, `cut`).
+    /// what a rejoin after a long isolation may drop is older (node/bootstrap.rs, `cut`).
     pub settled_at_us: AtomicU64,
     pub connects: AtomicU64,
     pub published_events: AtomicU64,

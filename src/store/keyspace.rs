@@ -8,7 +8,7 @@
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::limits::SHARDS_MAX;
-pub use crate::limits::{BUCKETS, BUCKET_BITS};
+use crate::limits::{BUCKETS, BUCKET_BITS};
 
 /// The 64-bit xxh3 hash of a key. Computed once per command, carried along with it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -15,7 +15,7 @@
 //! bucket is fixed by its hash, so two replicas that differ in one key differ in one
 //! leaf and the 16 nodes above it. This module knows nothing of networking or MQTT.
 
-use crate::store::keyspace::BUCKET_BITS;
+use crate::limits::BUCKET_BITS;
 
 /// A blake3 digest (and a leaf value).
 pub type Digest = [u8; 32];
@@ -188,7 +188,8 @@ pub fn short_digest(d: &Digest) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::keyspace::{KeyHash, BUCKETS};
+    use crate::limits::BUCKETS;
+    use crate::store::keyspace::KeyHash;
 
     /// The reference: build every level from the leaves, no caching.
     fn root_from_scratch(leaves: &[Digest]) -> Digest {

@@ -5,11 +5,12 @@
 //! can be listed without a scan (SCAN pages, and later anti-entropy listings), and every
 //! write updates its leaf digest incrementally.
 
+use crate::limits::BUCKET_BITS;
 #[cfg(test)]
 use crate::store::entry::ENTRY_OVERHEAD_BYTES;
 use crate::store::entry::{entry_bytes, Entry};
 use crate::store::journal::Journal;
-use crate::store::keyspace::{shard_buckets, KeyHash, BUCKET_BITS};
+use crate::store::keyspace::{shard_buckets, KeyHash};
 use crate::store::merkle::{entry_digest, short_digest, xor_into, Digest, Subtree, EMPTY_LEAF};
 use crate::store::version::{now_us, remote_wins, Clock, Version};
 use hashbrown::hash_table::Entry as Slot;
@@ -474,7 +475,7 @@ impl Shard {
     /// Drop every entry, value or tombstone, whose version is older than `hlc`: what a
     /// node cut off for longer than the tombstone grace cannot trust (its peers may have
     /// purged deletes it never saw). Its peers hold what is still live, and the rejoin
-    /// fetches it back (src/bootstrap.rs). Records no change: nothing is replicated.
+    /// fetches it back (node/bootstrap.rs). Records no change: nothing is replicated.
     /// Returns the number of entries dropped.
     pub fn forget_older_than(&mut self, hlc: u64) -> u64 {
         (0..self.tables.len())
@@ -1031,7 +1032,7 @@ mod tests {
             cursor = s.scan(cursor, b"user:", 50, |k| {
                 *model.get_mut(std::str::from_utf8(k).unwrap()).unwrap() += 1
             });
-            if cursor == crate::store::keyspace::BUCKETS {
+            if cursor == crate::limits::BUCKETS {
                 break;
             }
         }
