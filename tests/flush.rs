@@ -96,7 +96,10 @@ fn flushdb_on_one_node_empties_the_cluster_and_anti_entropy_does_not_bring_keys_
 #[test]
 fn a_node_that_missed_a_flush_drops_its_old_entries_instead_of_pushing_them_back() {
     // No broker: A is flushed while C and D, which hold A's keys, hear nothing of it.
-    let standalone = || Node::start("storage.pin_threads = false\nstorage.shards = 2");
+    let standalone = || {
+        let config = "mqtt.enabled = false\nstorage.pin_threads = false\nstorage.shards = 2";
+        Node::start_with_env(config, &[("RUST_LOG", "info")])
+    };
     let (a, c, d) = (standalone(), standalone(), standalone());
     fill(&a, "old:", 100);
     a.client().one("DEL old:0"); // a tombstone is flushed too
@@ -111,6 +114,10 @@ fn a_node_that_missed_a_flush_drops_its_old_entries_instead_of_pushing_them_back
 
     // The node that missed the flush starts the exchange...
     sync(&c, &a);
+    // ...and says so, whether its shards were reached through their inboxes (C started
+    // the exchange) or over its client port (D, below).
+    let said = "an anti-entropy peer knew of a newer FLUSHDB: applied its flush marker";
+    assert!(c.log().contains(said), "C's log:\n{}", c.log());
     for n in [&a, &c] {
         assert_eq!(dbsize(n), 2, "node {}", n.port);
         assert_eq!(get(n, "a-after"), "1");
@@ -119,6 +126,7 @@ fn a_node_that_missed_a_flush_drops_its_old_entries_instead_of_pushing_them_back
     }
     // ...or is the peer of one that knows of it.
     sync(&a, &d);
+    assert!(d.log().contains(said), "D's log:\n{}", d.log());
     assert_eq!(dbsize(&d), 2);
     assert_eq!(dbsize(&a), 2);
     assert_eq!(get(&d, "old:5"), "(null)");
