@@ -62,6 +62,11 @@ impl<'a> Reader<'a> {
         self.at
     }
 
+    /// The next byte, left unread.
+    pub fn peek(&self) -> Option<u8> {
+        self.buf.get(self.at).copied()
+    }
+
     /// Bytes not read yet.
     pub fn left(&self) -> usize {
         self.buf.len() - self.at

@@ -5,7 +5,7 @@
 //! LEB128 ([`crate::wire`]).
 
 use crate::limits::{BUCKETS, BUCKET_BITS};
-use crate::store::journal::{decode_event, encode_event, Event, EventError};
+use crate::store::journal::{self, Entry, EventError};
 use crate::store::merkle::Digest;
 use crate::store::shard::OwnedEntry;
 use crate::store::version::Version;
@@ -298,11 +298,10 @@ fn put_entries(out: &mut Vec<u8>, entries: &[OwnedEntry]) {
     }
 }
 
-/// An entry as sent: its version's origin, then the store's change event at the
-/// version's clock ([`encode_event`]).
+/// An entry as sent: the store's entry encoding ([`journal::encode_entry`]: its
+/// version's origin, then the change event at the version's clock).
 pub fn encode_entry(out: &mut Vec<u8>, e: &OwnedEntry) {
-    out.extend_from_slice(&e.version.origin.to_le_bytes());
-    encode_event(out, e.version.hlc, &e.key, e.value.as_deref());
+    journal::encode_entry(out, e.version, &e.key, e.value.as_deref());
 }
 
 /// A version as sent: varint hlc, u32 origin.
@@ -379,16 +378,19 @@ fn read_entries(r: &mut Reader) -> Result<Vec<OwnedEntry>, SyncError> {
 
 /// An entry as [`encode_entry`] wrote it.
 fn read_entry(r: &mut Reader) -> Result<OwnedEntry, SyncError> {
-    let origin = read_u32(r)?;
     // The key and value rules are the receiving shard's (`Shard::refuses`): an
     // entry that breaks them is refused alone, the rest of the message applies.
-    match decode_event(r) {
-        Ok(Event::Change(c)) => Ok(OwnedEntry {
-            key: c.key.to_vec(),
-            value: c.value.map(<[u8]>::to_vec),
-            version: Version { hlc: c.hlc, origin },
+    match journal::decode_entry(r) {
+        Ok(Entry::Change {
+            version,
+            key,
+            value,
+        }) => Ok(OwnedEntry {
+            key: key.to_vec(),
+            value: value.map(<[u8]>::to_vec),
+            version,
         }),
-        Ok(Event::Flush(_)) | Err(EventError::BadKind(_)) => {
+        Ok(Entry::Flush(_) | Entry::Forget(_)) | Err(EventError::BadKind(_)) => {
             Err(SyncError::Malformed("entry kind"))
         }
         Err(EventError::Read(e)) => Err(e.into()),
