@@ -5,7 +5,7 @@
 # variant runs another merkle-kv binary (to compare builds: before/after a change).
 #
 # usage: loadtest/ab.sh [--reps N] [--duration SECS] [--pipelines "1 16"] VARIANT...
-# e.g.:  loadtest/ab.sh 'MERKLE_KV_NETWORK_IO_THREADS=0' 'MERKLE_KV_NETWORK_IO_THREADS=2'
+# e.g.:  loadtest/ab.sh 'MERKLE_KV_STORAGE_SHARDS=1' 'MERKLE_KV_STORAGE_SHARDS=2'
 #        loadtest/ab.sh 'MERKLE_KV_STORAGE_PIN_THREADS=true' 'MERKLE_KV_STORAGE_PIN_THREADS=false'
 #        loadtest/ab.sh 'MKV_BIN=/tmp/before/merkle-kv' 'MKV_BIN=target/release/merkle-kv'
 set -euo pipefail

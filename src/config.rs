@@ -37,8 +37,6 @@ pub struct NetworkConfig {
     /// Idle seconds before a client connection is closed; 0 = never.
     pub connection_timeout: u64,
     pub max_line_bytes: usize,
-    /// 0 = connections run on the shard threads.
-    pub io_threads: usize,
     /// `host:port` peers and clients reach this node on (presence records, anti-entropy);
     /// `None` = the bound address.
     pub advertise_address: Option<String>,
@@ -182,9 +180,20 @@ impl Field {
         join(self.section, self.name)
     }
     fn env_var(&self) -> String {
-        format!("{ENV_PREFIX}_{}", self.key().replace('.', "_")).to_uppercase()
+        env_var_of(&self.key())
     }
 }
+
+fn env_var_of(key: &str) -> String {
+    format!("{ENV_PREFIX}_{}", key.replace('.', "_")).to_uppercase()
+}
+
+/// Keys that were settings once, and why they went. In the file or the environment they
+/// are refused with that reason: "unknown" would send an operator looking for a typo.
+static REMOVED: &[(&str, &str)] = &[(
+    "network.io_threads",
+    "removed in 0.1 \u{2014} connections are served on the shard threads (see ARCHITECTURE.md)",
+)];
 
 const fn range(min: u64, max: u64) -> Kind {
     Kind::Int { min, max }
@@ -215,7 +224,6 @@ static SCHEMA: &[Field] = &[
     f!("network", "max_connections", range(1, 1_000_000), |c, v| c.network.max_connections = size(&v)),
     f!("network", "connection_timeout", ANY, |c, v| c.network.connection_timeout = int(&v)),
     f!("network", "max_line_bytes", range(1024, 64 * MIB), |c, v| c.network.max_line_bytes = size(&v)),
-    f!("network", "io_threads", range(0, 64), |c, v| c.network.io_threads = size(&v)),
     f!("network", "advertise_address", Kind::OptStr, |c, v| c.network.advertise_address = opt_text(v)),
     f!("mqtt", "enabled", Kind::Bool, |c, v| c.mqtt.enabled = v.as_bool() == Some(true)),
     f!("mqtt", "broker_address", Kind::Str, |c, v| c.mqtt.broker_address = text(v)),
@@ -339,7 +347,6 @@ impl Config {
                 max_connections: 1000,
                 connection_timeout: 30,
                 max_line_bytes: MIB as usize,
-                io_threads: 0,
                 advertise_address: None,
             },
             mqtt: MqttConfig {
@@ -431,7 +438,9 @@ impl Config {
         let known: Vec<String> = SCHEMA.iter().map(Field::env_var).collect();
         // A mistyped variable would otherwise be ignored in silence, like a mistyped key.
         for (var, _) in env {
-            if var.starts_with(&format!("{ENV_PREFIX}_")) && !known.contains(var) {
+            if let Some((key, why)) = REMOVED.iter().find(|(key, _)| env_var_of(key) == *var) {
+                problems.push(format!("{key}: {why} (set by {var})"));
+            } else if var.starts_with(&format!("{ENV_PREFIX}_")) && !known.contains(var) {
                 let hint = nearest(var, var.len() / 2, known.iter())
                     .map(|s| format!(" (did you mean `{s}`?)"))
                     .unwrap_or_default();
@@ -597,7 +606,7 @@ impl Config {
 }
 
 /// Walks a parsed table by the schema, applying good values and recording
-/// every unknown key and type error.
+/// every unknown or removed key and type error.
 fn walk_table(
     table: &Table,
     section: &str,
@@ -631,6 +640,8 @@ fn walk_table(
                     describe(value)
                 )),
             }
+        } else if let Some((_, why)) = REMOVED.iter().find(|(k, _)| *k == key) {
+            problems.push(format!("{key}: {why}"));
         } else if is_section(&key) {
             match value {
                 Value::Table(sub) => walk_table(sub, &key, cfg, problems, node_id_set),
@@ -896,7 +907,6 @@ network.max_connections = 1000001 => network.max_connections
 network.connection_timeout = -1 => network.connection_timeout: expected an integer >= 0, found -1
 network.max_line_bytes = 1023 => network.max_line_bytes: expected an integer from 1024 to 67108864
 network.max_line_bytes = 67108865 => network.max_line_bytes
-network.io_threads = 65 => network.io_threads: expected an integer from 0 to 64
 network = 5 => network: expected a table ([network]), found 5
 mqtt.topic_prefix = "x" => `[mqtt] enabled = false`
 mqtt.broker_address = "http://h:1883" => mqtt.broker_address: unsupported scheme
@@ -942,7 +952,7 @@ logging.format = "xml" => logging.format: expected one of text, json
         }
         // The valid edges of the same ranges pass.
         let ok = "node_id = \"n\"\nmqtt = { broker_address = \"mqtts://[::1]:8883\", keep_alive = 65535 }\n\
-                  network = { bind_address = \"::\", max_line_bytes = 1024, io_threads = 64 }\n\
+                  network = { bind_address = \"::\", max_line_bytes = 1024 }\n\
                   storage.shards = 256\nlogging.level = \"WARN\"\n";
         let cfg = parse_env(ok, &[]).unwrap();
         assert_eq!(
@@ -986,6 +996,22 @@ logging.format = "xml" => logging.format: expected one of text, json
             p[0].starts_with("TOML syntax error at line 2, column"),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn removed_settings_are_refused_as_removed_not_unknown() {
+        let why = "network.io_threads: removed in 0.1 \u{2014} connections are served on the \
+                   shard threads (see ARCHITECTURE.md)";
+        for value in ["0", "2", "\"two\""] {
+            let text =
+                format!("node_id = \"n\"\nmqtt.enabled = false\n[network]\nio_threads = {value}\n");
+            assert_eq!(problems(&text), [why], "io_threads = {value}");
+        }
+        let env = env_of(&[("MERKLE_KV_NETWORK_IO_THREADS", "0")]);
+        let Err(ConfigError::Invalid(p)) = Config::from_toml_str("", false, &env, 4) else {
+            panic!("MERKLE_KV_NETWORK_IO_THREADS accepted")
+        };
+        assert_eq!(p, [format!("{why} (set by MERKLE_KV_NETWORK_IO_THREADS)")]);
     }
 
     #[test]

@@ -239,15 +239,6 @@ fn quit_closes_after_answering() {
 }
 
 #[test]
-fn io_thread_mode_serves_the_same_protocol() {
-    let node = Node::start("network.io_threads = 1");
-    let mut c = node.client();
-    assert_eq!(c.one("MSET a 1 b 2 c 3"), "OK");
-    assert_eq!(c.cmd("MGET a b c"), ["VALUES 3", "1", "2", "3"]);
-    assert_eq!(c.one("DBSIZE"), "3");
-}
-
-#[test]
 fn many_clients_at_once() {
     let node = Node::start("");
     let threads: Vec<_> = (0..8)

@@ -255,7 +255,7 @@ async fn copy_from(shared: &Arc<Shared>, peer: &str) -> Result<u64, String> {
     const EXCHANGES_MAX: usize = 1000;
     let mut repaired = 0;
     for _ in 0..EXCHANGES_MAX {
-        let (shards, target) = (shared.shard_inboxes(), peer.to_string());
+        let (shards, target) = (shared.inboxes.clone(), peer.to_string());
         let result = tokio::task::spawn_blocking(move || {
             crate::antientropy::client::run_exchange(shards, &target)
         })

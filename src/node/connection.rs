@@ -3,9 +3,9 @@
 //! to it: read a `SYNC.MSG` body within its time bound, serve it, run a `SYNC`, stop the
 //! node, close.
 //!
-//! Runs as a task on a shard thread (ops for that shard execute inline, no hop) or on an
-//! I/O thread (every op hops). All complete lines of one read are answered with one
-//! write, in order; ops for other shards go out as one message per shard per segment.
+//! Runs as a task on a shard thread: ops for that thread's shard execute inline, ops for
+//! other shards go out as one message per shard per segment. All complete lines of one
+//! read are answered with one write, in order.
 
 use crate::node::inbox::{ShardRequest, ThreadMsg};
 use crate::node::info::NodeInfo;
@@ -29,8 +29,12 @@ const OUT_FLUSH_BYTES: usize = 256 * 1024;
 /// Read buffer growth step.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 
-/// The shard this thread owns, when it owns one.
-pub type LocalShard = Option<(usize, Rc<RefCell<Shard>>)>;
+/// The shard the serving thread owns, and its index.
+#[derive(Clone)]
+pub struct LocalShard {
+    pub index: usize,
+    pub shard: Rc<RefCell<Shard>>,
+}
 
 /// Ops bound for one other shard in the current segment.
 #[derive(Default)]
@@ -275,11 +279,11 @@ impl Connection {
     ) -> std::io::Result<Vec<u8>> {
         let request = Arc::new(request);
         let shards = 1usize << self.shared.shard_bits;
-        let own = self.local.as_ref().map(|(id, _)| *id);
+        let own = self.local.index;
         let mut parts: Vec<Option<crate::antientropy::serve::Part>> =
             (0..shards).map(|_| None).collect();
         let mut waiting = Vec::new();
-        for i in (0..shards).filter(|&i| Some(i) != own) {
+        for i in (0..shards).filter(|&i| i != own) {
             let (reply, rx) = oneshot::channel();
             let msg = ThreadMsg::Sync {
                 request: request.clone(),
@@ -291,17 +295,13 @@ impl Connection {
                 .map_err(|_| stopping())?;
             waiting.push((i, rx));
         }
-        if let Some((i, shard)) = &self.local {
-            let bits = self.shared.shard_bits;
-            let now = crate::store::version::now_us();
-            parts[*i] = Some(crate::antientropy::serve::answer_part(
-                &mut shard.borrow_mut(),
-                *i,
-                bits,
-                &request,
-                now,
-            ));
-        }
+        parts[own] = Some(crate::antientropy::serve::answer_part(
+            &mut self.local.shard.borrow_mut(),
+            own,
+            self.shared.shard_bits,
+            &request,
+            crate::store::version::now_us(),
+        ));
         for (i, rx) in waiting {
             parts[i] = Some(rx.await.map_err(|_| stopping())?);
         }
@@ -340,9 +340,9 @@ impl Connection {
     async fn execute(&mut self, data: &bytes::Bytes) -> std::io::Result<()> {
         let (ops, results) = self.session.work();
         results.reset(ops.len());
-        let own = self.local.as_ref().map(|(id, _)| *id);
+        let own = self.local.index;
         for (i, (s, op)) in ops.iter().enumerate() {
-            if Some(*s) != own {
+            if *s != own {
                 let out = &mut self.outgoing[*s];
                 out.ops.push(*op);
                 out.indices.push(i as u32);
@@ -368,16 +368,18 @@ impl Connection {
                 .map_err(|_| stopping())?;
             waiting.push((s, rx));
         }
-        if let Some((id, shard)) = &self.local {
-            let mut shard = shard.borrow_mut();
+        {
+            // Not held across the awaits below: this thread's other tasks use the shard.
+            let mut shard = self.local.shard.borrow_mut();
             let (ops, results) = self.session.work();
             for (i, (s, op)) in ops.iter().enumerate() {
-                if s == id {
+                if *s == own {
                     results.run_inline(i, &mut shard, op, data);
                 }
             }
             crate::node::shared::ship_changes(&mut shard, &self.shared.outbound);
         }
+
         for (s, rx) in waiting {
             let reply = rx.await.map_err(|_| stopping())?;
             let out = &mut self.outgoing[s];
@@ -437,7 +439,7 @@ pub async fn run_sync(shared: &Arc<Shared>, peer: String) -> String {
     let Some(slot) = shared.sync_log.start() else {
         return "ERROR: too many SYNC commands running; try again".into();
     };
-    let shards = shared.shard_inboxes();
+    let shards = shared.inboxes.clone();
     let (tx, rx) = oneshot::channel();
     let target = peer.clone();
     let spawned = std::thread::Builder::new()

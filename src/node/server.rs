@@ -1,5 +1,5 @@
 //! The node's threads: N shard threads (each pinned to a core, each the only owner of
-//! its `Shard`), optional I/O threads, and the main thread that accepts connections,
+//! its `Shard`, each serving connections) and the main thread that accepts connections,
 //! watches for signals and runs the graceful shutdown.
 //!
 //! Each shard thread runs a single-threaded tokio runtime. Its inbox carries two kinds
@@ -71,8 +71,7 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
         .map_err(|source| ServerError::Bind { addr, source })?;
 
     let shards = config.shard_count();
-    let io_threads = config.network.io_threads;
-    let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards + io_threads)
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards)
         .map(|_| mpsc::channel(INBOX_MESSAGES_MAX))
         .unzip();
     let peers = Arc::new(Peers::default());
@@ -80,7 +79,7 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
         Some(start_replication(
             &config,
             local_addr,
-            senders[..shards].to_vec(),
+            senders.clone(),
             peers.clone(),
         )?)
     } else {
@@ -93,7 +92,6 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
         node_id = %shared.config.node_id,
         %local_addr,
         shards,
-        io_threads,
         "merkle-kv {} listening", crate::VERSION
     );
     start_background(&shared);
@@ -183,7 +181,7 @@ fn start_background(shared: &Arc<Shared>) {
             crate::antientropy::periodic::Periodic {
                 config: shared.config.clone(),
                 me: crate::antientropy::client::self_address(shared.local_addr),
-                shards: shared.shard_inboxes(),
+                shards: shared.inboxes.clone(),
                 online: Box::new(move || peers.online_addrs()),
                 log: shared.sync_log.clone(),
                 shutdown: shared.shutdown.subscribe(),
@@ -239,31 +237,20 @@ fn spawn_threads(
         .enumerate()
         .map(|(i, inbox)| {
             let shared = shared.clone();
-            let core = if pin && i < shards {
-                Some(cores[i])
-            } else {
-                None
-            };
+            let core = pin.then(|| cores[i]);
             let value_max = shared.config.network.max_line_bytes;
             let origin = origin_of(&shared.config.node_id);
             let grace = shared.config.storage.tombstone_grace_seconds;
             let replicated = shared.outbound.is_some();
-            let shard = (i < shards).then(|| {
-                let s = Shard::new(i, shared.shard_bits, budget.clone(), value_max)
-                    .with_identity(origin, grace);
-                if replicated {
-                    s.with_journal()
-                } else {
-                    s
-                }
-            });
-            let name = if i < shards {
-                format!("shard-{i}")
+            let shard = Shard::new(i, shared.shard_bits, budget.clone(), value_max)
+                .with_identity(origin, grace);
+            let shard = if replicated {
+                shard.with_journal()
             } else {
-                format!("io-{}", i - shards)
+                shard
             };
             std::thread::Builder::new()
-                .name(name)
+                .name(format!("shard-{i}"))
                 .spawn(move || {
                     if let Some(core) = core {
                         if !core_affinity::set_for_current(core) {
@@ -274,23 +261,25 @@ fn spawn_threads(
                             );
                         }
                     }
-                    thread_main(shared, shard.map(|s| (i, Rc::new(RefCell::new(s)))), inbox);
+                    let local = LocalShard {
+                        index: i,
+                        shard: Rc::new(RefCell::new(shard)),
+                    };
+                    thread_main(shared, local, inbox);
                 })
                 .expect("spawn thread")
         })
         .collect()
 }
 
-/// A shard or I/O thread: serve its inbox until `Stop`.
+/// A shard thread: serve its inbox until `Stop`.
 fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver<ThreadMsg>) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("thread runtime");
     let tasks = tokio::task::LocalSet::new();
-    if let Some((i, shard)) = &local {
-        tasks.spawn_local(every_second(*i, shard.clone()));
-    }
+    tasks.spawn_local(every_second(local.index, local.shard.clone()));
     tasks.block_on(&rt, async move {
         while let Some(msg) = inbox.recv().await {
             match msg {
@@ -302,39 +291,26 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
                     ));
                 }
                 ThreadMsg::Ops(req) => {
-                    let (_, shard) = local
-                        .as_ref()
-                        .expect("ops sent to a thread without a shard");
-                    let mut shard = shard.borrow_mut();
+                    let mut shard = local.shard.borrow_mut();
                     let reply = serve_ops(&mut shard, &req.ops, &req.data);
                     ship_changes(&mut shard, &shared.outbound);
                     let _ = req.reply.send(reply); // the connection may have gone; fine
                 }
                 ThreadMsg::Sync { request, reply } => {
-                    let (i, shard) = local
-                        .as_ref()
-                        .expect("sync sent to a thread without a shard");
-                    let bits = shared.shard_bits;
                     let part = crate::antientropy::serve::answer_part(
-                        &mut shard.borrow_mut(),
-                        *i,
-                        bits,
+                        &mut local.shard.borrow_mut(),
+                        local.index,
+                        shared.shard_bits,
                         &request,
                         now_us(),
                     );
                     let _ = reply.send(part);
                 }
                 ThreadMsg::Apply(changes) => {
-                    let (_, shard) = local
-                        .as_ref()
-                        .expect("changes sent to a thread without a shard");
-                    apply_changes(&shared, &mut shard.borrow_mut(), &changes);
+                    apply_changes(&shared, &mut local.shard.borrow_mut(), &changes);
                 }
                 ThreadMsg::Forget { hlc, reply } => {
-                    let (_, shard) = local
-                        .as_ref()
-                        .expect("forget sent to a thread without a shard");
-                    let _ = reply.send(shard.borrow_mut().forget_older_than(hlc));
+                    let _ = reply.send(local.shard.borrow_mut().forget_older_than(hlc));
                 }
                 ThreadMsg::Stop => break,
             }
@@ -422,15 +398,8 @@ async fn every_second(index: usize, shard: Rc<RefCell<Shard>>) {
     }
 }
 
-/// Accept until a signal or SHUTDOWN; hand connections round-robin to the serving threads.
+/// Accept until a signal or SHUTDOWN; hand connections round-robin to the shard threads.
 async fn accept_loop(shared: &Arc<Shared>, listener: tokio::net::TcpListener) {
-    let shards = 1usize << shared.shard_bits;
-    // Connections go to the shard threads, or only to the I/O threads when there are any.
-    let targets = if shared.config.network.io_threads > 0 {
-        shards..shared.inboxes.len()
-    } else {
-        0..shards
-    };
     let mut next = 0;
     // One line per second at most: a connection flood must not flood the log.
     let mut reject_log = crate::logging::LogLimit::new(Duration::from_secs(1));
@@ -463,7 +432,7 @@ async fn accept_loop(shared: &Arc<Shared>, listener: tokio::net::TcpListener) {
         shared.connections.fetch_add(1, Relaxed);
         shared.connections_total.fetch_add(1, Relaxed);
         let _ = stream.set_nodelay(true); // replies must not wait for Nagle
-        let target = targets.start + next % targets.len();
+        let target = next % shared.inboxes.len();
         next += 1;
         match stream.into_std() {
             Ok(std) => {
@@ -570,7 +539,7 @@ async fn keep_writes_at_shutdown(shared: &Arc<Shared>, repl: Option<&Replication
 async fn hand_off(shared: &Arc<Shared>, deadline: Instant) -> Vec<String> {
     let mut handed = Vec::new();
     for peer in crate::node::bootstrap::every_known_peer(shared) {
-        let (shards, target) = (shared.shard_inboxes(), peer.clone());
+        let (shards, target) = (shared.inboxes.clone(), peer.clone());
         let exchange = tokio::task::spawn_blocking(move || {
             crate::antientropy::client::run_exchange(shards, &target)
         });

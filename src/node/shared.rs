@@ -19,7 +19,7 @@ pub struct Shared {
     pub shard_bits: u32,
     pub local_addr: SocketAddr,
     pub started: Instant,
-    /// Inbox of shard thread `i` (index = shard), then the I/O threads' inboxes.
+    /// Inbox of shard thread `i` (index = shard).
     pub inboxes: Vec<mpsc::Sender<ThreadMsg>>,
     pub connections: AtomicUsize,
     pub connections_total: AtomicU64,
@@ -36,14 +36,6 @@ pub struct Shared {
     pub shutdown: watch::Sender<bool>,
     /// LOADING or ready: data commands wait for the bootstrap (node/bootstrap.rs).
     pub readiness: Readiness,
-}
-
-impl Shared {
-    /// The shard threads' inboxes (index = shard): how anti-entropy reaches this node's
-    /// own data.
-    pub fn shard_inboxes(&self) -> Vec<mpsc::Sender<ThreadMsg>> {
-        self.inboxes[..1 << self.shard_bits].to_vec()
-    }
 }
 
 /// The node-wide readiness flag connections check before each batch, and the progress
