@@ -11,6 +11,7 @@ pub const KEY_BYTES_MAX: usize = 1024;
 /// peers alike (replication, anti-entropy): a key is a token of the text protocol, and
 /// SCAN writes keys back one per line, so a key with a space or a newline could not be
 /// named by a client and would break the framing of every reply that lists it.
+#[inline]
 pub fn is_valid_key(key: &[u8]) -> bool {
     (1..=KEY_BYTES_MAX).contains(&key.len()) && key.iter().all(|&b| b > b' ' && b != 0x7f)
 }

@@ -1,6 +1,7 @@
 //! Bytes on the wire, shared by the replication format and the anti-entropy messages.
 
 /// Append `v` as an unsigned LEB128 varint (also the anti-entropy messages' varint).
+#[inline]
 pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push(v as u8 | 0x80);
@@ -53,35 +54,42 @@ pub struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    #[inline]
     pub fn new(buf: &'a [u8]) -> Reader<'a> {
         Reader { buf, at: 0 }
     }
 
     /// Bytes read so far.
+    #[inline]
     pub fn at(&self) -> usize {
         self.at
     }
 
     /// The next byte, left unread.
+    #[inline]
     pub fn peek(&self) -> Option<u8> {
         self.buf.get(self.at).copied()
     }
 
     /// Bytes not read yet.
+    #[inline]
     pub fn left(&self) -> usize {
         self.buf.len() - self.at
     }
 
+    #[inline]
     pub fn done(&self) -> bool {
         self.at == self.buf.len()
     }
 
+    #[inline]
     pub fn byte(&mut self) -> Result<u8, ReadError> {
         let b = *self.buf.get(self.at).ok_or(ReadError::Truncated(self.at))?;
         self.at += 1;
         Ok(b)
     }
 
+    #[inline]
     pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], ReadError> {
         let end = self
             .at
@@ -93,12 +101,14 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
+    #[inline]
     pub fn array<const N: usize>(&mut self) -> Result<[u8; N], ReadError> {
         Ok(self.bytes(N)?.try_into().expect("length checked"))
     }
 
     /// An unsigned LEB128 varint of at most 10 bytes whose value fits a u64: a 10th
     /// byte holding more than the top bit is refused, not silently cut.
+    #[inline]
     pub fn varint(&mut self) -> Result<u64, ReadError> {
         let start = self.at;
         let mut v = 0u64;

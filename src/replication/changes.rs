@@ -229,6 +229,7 @@ pub fn prefix_len(
 
 /// Read one event, checking a change's key and value against the format's and this
 /// node's limits.
+#[inline]
 fn read_event<'a>(r: &mut Reader<'a>, value_max: usize) -> Result<Event<'a>, DecodeError> {
     let event = decode_event(r)?;
     if let Event::Change(c) = event {

@@ -23,6 +23,7 @@ pub struct Journal {
 }
 
 /// Append one event to `out` (a shard's journal, or a payload under construction).
+#[inline]
 pub fn encode_event(out: &mut Vec<u8>, hlc: u64, key: &[u8], value: Option<&[u8]>) {
     out.push(if value.is_some() { KIND_SET } else { KIND_DEL });
     put_varint(out, hlc);
@@ -69,6 +70,7 @@ pub enum EventError {
 /// Read one event as [`encode_event`] or [`encode_flush`] wrote it. Only its shape is
 /// checked here: the rules a key and a value must meet are the reader's (a payload is
 /// refused whole for one bad key, an anti-entropy entry alone), checked on the result.
+#[inline]
 pub fn decode_event<'a>(r: &mut Reader<'a>) -> Result<Event<'a>, EventError> {
     let kind = r.byte()?;
     if kind != KIND_SET && kind != KIND_DEL && kind != KIND_FLUSH {
@@ -91,6 +93,7 @@ pub fn decode_event<'a>(r: &mut Reader<'a>) -> Result<Event<'a>, EventError> {
 
 /// Append one entry: its version's origin (u32 LE), then the event at the version's
 /// clock. What anti-entropy sends, and what a shard's log and snapshots hold.
+#[inline]
 pub fn encode_entry(out: &mut Vec<u8>, v: Version, key: &[u8], value: Option<&[u8]>) {
     out.extend_from_slice(&v.origin.to_le_bytes());
     encode_event(out, v.hlc, key, value);
@@ -126,6 +129,7 @@ pub enum Entry<'a> {
 
 /// Read one entry as [`encode_entry`], [`encode_flush_entry`] or [`encode_forget`]
 /// wrote it; as with [`decode_event`], only its shape is checked.
+#[inline]
 pub fn decode_entry<'a>(r: &mut Reader<'a>) -> Result<Entry<'a>, EventError> {
     let origin = u32::from_le_bytes(r.array()?);
     if r.peek() == Some(KIND_FORGET) {
