@@ -1,6 +1,7 @@
 //! Persistence: each shard's write-ahead log and snapshots on disk, and recovery from
 //! them (docs/PERSISTENCE.md). Uses `store` and the shared files only; `node` drives it.
 
+pub mod apply;
 pub mod files;
 pub mod record;
 pub mod recover;

@@ -5,7 +5,7 @@
 //! can be listed without a scan (SCAN pages, and later anti-entropy listings), and every
 //! write updates its leaf digest incrementally.
 
-use crate::limits::BUCKET_BITS;
+use crate::limits::{BUCKETS, BUCKET_BITS};
 #[cfg(test)]
 use crate::store::entry::ENTRY_OVERHEAD_BYTES;
 use crate::store::entry::{entry_bytes, Entry};
@@ -148,6 +148,10 @@ pub struct Shard {
     /// Local writes since the last [`Shard::take_journal`], encoded as change events
     /// ([`crate::store::journal`]) for replication; `None` when nobody replicates.
     journal: Option<Journal>,
+    /// Every change to this shard's state since the last [`Shard::take_wal`], as
+    /// entries ([`crate::store::journal::encode_entry`]) for its write-ahead log: local
+    /// writes, remote entries stored, flush markers, forgets. `None` when nothing persists.
+    wal: Option<Vec<u8>>,
     /// The newest flush marker applied here (this node's FLUSHDB, or a peer's by
     /// replication or anti-entropy). Invariant: every entry held is newer, and a remote
     /// entry that is not newer is refused (it was flushed). `Version::default()`: never
@@ -182,6 +186,7 @@ impl Shard {
             purge_cursor: 0,
             wall_clock: now_us,
             journal: None,
+            wal: None,
             flushed: Version::default(),
             stats: ShardStats::default(),
             last_future: None,
@@ -193,6 +198,19 @@ impl Shard {
     pub fn with_journal(mut self) -> Shard {
         self.journal = Some(Journal::default());
         self
+    }
+
+    /// Record every change to the shard's state for its write-ahead log, to be collected
+    /// with [`Shard::take_wal`].
+    pub fn with_wal(mut self) -> Shard {
+        self.wal = Some(Vec::new());
+        self
+    }
+
+    /// The log entries recorded since the last call, if any.
+    pub fn take_wal(&mut self) -> Option<Vec<u8>> {
+        let w = self.wal.as_mut().filter(|w| !w.is_empty())?;
+        Some(std::mem::take(w))
     }
 
     /// Read local versions from `wall_clock` (microseconds) instead of the system clock.
@@ -293,8 +311,29 @@ impl Shard {
             self.stats.rejected_future += 1;
             self.last_future = Some((v, v.hlc - now_us));
         }
+        if expired || from_the_future {
+            return false;
+        }
+        self.merge(h, key, value, v)
+    }
+
+    /// Load an entry from this shard's own log or snapshot at start: the merge of
+    /// [`Shard::apply`] without its rules of time. The log holds what was stored, however
+    /// old it is now or however far the clock has moved; the purge drops what expired.
+    pub fn restore(&mut self, h: KeyHash, key: &[u8], value: Option<&[u8]>, v: Version) -> bool {
+        self.merge(h, key, value, v)
+    }
+
+    /// Load a flush marker from this shard's own log or snapshot.
+    pub fn restore_flush(&mut self, marker: Version) -> u64 {
+        self.drop_flushed(marker)
+    }
+
+    /// Store `value` at version `v` if it wins the last-write-wins merge against what is
+    /// held and is newer than the flush marker.
+    fn merge(&mut self, h: KeyHash, key: &[u8], value: Option<&[u8]>, v: Version) -> bool {
         let flushed = !v.wins_over(self.flushed);
-        if expired || from_the_future || flushed || self.refuses(key, value) {
+        if flushed || self.refuses(key, value) {
             return false;
         }
         self.clock.observe(v.hlc);
@@ -419,7 +458,39 @@ impl Shard {
             }
         };
         self.tree.toggle(b, &delta);
+        if let Some(w) = &mut self.wal {
+            crate::store::journal::encode_entry(w, v, key, value);
+        }
         Ok(was_live)
+    }
+
+    /// Encode the entries of this shard's buckets from local bucket `from` on into `out`
+    /// (as [`crate::store::journal::encode_entry`]), whole buckets, until this call has
+    /// added `max_bytes`: a snapshot taken a slice at a time while the shard keeps
+    /// serving. Returns the bucket to go on from (`None`: done) and how many entries were
+    /// added.
+    pub fn snapshot_entries(
+        &self,
+        from: usize,
+        max_bytes: usize,
+        out: &mut Vec<u8>,
+    ) -> (Option<usize>, u64) {
+        let (start, mut count) = (out.len(), 0);
+        for b in from..self.tables.len() {
+            if out.len() - start >= max_bytes {
+                return (Some(b), count);
+            }
+            for e in self.tables[b].iter() {
+                crate::store::journal::encode_entry(out, e.version(), e.key(), e.value());
+                count += 1;
+            }
+        }
+        (None, count)
+    }
+
+    /// Whether the key with hash `h` belongs to this shard's buckets.
+    pub fn owns(&self, h: KeyHash) -> bool {
+        (self.first_bucket..self.first_bucket + self.tables.len()).contains(&h.bucket())
     }
 
     /// Drop tombstones whose version is older than the grace period, looking at up to
@@ -478,7 +549,23 @@ impl Shard {
     /// fetches it back (node/bootstrap.rs). Records no change: nothing is replicated.
     /// Returns the number of entries dropped.
     pub fn forget_older_than(&mut self, hlc: u64) -> u64 {
-        (0..self.tables.len())
+        if let Some(w) = &mut self.wal {
+            crate::store::journal::encode_forget(w, hlc);
+        }
+        self.forget_in(hlc, 0..BUCKETS)
+    }
+
+    /// Replay a forget from a log that covered the (global) buckets `buckets`: another
+    /// shard count's log speaks only for its own buckets, whose later entries it holds.
+    pub fn restore_forget(&mut self, hlc: u64, buckets: std::ops::Range<usize>) -> u64 {
+        self.forget_in(hlc, buckets)
+    }
+
+    fn forget_in(&mut self, hlc: u64, buckets: std::ops::Range<usize>) -> u64 {
+        let start = buckets.start.max(self.first_bucket) - self.first_bucket;
+        let end = buckets.end.min(self.first_bucket + self.tables.len());
+        let end = end.saturating_sub(self.first_bucket).max(start);
+        (start..end)
             .map(|b| self.drop_in_bucket(b, |e| e.version().hlc < hlc))
             .sum()
     }
@@ -607,6 +694,9 @@ impl Shard {
             return 0;
         }
         self.flushed = marker;
+        if let Some(w) = &mut self.wal {
+            crate::store::journal::encode_flush_entry(w, marker);
+        }
         // Local writes after the flush must be newer than it.
         self.clock.observe(marker.hlc);
         (0..self.tables.len())
