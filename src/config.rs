@@ -89,6 +89,11 @@ pub struct StorageConfig {
     /// 0 = unlimited.
     pub memory_limit_mb: u64,
     pub persistence_enabled: bool,
+    /// Where the shards' logs and snapshots live; `None`: `data/<node_id>`.
+    pub data_dir: Option<String>,
+    pub fsync: Fsync,
+    /// A shard's log this large (MiB) since its last snapshot starts a new snapshot.
+    pub snapshot_log_mb: u64,
     pub backup_interval_hours: u64,
     pub tombstone_grace_seconds: u64,
     /// Pin each shard thread to its own core (when there are enough cores).
@@ -101,6 +106,18 @@ pub struct LoggingConfig {
     pub level: String,
     pub format: LogFormat,
     pub file_path: Option<String>,
+}
+
+/// When persisted changes reach the disk (`[storage] fsync`; docs/PERSISTENCE.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fsync {
+    /// A write is acknowledged only once its record is synced (group commit).
+    Always,
+    /// Records are written to the OS as they come and synced once a second.
+    EverySec,
+    /// Records are written to the OS as they come; the OS decides when they reach disk.
+    No,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -202,6 +219,7 @@ const ANY: Kind = range(0, i64::MAX as u64);
 const PORT: Kind = range(1, 65535);
 const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error"];
 const FORMATS: &[&str] = &["text", "json"];
+const FSYNCS: &[&str] = &["always", "everysec", "no"];
 
 macro_rules! f {
     ($sec:literal, $name:literal, $kind:expr, |$c:ident, $v:ident| $body:expr) => {
@@ -253,6 +271,9 @@ static SCHEMA: &[Field] = &[
     f!("storage", "shards", range(0, SHARDS_MAX as u64), |c, v| c.storage.shards = size(&v)),
     f!("storage", "memory_limit_mb", ANY, |c, v| c.storage.memory_limit_mb = int(&v)),
     f!("storage", "persistence_enabled", Kind::Bool, |c, v| c.storage.persistence_enabled = v.as_bool() == Some(true)),
+    f!("storage", "data_dir", Kind::OptStr, |c, v| c.storage.data_dir = opt_text(v)),
+    f!("storage", "fsync", Kind::Choice(FSYNCS), |c, v| c.storage.fsync = match text(v).as_str() { "always" => Fsync::Always, "no" => Fsync::No, _ => Fsync::EverySec }),
+    f!("storage", "snapshot_log_mb", range(1, 1 << 20), |c, v| c.storage.snapshot_log_mb = int(&v)),
     f!("storage", "backup_interval_hours", ANY, |c, v| c.storage.backup_interval_hours = int(&v)),
     f!("storage", "tombstone_grace_seconds", range(60, i64::MAX as u64), |c, v| c.storage.tombstone_grace_seconds = int(&v)),
     f!("storage", "pin_threads", Kind::Bool, |c, v| c.storage.pin_threads = v.as_bool() == Some(true)),
@@ -382,6 +403,9 @@ impl Config {
                 shards: 0,
                 memory_limit_mb: 1024,
                 persistence_enabled: false,
+                data_dir: None,
+                fsync: Fsync::EverySec,
+                snapshot_log_mb: 256,
                 backup_interval_hours: 24,
                 tombstone_grace_seconds: 86_400,
                 pin_threads: true,
@@ -499,6 +523,14 @@ impl Config {
     /// it back through [`Config::from_toml_str`] yields the same `Config`.
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// Where this node's data lives: `storage.data_dir`, or `data/<node_id>`.
+    pub fn data_dir(&self) -> std::path::PathBuf {
+        match &self.storage.data_dir {
+            Some(dir) => dir.into(),
+            None => std::path::Path::new("data").join(&self.node_id),
+        }
     }
 
     /// Number of shards to run: never 0, always a power of two.

@@ -368,6 +368,7 @@ impl Connection {
                 .map_err(|_| stopping())?;
             waiting.push((s, rx));
         }
+        let mut batches = Vec::new();
         {
             // Not held across the awaits below: this thread's other tasks use the shard.
             let mut shard = self.local.shard.borrow_mut();
@@ -377,14 +378,36 @@ impl Connection {
                     results.run_inline(i, &mut shard, op, data);
                 }
             }
-            crate::node::shared::ship_changes(&mut shard, &self.shared.outbound);
+            let batch = crate::node::shared::ship_changes(&mut shard, own, &self.shared);
+            batches.extend(batch.map(|b| (own, b)));
         }
 
         for (s, rx) in waiting {
             let reply = rx.await.map_err(|_| stopping())?;
+            batches.extend(reply.batch.map(|b| (s, b)));
             let out = &mut self.outgoing[s];
             self.session.work().1.add_remote(&out.indices, reply);
             out.indices.clear();
+        }
+        self.wait_durable(&batches).await
+    }
+
+    /// Under `fsync = always`, hold the replies until every change they acknowledge is
+    /// on disk. If the disk fails instead, close without replying: the client must not
+    /// take a write for stored when it was not logged.
+    async fn wait_durable(&self, batches: &[(usize, u64)]) -> std::io::Result<()> {
+        let Some(disk) = &self.shared.disk else {
+            return Ok(());
+        };
+        if disk.fsync != crate::config::Fsync::Always {
+            return Ok(());
+        }
+        for &(shard, batch) in batches {
+            if !disk.wait(shard, batch).await {
+                return Err(std::io::Error::other(
+                    "storage unavailable: the changes of this batch may not be on disk",
+                ));
+            }
         }
         Ok(())
     }

@@ -697,7 +697,11 @@ pub fn serve_ops(shard: &mut Shard, ops: &[ShardOp], data: &[u8]) -> ShardReply 
             (out.len(), outcome)
         })
         .collect();
-    ShardReply { out, ends }
+    ShardReply {
+        out,
+        ends,
+        batch: None,
+    }
 }
 
 /// Execute every op of `batch` on `shards` in this thread.

@@ -44,6 +44,9 @@ pub enum ThreadMsg {
 pub struct ShardReply {
     pub out: Vec<u8>,
     pub ends: Vec<(usize, Outcome)>,
+    /// The shard's log batch holding these ops' changes, if they made any and the node
+    /// persists: under `fsync = always` the replies wait until it is on disk.
+    pub batch: Option<u64>,
 }
 
 /// Remote changes for one shard: spans into a received payload.

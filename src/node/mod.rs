@@ -4,6 +4,7 @@
 
 pub mod bootstrap;
 pub mod connection;
+pub mod disk;
 pub mod dispatch;
 pub mod inbox;
 pub mod info;

@@ -44,6 +44,8 @@ pub enum ServerError {
     Broker(#[from] crate::replication::broker::BrokerError),
     #[error(transparent)]
     Replication(#[from] crate::replication::mqtt::ReplError),
+    #[error("cannot recover from disk: {0}")]
+    Persist(String),
 }
 
 /// Run a node until SIGINT, SIGTERM or SHUTDOWN. Returns once its port is released.
@@ -86,8 +88,11 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
         None
     };
     let outbound = replication.as_ref().map(|r| r.outbound.clone());
-    let shared = Arc::new(new_shared(config, local_addr, senders, outbound, peers));
-    let threads = spawn_threads(&shared, receivers);
+    let (stores, disk) = make_shards(&config, outbound.is_some())?;
+    let mut shared = new_shared(config, local_addr, senders, outbound, peers);
+    shared.disk = disk.map(Arc::new);
+    let shared = Arc::new(shared);
+    let threads = spawn_threads(&shared, receivers, stores);
     tracing::info!(
         node_id = %shared.config.node_id,
         %local_addr,
@@ -123,6 +128,7 @@ fn new_shared(
         sync_log: Arc::default(),
         sync_bytes: AtomicUsize::new(0),
         shutdown: watch::Sender::new(false),
+        disk: None,
         readiness: if crate::node::bootstrap::needed(&config) {
             crate::node::shared::Readiness::new(true, "starting")
         } else {
@@ -207,14 +213,55 @@ async fn stop(
     for t in threads {
         let _ = t.join();
     }
+    if let Some(disk) = &shared.disk {
+        disk.stop();
+    }
     if let Some(r) = replication {
         r.stop();
     }
 }
 
+/// Every shard of the node, recovered from disk when it persists (the disk writer then
+/// returned beside them). Recovery runs before the first connection is served: clients
+/// that connect meanwhile wait in the listen backlog.
+fn make_shards(
+    config: &Config,
+    replicated: bool,
+) -> Result<(Vec<Shard>, Option<crate::node::disk::Disk>), ServerError> {
+    let shards = config.shard_count();
+    let storage = &config.storage;
+    let budget = MemoryBudget::new(match storage.memory_limit_mb {
+        0 => u64::MAX,
+        mb => mb.saturating_mul(1 << 20),
+    });
+    let origin = origin_of(&config.node_id);
+    let bits = shard_bits(shards);
+    let make = |i: usize| {
+        let shard = Shard::new(i, bits, budget.clone(), config.network.max_line_bytes)
+            .with_identity(origin, storage.tombstone_grace_seconds);
+        if replicated {
+            shard.with_journal()
+        } else {
+            shard
+        }
+    };
+    if !storage.persistence_enabled {
+        return Ok(((0..shards).map(make).collect(), None));
+    }
+    let (stores, disk) =
+        crate::node::disk::open(config, shards, make).map_err(ServerError::Persist)?;
+    let halted = disk.durable.unavailable.clone();
+    let stores = stores
+        .into_iter()
+        .map(|s| s.with_halt(halted.clone()))
+        .collect();
+    Ok((stores, Some(disk)))
+}
+
 fn spawn_threads(
     shared: &Arc<Shared>,
     receivers: Vec<mpsc::Receiver<ThreadMsg>>,
+    stores: Vec<Shard>,
 ) -> Vec<std::thread::JoinHandle<()>> {
     let shards = 1usize << shared.shard_bits;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -227,28 +274,13 @@ fn spawn_threads(
             "more shards than cores (or core ids unavailable): shard threads run unpinned"
         );
     }
-    let storage = &shared.config.storage;
-    let budget = MemoryBudget::new(match storage.memory_limit_mb {
-        0 => u64::MAX,
-        mb => mb.saturating_mul(1 << 20),
-    });
     receivers
         .into_iter()
+        .zip(stores)
         .enumerate()
-        .map(|(i, inbox)| {
+        .map(|(i, (inbox, shard))| {
             let shared = shared.clone();
             let core = pin.then(|| cores[i]);
-            let value_max = shared.config.network.max_line_bytes;
-            let origin = origin_of(&shared.config.node_id);
-            let grace = shared.config.storage.tombstone_grace_seconds;
-            let replicated = shared.outbound.is_some();
-            let shard = Shard::new(i, shared.shard_bits, budget.clone(), value_max)
-                .with_identity(origin, grace);
-            let shard = if replicated {
-                shard.with_journal()
-            } else {
-                shard
-            };
             std::thread::Builder::new()
                 .name(format!("shard-{i}"))
                 .spawn(move || {
@@ -292,8 +324,8 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
                 }
                 ThreadMsg::Ops(req) => {
                     let mut shard = local.shard.borrow_mut();
-                    let reply = serve_ops(&mut shard, &req.ops, &req.data);
-                    ship_changes(&mut shard, &shared.outbound);
+                    let mut reply = serve_ops(&mut shard, &req.ops, &req.data);
+                    reply.batch = ship_changes(&mut shard, local.index, &shared);
                     let _ = req.reply.send(reply); // the connection may have gone; fine
                 }
                 ThreadMsg::Sync { request, reply } => {
@@ -304,13 +336,20 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
                         &request,
                         now_us(),
                     );
+                    // An answer may store a peer's entries: they are logged like any change.
+                    ship_changes(&mut local.shard.borrow_mut(), local.index, &shared);
                     let _ = reply.send(part);
                 }
                 ThreadMsg::Apply(changes) => {
-                    apply_changes(&shared, &mut local.shard.borrow_mut(), &changes);
+                    let mut shard = local.shard.borrow_mut();
+                    apply_changes(&shared, &mut shard, &changes);
+                    ship_changes(&mut shard, local.index, &shared);
                 }
                 ThreadMsg::Forget { hlc, reply } => {
-                    let _ = reply.send(local.shard.borrow_mut().forget_older_than(hlc));
+                    let mut shard = local.shard.borrow_mut();
+                    let dropped = shard.forget_older_than(hlc);
+                    ship_changes(&mut shard, local.index, &shared);
+                    let _ = reply.send(dropped);
                 }
                 ThreadMsg::Stop => break,
             }

@@ -36,6 +36,8 @@ pub struct Shared {
     pub shutdown: watch::Sender<bool>,
     /// LOADING or ready: data commands wait for the bootstrap (node/bootstrap.rs).
     pub readiness: Readiness,
+    /// The disk writer and durability reports; `None` when nothing persists.
+    pub disk: Option<Arc<crate::node::disk::Disk>>,
 }
 
 /// The node-wide readiness flag connections check before each batch, and the progress
@@ -69,11 +71,13 @@ impl Readiness {
     }
 }
 
-/// Hand the shard's recorded local writes to replication (no-op when standalone).
-pub fn ship_changes(shard: &mut Shard, outbound: &Option<Arc<Outbound>>) {
-    if let Some(out) = outbound {
+/// Hand what shard `index` recorded to replication (its local writes) and to the disk
+/// (every change); returns the disk batch, if one was handed over.
+pub fn ship_changes(shard: &mut Shard, index: usize, shared: &Shared) -> Option<u64> {
+    if let Some(out) = &shared.outbound {
         if let Some(journal) = shard.take_journal() {
             out.push(journal);
         }
     }
+    shared.disk.as_ref()?.ship(index, shard)
 }

@@ -122,6 +122,29 @@ impl<'a> Iterator for Records<'a> {
     }
 }
 
+/// Where the first whole, valid record at or after byte `from` of `buf` starts, if any:
+/// what tells a torn tail (garbage to the end) from damage with good records behind it.
+/// Looks at every offset, checking a checksum only where a length and a kind fit, and
+/// gives up (`None`) after checksumming `budget` bytes.
+pub fn whole_record_after(buf: &[u8], from: usize, mut budget: usize) -> Option<usize> {
+    for at in from..buf.len().saturating_sub(HEADER_BYTES) {
+        let len = u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let body_at = at + HEADER_BYTES;
+        if len == 0 || len > buf.len() - body_at || len > budget {
+            continue;
+        }
+        if !matches!(buf[body_at], RECORD_ENTRIES..=RECORD_SNAPSHOT_END) {
+            continue;
+        }
+        budget -= len;
+        let crc = u32::from_le_bytes(buf[at + 4..at + 8].try_into().expect("4 bytes"));
+        if crc32c::crc32c(&buf[body_at..body_at + len]) == crc {
+            return Some(at);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +218,20 @@ mod tests {
             };
             assert_eq!(r.damage(), Some(want));
         }
+    }
+
+    #[test]
+    fn good_records_behind_damage_are_found_and_a_torn_tail_has_none() {
+        let whole = file(&[&[RECORD_ENTRIES, 1, 2, 3], &[RECORD_ENTRIES, 4, 5]]);
+        let second = HEADER_BYTES + 4;
+        let mut bad = whole.clone();
+        bad[HEADER_BYTES + 1] ^= 1; // the first record's body
+        assert_eq!(whole_record_after(&bad, 1, usize::MAX), Some(second));
+        assert_eq!(
+            whole_record_after(&whole[..whole.len() - 1], 1, usize::MAX),
+            None
+        );
+        assert_eq!(whole_record_after(&bad, 1, 1), None, "over its budget");
     }
 
     proptest! {

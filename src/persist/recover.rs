@@ -14,6 +14,10 @@ use crate::persist::snapshot::{self, Snapshot};
 use crate::persist::writer::ShardStart;
 use std::path::{Path, PathBuf};
 
+/// Most bytes checksummed while looking for good records behind damage in the newest
+/// segment.
+const SCAN_BYTES_MAX: usize = 64 << 20;
+
 /// Why a shard directory cannot be recovered.
 #[derive(Debug, thiserror::Error)]
 pub enum RecoveryError {
@@ -51,18 +55,26 @@ pub struct Recovered {
     pub bad_snapshots: Vec<(PathBuf, String)>,
 }
 
-/// Recover `dir` (one shard's directory): `load` gets the snapshot chosen, if any, then
-/// `entries` every replayed record's entries in log order.
+/// What recovery hands its caller, in order.
+pub enum Loaded<'a> {
+    /// The snapshot chosen, if any, first.
+    Snapshot(&'a Snapshot),
+    /// Then each replayed record's entries, in log order.
+    Entries(&'a [u8]),
+}
+
+/// Recover `dir` (one shard's directory), handing `apply` the snapshot chosen and then
+/// the log after it.
 pub fn recover(
     dir: &Path,
-    load: impl FnMut(&Snapshot) -> Result<(), String>,
-    mut entries: impl FnMut(&[u8]) -> Result<(), String>,
+    mut apply: impl FnMut(Loaded) -> Result<(), String>,
 ) -> Result<Recovered, RecoveryError> {
     let listing = list(dir)?;
     for tmp in &listing.leftovers {
         std::fs::remove_file(tmp).map_err(io_at(tmp))?;
     }
     let mut out = Recovered::default();
+    let load = |s: &Snapshot| apply(Loaded::Snapshot(s));
     let chosen = choose_snapshot(&listing.snapshots, load, &mut out.bad_snapshots)?;
     let segments: Vec<&(u64, PathBuf)> = listing
         .segments
@@ -72,6 +84,7 @@ pub fn recover(
     check_sequence(dir, chosen.unwrap_or(1), &segments)?;
     for (i, (_, path)) in segments.iter().enumerate() {
         let newest = i + 1 == segments.len();
+        let mut entries = |e: &[u8]| apply(Loaded::Entries(e));
         let (records, dropped) = replay(path, newest, &segments[i + 1..], &mut entries)?;
         out.records += records;
         out.dropped_bytes += dropped;
@@ -162,7 +175,10 @@ fn replay(
     };
     let valid = recs.valid_len() as u64;
     let dropped = bytes.len() as u64 - valid;
-    if !newest {
+    // A crash tears only the end of the newest segment; good records behind the damage
+    // mean the disk changed bytes in the middle.
+    let behind = record::whole_record_after(&bytes, damage.at() + 1, SCAN_BYTES_MAX);
+    if !newest || behind.is_some() {
         return Err(corrupt(path, &damage.to_string(), later, dropped));
     }
     let file = std::fs::OpenOptions::new()
@@ -235,17 +251,13 @@ mod tests {
     fn run(dir: &Path) -> Result<Run, RecoveryError> {
         let mut loaded = None;
         let mut replayed = Vec::new();
-        let r = recover(
-            dir,
-            |s| {
-                loaded = Some(s.chunk(0).to_vec());
-                Ok(())
-            },
-            |e| {
-                replayed.push(e.to_vec());
-                Ok(())
-            },
-        )?;
+        let r = recover(dir, |l| {
+            match l {
+                Loaded::Snapshot(s) => loaded = Some(s.chunk(0).to_vec()),
+                Loaded::Entries(e) => replayed.push(e.to_vec()),
+            }
+            Ok(())
+        })?;
         Ok((loaded, replayed, r))
     }
 

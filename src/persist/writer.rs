@@ -10,6 +10,7 @@
 //! `fdatasync` runs, the next batches queue up, and the next pass writes and syncs them
 //! all at once.
 
+use crate::config::Fsync;
 use crate::persist::files::{
     io_at, list, segment_name, shard_dir, snapshot_name, sync_dir, PersistError,
 };
@@ -19,19 +20,8 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// When data reaches the disk (`[storage] fsync`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fsync {
-    /// A write is acknowledged only once its record is synced (group commit).
-    Always,
-    /// Records are written to the OS as they come and synced once a second.
-    EverySec,
-    /// Records are written to the OS as they come; the OS decides when they reach the disk.
-    No,
-}
 
 /// How often `everysec` syncs, and how often a failed disk is tried again.
 const SYNC_EVERY: Duration = Duration::from_secs(1);
@@ -111,8 +101,26 @@ pub fn start(dir: &Path, starts: &[ShardStart], fsync: Fsync) -> Result<Started,
     let unavailable = Arc::new(AtomicBool::new(false));
     // Bounded: a disk slower than the writes makes shards wait here, not memory grow.
     let (tx, rx) = mpsc::sync_channel(INBOX_BATCHES_MAX);
+    let handles = Arc::new(Mutex::new(
+        segments
+            .iter()
+            .map(|s| s.file.try_clone().ok())
+            .collect::<Vec<_>>(),
+    ));
+    // `everysec` syncs on a thread of its own: a slow fdatasync must never hold back the
+    // writes behind it (they are acknowledged once they reach the OS).
+    let (stop_syncer, syncer_stopped) = mpsc::channel::<()>();
+    if fsync == Fsync::EverySec {
+        let handles = handles.clone();
+        std::thread::Builder::new()
+            .name("disk-sync".into())
+            .spawn(move || sync_every_second(&handles, &syncer_stopped))
+            .map_err(io_at(dir))?;
+    }
     let mut w = Writer {
         segments,
+        handles,
+        _stop_syncer: stop_syncer,
         pending: (0..shards).map(|_| Vec::new()).collect(),
         pending_seq: vec![0; shards],
         snapshots: (0..shards).map(|_| None).collect(),
@@ -133,8 +141,9 @@ pub fn start(dir: &Path, starts: &[ShardStart], fsync: Fsync) -> Result<Started,
     Ok((tx, durable, handle))
 }
 
-/// Batches queued for the writer before shards wait.
-const INBOX_BATCHES_MAX: usize = 4096;
+/// Batches queued for the writer before shards wait: small enough that under
+/// `everysec` the OS is never far behind what was acknowledged.
+const INBOX_BATCHES_MAX: usize = 1024;
 
 struct Writer {
     segments: Vec<Segment>,
@@ -152,6 +161,29 @@ struct Writer {
     fsync: Fsync,
     unavailable: Arc<AtomicBool>,
     last_sync: Instant,
+    /// Clones of the segments' files, which the `everysec` syncer syncs.
+    handles: Arc<Mutex<Vec<Option<File>>>>,
+    /// Dropped with the writer: the syncer then stops.
+    _stop_syncer: mpsc::Sender<()>,
+}
+
+/// The `everysec` syncer: every second, fdatasync every shard's current segment.
+fn sync_every_second(handles: &Mutex<Vec<Option<File>>>, stopped: &mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(SYNC_EVERY) {
+        let files: Vec<File> = match handles.lock() {
+            Ok(h) => h
+                .iter()
+                .flatten()
+                .filter_map(|f| f.try_clone().ok())
+                .collect(),
+            Err(_) => return,
+        };
+        for f in files {
+            if let Err(e) = f.sync_data() {
+                tracing::error!("fsync of a log segment failed: {e}");
+            }
+        }
+    }
 }
 
 impl Segment {
@@ -193,12 +225,9 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let sync_now = match self.fsync {
-                Fsync::Always => true,
-                Fsync::EverySec => self.last_sync.elapsed() >= SYNC_EVERY,
-                Fsync::No => false,
-            };
-            self.flush(sync_now || stop.is_some());
+            // `always` syncs each pass (group commit); `everysec` leaves it to its syncer;
+            // every policy syncs before stopping.
+            self.flush(self.fsync == Fsync::Always || stop.is_some());
         }
         let result = if self.unavailable.load(Relaxed) {
             Err("the disk failed; changes since the last good write are not on disk".into())
@@ -280,6 +309,9 @@ impl Writer {
         }
         let seg = &self.segments[shard];
         let next = Segment::open(&seg.dir, seg.number + 1)?;
+        if let Ok(mut h) = self.handles.lock() {
+            h[shard] = next.file.try_clone().ok();
+        }
         let header = Header {
             shard: shard as u32,
             shards,

@@ -15,7 +15,7 @@ use crate::store::merkle::{entry_digest, short_digest, xor_into, Digest, Subtree
 use crate::store::version::{now_us, remote_wins, Clock, Version};
 use hashbrown::hash_table::Entry as Slot;
 use hashbrown::HashTable;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 /// How far ahead of this node's clock a remote version may be and still be applied.
@@ -42,6 +42,10 @@ pub const SCAN_EXAMINED_MAX: usize = 16 * 1024;
 pub enum StoreError {
     #[error("ERROR: Storage full")]
     StorageFull,
+    /// The node cannot log writes (its disk is failing): nothing is acknowledged that
+    /// was not logged.
+    #[error("ERROR: Storage unavailable")]
+    StorageUnavailable,
     #[error("ERROR: Value is not an integer")]
     NotAnInteger,
     #[error("ERROR: Increment or decrement would overflow")]
@@ -152,6 +156,8 @@ pub struct Shard {
     /// entries ([`crate::store::journal::encode_entry`]) for its write-ahead log: local
     /// writes, remote entries stored, flush markers, forgets. `None` when nothing persists.
     wal: Option<Vec<u8>>,
+    /// Set while the node's log cannot be written: writes are refused, reads go on.
+    halted: Option<Arc<AtomicBool>>,
     /// The newest flush marker applied here (this node's FLUSHDB, or a peer's by
     /// replication or anti-entropy). Invariant: every entry held is newer, and a remote
     /// entry that is not newer is refused (it was flushed). `Version::default()`: never
@@ -187,6 +193,7 @@ impl Shard {
             wall_clock: now_us,
             journal: None,
             wal: None,
+            halted: None,
             flushed: Version::default(),
             stats: ShardStats::default(),
             last_future: None,
@@ -205,6 +212,16 @@ impl Shard {
     pub fn with_wal(mut self) -> Shard {
         self.wal = Some(Vec::new());
         self
+    }
+
+    /// Refuse writes while `halted` is set (the log's disk is failing).
+    pub fn with_halt(mut self, halted: Arc<AtomicBool>) -> Shard {
+        self.halted = Some(halted);
+        self
+    }
+
+    fn is_halted(&self) -> bool {
+        self.halted.as_ref().is_some_and(|h| h.load(Relaxed))
     }
 
     /// The log entries recorded since the last call, if any.
@@ -232,6 +249,9 @@ impl Shard {
         key: &[u8],
         value: Option<&[u8]>,
     ) -> Result<bool, StoreError> {
+        if self.is_halted() {
+            return Err(StoreError::StorageUnavailable);
+        }
         let v = Version {
             hlc: self.clock.tick((self.wall_clock)()),
             origin: self.origin,
@@ -333,7 +353,7 @@ impl Shard {
     /// held and is newer than the flush marker.
     fn merge(&mut self, h: KeyHash, key: &[u8], value: Option<&[u8]>, v: Version) -> bool {
         let flushed = !v.wins_over(self.flushed);
-        if flushed || self.refuses(key, value) {
+        if flushed || self.refuses(key, value) || self.is_halted() {
             return false;
         }
         self.clock.observe(v.hlc);
