@@ -309,3 +309,68 @@ fn a_restarted_node_comes_back_with_its_data_and_its_root() {
     assert_eq!(c.one("INCR counter"), "2");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The numbers of shard 0's files of one kind (`wal`, `snap`).
+fn numbers(dir: &Path, kind: &str) -> Vec<u64> {
+    let mut out: Vec<u64> = std::fs::read_dir(dir.join("shard-0"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            let hex = name
+                .strip_suffix(&format!(".{kind}"))?
+                .split_once('-')?
+                .1
+                .to_string();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn snapshots_bound_the_log_and_a_restart_loads_them() {
+    let dir = temp_path("snapshots");
+    let config = format!(
+        "{}\nstorage.snapshot_log_mb = 1",
+        persistent(&dir, "everysec")
+    );
+    let mut node = Node::start_with(&config);
+    let mut c = node.client();
+    let value = "v".repeat(1000);
+    let fill = |c: &mut common::Client, from: usize| {
+        let cmds: String = (from..from + 3000)
+            .map(|i| format!("SET s{i} {value}{i}\r\n"))
+            .collect();
+        c.send(cmds.as_bytes());
+        for _ in 0..3000 {
+            assert_eq!(c.line(), "OK");
+        }
+    };
+    // ~1.5 MB of log per shard: past the 1 MiB mark, each takes a snapshot.
+    fill(&mut c, 0);
+    common::eventually(Duration::from_secs(20), "a first snapshot", || {
+        (!numbers(&dir, "snap").is_empty()).then_some(())
+    });
+    fill(&mut c, 3000);
+    // The second snapshot makes the first the fallback: the segment before it goes.
+    common::eventually(
+        Duration::from_secs(20),
+        "a second snapshot and pruning",
+        || {
+            let (snaps, logs) = (numbers(&dir, "snap"), numbers(&dir, "wal"));
+            (snaps.len() == 2 && logs.first() == snaps.first()).then_some(())
+        },
+    );
+    assert_eq!(c.one("DEL s5"), "DELETED");
+    let root = c.one("HASH");
+    std::thread::sleep(Duration::from_millis(100));
+    drop(c);
+    node.restart();
+    let mut c = node.client();
+    assert_eq!(c.one("HASH"), root);
+    assert_eq!(c.one("GET s5"), "(null)");
+    assert_eq!(c.one("GET s5999"), format!("{value}5999"));
+    assert_eq!(c.one("DBSIZE"), "5999");
+    let _ = std::fs::remove_dir_all(&dir);
+}

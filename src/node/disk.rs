@@ -21,6 +21,10 @@ pub struct Disk {
     pub fsync: Fsync,
     /// Per shard, the number of the last batch handed over (written by its thread only).
     handed: Vec<AtomicU64>,
+    /// Per shard, log bytes handed over since its last snapshot began.
+    logged: Vec<AtomicU64>,
+    /// A shard's log this long since its last snapshot starts the next.
+    snapshot_after: u64,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -31,6 +35,7 @@ impl Disk {
     pub fn ship(&self, index: usize, shard: &mut Shard) -> Option<u64> {
         let entries = shard.take_wal()?;
         let batch = self.handed[index].fetch_add(1, Relaxed) + 1;
+        self.logged[index].fetch_add(entries.len() as u64, Relaxed);
         let msg = ToDisk::Batch {
             shard: index,
             batch,
@@ -41,6 +46,52 @@ impl Disk {
             self.durable.unavailable.store(true, Relaxed);
         }
         Some(batch)
+    }
+
+    /// Whether shard `index` has logged enough since its last snapshot to take another.
+    pub fn snapshot_due(&self, index: usize) -> bool {
+        self.logged[index].load(Relaxed) >= self.snapshot_after
+    }
+
+    /// Snapshot shard `index` a slice at a time, yielding between slices so the shard
+    /// keeps serving: the log is cut first (later changes go to the next segment and are
+    /// replayed over the snapshot, which the merge makes exact), then its entries follow.
+    pub async fn snapshot(&self, index: usize, shards: u32, shard: &std::cell::RefCell<Shard>) {
+        /// Entry bytes per slice: a slice holds the shard thread about a millisecond.
+        const SLICE_BYTES: usize = 1 << 20;
+        self.ship(index, &mut shard.borrow_mut());
+        self.logged[index].store(0, Relaxed);
+        let f = shard.borrow().flushed();
+        let begin = ToDisk::SnapshotBegin {
+            shard: index,
+            shards,
+            flushed: (f.hlc, f.origin),
+        };
+        if self.tx.send(begin).is_err() {
+            return;
+        }
+        let mut from = 0;
+        loop {
+            let mut entries = Vec::with_capacity(SLICE_BYTES + (1 << 16));
+            let (next, count) = shard
+                .borrow()
+                .snapshot_entries(from, SLICE_BYTES, &mut entries);
+            let msg = ToDisk::SnapshotEntries {
+                shard: index,
+                entries,
+                count,
+            };
+            if self.tx.send(msg).is_err() {
+                return;
+            }
+            match next {
+                Some(n) => from = n,
+                None => break,
+            }
+            tokio::task::yield_now().await;
+        }
+        let root = shard.borrow_mut().root();
+        let _ = self.tx.send(ToDisk::SnapshotEnd { shard: index, root });
     }
 
     /// Whether the disk is failing: writes are refused until it recovers.
@@ -144,6 +195,8 @@ pub fn open(
         durable,
         fsync: config.storage.fsync,
         handed: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+        logged: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+        snapshot_after: config.storage.snapshot_log_mb.saturating_mul(1 << 20),
         writer: Mutex::new(Some(handle)),
     };
     Ok((out, disk))

@@ -311,7 +311,11 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
         .build()
         .expect("thread runtime");
     let tasks = tokio::task::LocalSet::new();
-    tasks.spawn_local(every_second(local.index, local.shard.clone()));
+    tasks.spawn_local(every_second(
+        shared.clone(),
+        local.index,
+        local.shard.clone(),
+    ));
     tasks.block_on(&rt, async move {
         while let Some(msg) = inbox.recv().await {
             match msg {
@@ -422,11 +426,17 @@ impl FutureLog {
 /// Also looks, once a second, for remote versions the shard refused for being in the
 /// future, whichever path brought them (replication, an exchange answered on this
 /// thread or inline by a connection), and logs them ([`FutureLog`]).
-async fn every_second(index: usize, shard: Rc<RefCell<Shard>>) {
+///
+/// And, when the node persists, takes a snapshot once the shard's log has grown past
+/// `snapshot_log_mb` since the last one (docs/PERSISTENCE.md).
+async fn every_second(shared: Arc<Shared>, index: usize, shard: Rc<RefCell<Shard>>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut future_log = FutureLog::default();
     loop {
         tick.tick().await;
+        if let Some(disk) = shared.disk.as_ref().filter(|d| d.snapshot_due(index)) {
+            disk.snapshot(index, 1 << shared.shard_bits, &shard).await;
+        }
         let purged = shard
             .borrow_mut()
             .purge_tombstones(now_us(), PURGE_BUCKETS_PER_TICK);
