@@ -10,7 +10,7 @@ use crate::persist::writer::{self, Durable, ToDisk};
 use crate::store::keyspace::shard_buckets;
 use crate::store::shard::Shard;
 use crate::store::version::Version;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Mutex};
 use std::time::Instant;
 
@@ -25,6 +25,8 @@ pub struct Disk {
     logged: Vec<AtomicU64>,
     /// A shard's log this long since its last snapshot starts the next.
     snapshot_after: u64,
+    /// Per shard, whether a snapshot is being taken (one at a time).
+    snapshotting: Vec<AtomicBool>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -59,6 +61,20 @@ impl Disk {
     pub async fn snapshot(&self, index: usize, shards: u32, shard: &std::cell::RefCell<Shard>) {
         /// Entry bytes per slice: a slice holds the shard thread about a millisecond.
         const SLICE_BYTES: usize = 1 << 20;
+        if self.snapshotting[index].swap(true, Relaxed) {
+            return; // the one in progress will do
+        }
+        self.take_snapshot(index, shards, shard, SLICE_BYTES).await;
+        self.snapshotting[index].store(false, Relaxed);
+    }
+
+    async fn take_snapshot(
+        &self,
+        index: usize,
+        shards: u32,
+        shard: &std::cell::RefCell<Shard>,
+        slice: usize,
+    ) {
         self.ship(index, &mut shard.borrow_mut());
         self.logged[index].store(0, Relaxed);
         let f = shard.borrow().flushed();
@@ -72,10 +88,8 @@ impl Disk {
         }
         let mut from = 0;
         loop {
-            let mut entries = Vec::with_capacity(SLICE_BYTES + (1 << 16));
-            let (next, count) = shard
-                .borrow()
-                .snapshot_entries(from, SLICE_BYTES, &mut entries);
+            let mut entries = Vec::with_capacity(slice + (1 << 16));
+            let (next, count) = shard.borrow().snapshot_entries(from, slice, &mut entries);
             let msg = ToDisk::SnapshotEntries {
                 shard: index,
                 entries,
@@ -196,6 +210,7 @@ pub fn open(
         fsync: config.storage.fsync,
         handed: (0..shards).map(|_| AtomicU64::new(0)).collect(),
         logged: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+        snapshotting: (0..shards).map(|_| AtomicBool::new(false)).collect(),
         snapshot_after: config.storage.snapshot_log_mb.saturating_mul(1 << 20),
         writer: Mutex::new(Some(handle)),
     };

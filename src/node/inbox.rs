@@ -36,6 +36,11 @@ pub enum ThreadMsg {
         hlc: u64,
         reply: oneshot::Sender<u64>,
     },
+    /// Take a snapshot of this shard now (graceful shutdown, so the restart reads a
+    /// snapshot instead of the log); replies when it is handed to the disk writer.
+    Snapshot {
+        reply: oneshot::Sender<()>,
+    },
     Stop,
 }
 

@@ -207,6 +207,19 @@ async fn stop(
     // Shards still run: changes the broker has not confirmed can still be handed to a
     // peer by anti-entropy, which needs them.
     keep_writes_at_shutdown(shared, replication.as_ref()).await;
+    if shared.disk.is_some() {
+        // A snapshot of every shard, so the next start reads it instead of the log.
+        let mut done = Vec::new();
+        for inbox in &shared.inboxes {
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            if inbox.send(ThreadMsg::Snapshot { reply }).await.is_ok() {
+                done.push(rx);
+            }
+        }
+        for rx in done {
+            let _ = rx.await;
+        }
+    }
     for inbox in &shared.inboxes {
         let _ = inbox.send(ThreadMsg::Stop).await;
     }
@@ -354,6 +367,16 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
                     let dropped = shard.forget_older_than(hlc);
                     ship_changes(&mut shard, local.index, &shared);
                     let _ = reply.send(dropped);
+                }
+                ThreadMsg::Snapshot { reply } => {
+                    let (shared, shard) = (shared.clone(), local.shard.clone());
+                    let index = local.index;
+                    tokio::task::spawn_local(async move {
+                        if let Some(disk) = &shared.disk {
+                            disk.snapshot(index, 1 << shared.shard_bits, &shard).await;
+                        }
+                        let _ = reply.send(());
+                    });
                 }
                 ThreadMsg::Stop => break,
             }
