@@ -126,7 +126,10 @@ impl Disk {
                 return false;
             }
             // The writer reports each pass; a failing disk is looked at again each second.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), rx.changed()).await;
+            let second = std::time::Duration::from_secs(1);
+            if let Ok(Err(_)) = tokio::time::timeout(second, rx.changed()).await {
+                return false; // the writer is gone
+            }
         }
     }
 
