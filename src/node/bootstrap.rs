@@ -135,8 +135,23 @@ pub fn needed(config: &crate::config::Config) -> bool {
 
 /// The node's readiness for its whole life: the bootstrap at start, then the watch for
 /// a long isolation (which sends it back to LOADING to rejoin).
+///
+/// A node that recovers its data from disk after being down longer than the tombstone
+/// grace rejoins instead (as after a long isolation): its peers may have purged deletes
+/// of keys it still holds, and the bootstrap exchange would hand those keys back.
 pub async fn run(shared: Arc<Shared>) {
-    catch_up(&shared).await;
+    let grace_us = shared.config.storage.tombstone_grace_seconds * 1_000_000;
+    let now = crate::store::version::now_us();
+    let down_since = shared.disk.as_ref().and_then(|d| d.down_since_us);
+    match down_since.filter(|t| needed(&shared.config) && now.saturating_sub(*t) > grace_us) {
+        Some(since) => {
+            let down = Duration::from_micros(now - since);
+            if !rejoin(&shared, since, down).await {
+                return;
+            }
+        }
+        None => catch_up(&shared).await,
+    }
     if needed(&shared.config) && !*shared.shutdown.borrow() {
         watch_isolation(&shared).await;
     }

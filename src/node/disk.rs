@@ -27,6 +27,9 @@ pub struct Disk {
     snapshot_after: u64,
     /// Per shard, whether a snapshot is being taken (one at a time).
     snapshotting: Vec<AtomicBool>,
+    /// When the data directory was last written before this start (µs since the epoch):
+    /// when the node went down. `None` for a new directory.
+    pub down_since_us: Option<u64>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -171,6 +174,7 @@ pub fn open(
             found.shards
         ));
     }
+    let down_since_us = last_written_us(&dir, shards);
     let started = Instant::now();
     let bits = shards.trailing_zeros();
     let recovered: Vec<Result<(Shard, Recovered), String>> = std::thread::scope(|s| {
@@ -214,10 +218,22 @@ pub fn open(
         handed: (0..shards).map(|_| AtomicU64::new(0)).collect(),
         logged: (0..shards).map(|_| AtomicU64::new(0)).collect(),
         snapshotting: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+        down_since_us,
         snapshot_after: config.storage.snapshot_log_mb.saturating_mul(1 << 20),
         writer: Mutex::new(Some(handle)),
     };
     Ok((out, disk))
+}
+
+/// The newest modification time of the shards' files, in µs since the epoch.
+fn last_written_us(dir: &std::path::Path, shards: usize) -> Option<u64> {
+    (0..shards)
+        .filter_map(|i| std::fs::read_dir(files::shard_dir(dir, i)).ok())
+        .flatten()
+        .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
+        .filter_map(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_micros() as u64)
+        .max()
 }
 
 /// Recover shard `index` of `1 << bits` from its directory.
