@@ -27,13 +27,54 @@ pub struct Disk {
     snapshot_after: u64,
     /// Per shard, whether a snapshot is being taken (one at a time).
     snapshotting: Vec<AtomicBool>,
+    /// Per shard, wakes its thread's [`Disk::ship_each_pass`] task; `kicked` says it is
+    /// already awake, so a burst of writes costs one wake-up.
+    kick: Vec<tokio::sync::Notify>,
+    kicked: Vec<AtomicBool>,
     /// When the data directory was last written before this start (µs since the epoch):
     /// when the node went down. `None` for a new directory.
     pub down_since_us: Option<u64>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
+/// A shard's log bytes shipped at once rather than at the end of the thread's pass, so a
+/// long pass never holds much in memory.
+const SHIP_NOW_BYTES: usize = 64 << 10;
+
 impl Disk {
+    /// Shard `index` recorded changes (or not): have them shipped at the end of the
+    /// thread's current pass, with whatever the pass's other tasks record. Returns the
+    /// number of the batch that will carry them, to wait on under `fsync = always`.
+    ///
+    /// Why not ship now: one message (and one writer wake-up) per connection's segment
+    /// cost more than half the throughput at pipeline 16; once per pass is a few hundred
+    /// a second (BENCHMARKS.md, "Persistence").
+    pub fn queue(&self, index: usize, shard: &mut Shard) -> Option<u64> {
+        let pending = shard.wal_len();
+        if pending == 0 {
+            return None;
+        }
+        if pending >= SHIP_NOW_BYTES {
+            return self.ship(index, shard);
+        }
+        if !self.kicked[index].swap(true, Relaxed) {
+            self.kick[index].notify_one();
+        }
+        Some(self.handed[index].load(Relaxed) + 1)
+    }
+
+    /// The task on shard `index`'s thread that ships what [`Disk::queue`] left: woken by
+    /// the first change of a pass, it yields until the runtime has run every task that
+    /// was ready (tokio defers a yielded task until after the next I/O poll), then ships.
+    pub async fn ship_each_pass(&self, index: usize, shard: &std::cell::RefCell<Shard>) {
+        loop {
+            self.kick[index].notified().await;
+            tokio::task::yield_now().await;
+            self.kicked[index].store(false, Relaxed);
+            self.ship(index, &mut shard.borrow_mut());
+        }
+    }
+
     /// Hand what shard `index` recorded since the last call to the writer. Returns the
     /// batch's number, to wait on under `fsync = always`. Blocks while the writer's queue
     /// is full: a disk slower than the writes slows the writes.
@@ -218,6 +259,8 @@ pub fn open(
         handed: (0..shards).map(|_| AtomicU64::new(0)).collect(),
         logged: (0..shards).map(|_| AtomicU64::new(0)).collect(),
         snapshotting: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+        kick: (0..shards).map(|_| tokio::sync::Notify::new()).collect(),
+        kicked: (0..shards).map(|_| AtomicBool::new(false)).collect(),
         down_since_us,
         snapshot_after: config.storage.snapshot_log_mb.saturating_mul(1 << 20),
         writer: Mutex::new(Some(handle)),

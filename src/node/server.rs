@@ -329,6 +329,10 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
         local.index,
         local.shard.clone(),
     ));
+    if let Some(disk) = shared.disk.clone() {
+        let (index, shard) = (local.index, local.shard.clone());
+        tasks.spawn_local(async move { disk.ship_each_pass(index, &shard).await });
+    }
     tasks.block_on(&rt, async move {
         while let Some(msg) = inbox.recv().await {
             match msg {
@@ -378,7 +382,13 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
                         let _ = reply.send(());
                     });
                 }
-                ThreadMsg::Stop => break,
+                ThreadMsg::Stop => {
+                    // What this pass recorded goes to the disk before the writer stops.
+                    if let Some(disk) = &shared.disk {
+                        disk.ship(local.index, &mut local.shard.borrow_mut());
+                    }
+                    break;
+                }
             }
         }
     });

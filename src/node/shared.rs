@@ -71,13 +71,13 @@ impl Readiness {
     }
 }
 
-/// Hand what shard `index` recorded to replication (its local writes) and to the disk
-/// (every change); returns the disk batch, if one was handed over.
+/// Hand what shard `index` recorded to replication (its local writes) and queue it for
+/// the disk (every change); returns the disk batch that will carry it, if any.
 pub fn ship_changes(shard: &mut Shard, index: usize, shared: &Shared) -> Option<u64> {
     if let Some(out) = &shared.outbound {
         if let Some(journal) = shard.take_journal() {
             out.push(journal);
         }
     }
-    shared.disk.as_ref()?.ship(index, shard)
+    shared.disk.as_ref()?.queue(index, shard)
 }

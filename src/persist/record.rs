@@ -27,14 +27,20 @@ pub const RECORD_BYTES_MAX: usize = 256 << 20;
 
 /// Append one record holding `body` to `out`.
 pub fn append(out: &mut Vec<u8>, body: &[u8]) {
-    assert!(
-        !body.is_empty() && body.len() <= RECORD_BYTES_MAX,
-        "record body of {} bytes",
-        body.len()
-    );
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
-    out.extend_from_slice(body);
+    let (&kind, rest) = body.split_first().expect("a record body is never empty");
+    append_kind(out, kind, rest);
+}
+
+/// Append one record whose body is `kind` followed by `rest`, without building the body
+/// first: the log writer frames each shard's batch straight from the bytes it was handed.
+pub fn append_kind(out: &mut Vec<u8>, kind: u8, rest: &[u8]) {
+    let len = 1 + rest.len();
+    assert!(len <= RECORD_BYTES_MAX, "record body of {len} bytes");
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&[kind]), rest);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.push(kind);
+    out.extend_from_slice(rest);
 }
 
 /// Why a scan stopped before the end of its bytes.

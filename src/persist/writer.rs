@@ -246,10 +246,7 @@ impl Writer {
                 batch,
                 entries,
             } => {
-                let mut body = Vec::with_capacity(1 + entries.len());
-                body.push(RECORD_ENTRIES);
-                body.extend_from_slice(&entries);
-                record::append(&mut self.pending[shard], &body);
+                record::append_kind(&mut self.pending[shard], RECORD_ENTRIES, &entries);
                 self.pending_seq[shard] = batch;
             }
             ToDisk::SnapshotBegin {

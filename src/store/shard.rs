@@ -224,6 +224,11 @@ impl Shard {
         self.halted.as_ref().is_some_and(|h| h.load(Relaxed))
     }
 
+    /// Bytes of log entries recorded since the last [`Shard::take_wal`].
+    pub fn wal_len(&self) -> usize {
+        self.wal.as_ref().map_or(0, Vec::len)
+    }
+
     /// The log entries recorded since the last call, if any.
     pub fn take_wal(&mut self) -> Option<Vec<u8>> {
         let w = self.wal.as_mut().filter(|w| !w.is_empty())?;
