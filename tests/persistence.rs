@@ -193,14 +193,14 @@ fn start_once(node_id: &str, config: &str) -> (Option<std::process::ExitStatus>,
         if let Some(s) = child.try_wait().unwrap() {
             break Some(s);
         }
-        // Connections wait in the backlog until recovery is done: one answered PING
-        // means the node started.
+        // Data commands are answered LOADING until recovery is done: one answered
+        // DBSIZE means the node recovered.
         let answered = TcpStream::connect(("127.0.0.1", port)).is_ok_and(|mut s| {
             let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
             let mut line = String::new();
-            s.write_all(b"PING\r\n").is_ok()
+            s.write_all(b"DBSIZE\r\n").is_ok()
                 && BufReader::new(s).read_line(&mut line).is_ok()
-                && line == "PONG\r\n"
+                && line.trim_end().parse::<u64>().is_ok()
         });
         if Instant::now() > deadline || answered {
             let _ = child.kill();

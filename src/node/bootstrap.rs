@@ -140,9 +140,10 @@ pub fn needed(config: &crate::config::Config) -> bool {
 /// grace rejoins instead (as after a long isolation): its peers may have purged deletes
 /// of keys it still holds, and the bootstrap exchange would hand those keys back.
 pub async fn run(shared: Arc<Shared>) {
+    shared.readiness.recovered().await;
     let grace_us = shared.config.storage.tombstone_grace_seconds * 1_000_000;
     let now = crate::store::version::now_us();
-    let down_since = shared.disk.as_ref().and_then(|d| d.down_since_us);
+    let down_since = shared.disk.get().and_then(|d| d.down_since_us);
     match down_since.filter(|t| needed(&shared.config) && now.saturating_sub(*t) > grace_us) {
         Some(since) => {
             let down = Duration::from_micros(now - since);

@@ -7,6 +7,7 @@
 //! other shards go out as one message per shard per segment. All complete lines of one
 //! read are answered with one write, in order.
 
+use crate::node::dispatch::Gate;
 use crate::node::inbox::{ShardRequest, ThreadMsg};
 use crate::node::info::NodeInfo;
 use crate::node::ops::ShardOp;
@@ -129,10 +130,15 @@ impl Connection {
         stream: &mut TcpStream,
     ) -> std::io::Result<bool> {
         loop {
-            let loading = self.shared.readiness.is_loading();
+            let readiness = &self.shared.readiness;
+            let gate = match (readiness.is_recovering(), readiness.is_loading()) {
+                (true, _) => Gate::Recovering,
+                (false, true) => Gate::Loading,
+                (false, false) => Gate::Open,
+            };
             match self
                 .session
-                .next(&mut self.framer, inbuf, loading, &mut self.out)
+                .next(&mut self.framer, inbuf, gate, &mut self.out)
             {
                 Next::Read(n) => {
                     inbuf.advance(n);
@@ -246,6 +252,8 @@ impl Connection {
             }
         }
         let body = inbuf.split_to(len);
+        // The shards are not there to answer until they are recovered from disk.
+        shared.readiness.recovered().await;
         let reply = match crate::antientropy::messages::parse(&body) {
             Ok(request) => Ok(self.serve_sync(request).await?),
             Err(e) => Err(e),
@@ -396,7 +404,7 @@ impl Connection {
     /// on disk. If the disk fails instead, close without replying: the client must not
     /// take a write for stored when it was not logged.
     async fn wait_durable(&self, batches: &[(usize, u64)]) -> std::io::Result<()> {
-        let Some(disk) = &self.shared.disk else {
+        let Some(disk) = self.shared.disk.get() else {
             return Ok(());
         };
         if disk.fsync != crate::config::Fsync::Always {
@@ -459,6 +467,8 @@ pub async fn run_sync(shared: &Arc<Shared>, peer: String) -> String {
     if let Err(why) = crate::antientropy::client::admit_peer(&peer) {
         return format!("ERROR: {why}");
     }
+    // The shards are not there to exchange until they are recovered from disk.
+    shared.readiness.recovered().await;
     let Some(slot) = shared.sync_log.start() else {
         return "ERROR: too many SYNC commands running; try again".into();
     };

@@ -24,6 +24,8 @@ pub const SEGMENT_COMMANDS_MAX: usize = 128;
 
 /// The reply to a data command while the node is catching up (node/bootstrap.rs).
 pub const LOADING: &[u8] = b"ERROR: LOADING node is synchronising with its peers\r\n";
+/// The LOADING reply while the node reads its data from disk.
+pub const RECOVERING: &[u8] = b"ERROR: LOADING node is recovering its data from disk\r\n";
 /// Most ops in one segment, apart from one multi-key command's. With every GET's reply
 /// at most `max_line_bytes`, this bounds the reply bytes a segment can hold; a larger
 /// MGET is answered in several segments (its `VALUES n` header goes out first).
@@ -115,6 +117,36 @@ enum Fanout {
     Stats,
 }
 
+/// Which commands the node's readiness lets through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gate {
+    Open,
+    /// LOADING (node/bootstrap.rs): data commands wait.
+    Loading,
+    /// The shards are being recovered from disk: the Merkle roots wait too, as the
+    /// shards are not there yet.
+    Recovering,
+}
+
+impl Gate {
+    fn refuses(self, cmd: &Command<'_>) -> bool {
+        match self {
+            Gate::Open => false,
+            Gate::Loading => cmd.touches_data(),
+            Gate::Recovering => {
+                cmd.touches_data() || matches!(cmd, Command::Hash | Command::HashShards)
+            }
+        }
+    }
+
+    fn reply(self) -> &'static [u8] {
+        match self {
+            Gate::Recovering => RECOVERING,
+            _ => LOADING,
+        }
+    }
+}
+
 pub struct Batch {
     replies: Vec<Reply>,
     /// Ops in command order, each with its owning shard.
@@ -122,8 +154,8 @@ pub struct Batch {
     shard_bits: u32,
     /// QUIT was seen: answer what came before it, then close.
     pub quit: bool,
-    /// The node is LOADING: data commands get [`LOADING`] (set before each `fill`).
-    pub loading: bool,
+    /// What the node's readiness lets through (set before each `fill`).
+    pub gate: Gate,
     /// Keys the next run of an MGET plans (see [`Batch::multi`]).
     mget_run: usize,
     /// SHUTDOWN was seen: answer, then stop the node.
@@ -160,7 +192,7 @@ impl Batch {
             ops: Vec::new(),
             shard_bits,
             quit: false,
-            loading: false,
+            gate: Gate::Open,
             mget_run: RUN_OPS_MAX,
             shutdown: false,
             errors: 0,
@@ -397,7 +429,7 @@ impl Batch {
                 self.errors += 1;
                 Reply::Error(e)
             }
-            Ok(cmd) if self.loading && cmd.touches_data() => Reply::Static(LOADING),
+            Ok(cmd) if self.gate.refuses(&cmd) => Reply::Static(self.gate.reply()),
             Ok(cmd) => match cmd {
                 Command::Get(k) => self.single(OpKind::Get, k, b"", base),
                 Command::Set(k, v) => self.single(OpKind::Set, k, v, base),

@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::node::connection::{self, LocalShard};
 use crate::node::dispatch::serve_ops;
 use crate::node::inbox::{RemoteChanges, ThreadMsg};
-use crate::node::shared::{ship_changes, Shared};
+use crate::node::shared::{ship_changes, Readiness, Shared};
 use crate::replication::inbound::apply_remote;
 use crate::replication::peers::Peers;
 use crate::replication::thread::Replication;
@@ -22,7 +22,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Messages queued per thread inbox before senders wait.
 const INBOX_MESSAGES_MAX: usize = 4096;
@@ -88,11 +88,19 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
         None
     };
     let outbound = replication.as_ref().map(|r| r.outbound.clone());
-    let (stores, disk) = make_shards(&config, outbound.is_some())?;
-    let mut shared = new_shared(config, local_addr, senders, outbound, peers);
-    shared.disk = disk.map(Arc::new);
-    let shared = Arc::new(shared);
-    let threads = spawn_threads(&shared, receivers, stores);
+    let make = ShardMaker::new(&config, outbound.is_some());
+    let persist = config.storage.persistence_enabled;
+    // When the node persists these are placeholders until the recovered shards arrive.
+    let stores: Vec<Shard> = (0..shards).map(|i| make.make(i)).collect();
+    let shared = Arc::new(new_shared(config, local_addr, senders, outbound, peers));
+    let (installs, installed): (Vec<_>, Vec<_>) = (0..shards)
+        .map(|_| {
+            let (tx, rx) = oneshot::channel();
+            (tx, persist.then_some(rx))
+        })
+        .unzip();
+    let threads = spawn_threads(&shared, receivers, stores, installed);
+    let recovery = persist.then(|| tokio::spawn(recover(shared.clone(), make, installs)));
     tracing::info!(
         node_id = %shared.config.node_id,
         %local_addr,
@@ -102,6 +110,12 @@ async fn run_main(config: Config) -> Result<(), ServerError> {
     start_background(&shared);
     accept_loop(&shared, listener).await;
     stop(&shared, replication, threads).await;
+    if let Some(recovery) = recovery {
+        let done = recovery
+            .await
+            .unwrap_or_else(|_| Err("recovery panicked".into()));
+        done.map_err(ServerError::Persist)?;
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -128,11 +142,14 @@ fn new_shared(
         sync_log: Arc::default(),
         sync_bytes: AtomicUsize::new(0),
         shutdown: watch::Sender::new(false),
-        disk: None,
-        readiness: if crate::node::bootstrap::needed(&config) {
-            crate::node::shared::Readiness::new(true, "starting")
-        } else {
-            crate::node::shared::Readiness::new(false, "not needed")
+        disk: std::sync::OnceLock::new(),
+        readiness: match (
+            config.storage.persistence_enabled,
+            crate::node::bootstrap::needed(&config),
+        ) {
+            (true, _) => Readiness::new(true, "recovering from disk", true),
+            (false, true) => Readiness::new(true, "starting", false),
+            (false, false) => Readiness::new(false, "not needed", false),
         },
         config,
     }
@@ -207,7 +224,7 @@ async fn stop(
     // Shards still run: changes the broker has not confirmed can still be handed to a
     // peer by anti-entropy, which needs them.
     keep_writes_at_shutdown(shared, replication.as_ref()).await;
-    if shared.disk.is_some() {
+    if shared.disk.get().is_some() {
         // A snapshot of every shard, so the next start reads it instead of the log.
         let mut done = Vec::new();
         for inbox in &shared.inboxes {
@@ -226,7 +243,7 @@ async fn stop(
     for t in threads {
         let _ = t.join();
     }
-    if let Some(disk) = &shared.disk {
+    if let Some(disk) = shared.disk.get() {
         disk.stop();
     }
     if let Some(r) = replication {
@@ -234,47 +251,101 @@ async fn stop(
     }
 }
 
-/// Every shard of the node, recovered from disk when it persists (the disk writer then
-/// returned beside them). Recovery runs before the first connection is served: clients
-/// that connect meanwhile wait in the listen backlog.
-fn make_shards(
-    config: &Config,
+/// What a new, empty shard of this node is made with.
+#[derive(Clone)]
+struct ShardMaker {
+    bits: u32,
+    budget: Arc<MemoryBudget>,
+    line_bytes_max: usize,
+    origin: u32,
+    grace_seconds: u64,
     replicated: bool,
-) -> Result<(Vec<Shard>, Option<crate::node::disk::Disk>), ServerError> {
-    let shards = config.shard_count();
-    let storage = &config.storage;
-    let budget = MemoryBudget::new(match storage.memory_limit_mb {
-        0 => u64::MAX,
-        mb => mb.saturating_mul(1 << 20),
-    });
-    let origin = origin_of(&config.node_id);
-    let bits = shard_bits(shards);
-    let make = |i: usize| {
-        let shard = Shard::new(i, bits, budget.clone(), config.network.max_line_bytes)
-            .with_identity(origin, storage.tombstone_grace_seconds);
-        if replicated {
+}
+
+impl ShardMaker {
+    fn new(config: &Config, replicated: bool) -> ShardMaker {
+        let storage = &config.storage;
+        ShardMaker {
+            bits: shard_bits(config.shard_count()),
+            budget: MemoryBudget::new(match storage.memory_limit_mb {
+                0 => u64::MAX,
+                mb => mb.saturating_mul(1 << 20),
+            }),
+            line_bytes_max: config.network.max_line_bytes,
+            origin: origin_of(&config.node_id),
+            grace_seconds: storage.tombstone_grace_seconds,
+            replicated,
+        }
+    }
+
+    fn make(&self, index: usize) -> Shard {
+        let shard = Shard::new(index, self.bits, self.budget.clone(), self.line_bytes_max)
+            .with_identity(self.origin, self.grace_seconds);
+        if self.replicated {
             shard.with_journal()
         } else {
             shard
         }
-    };
-    if !storage.persistence_enabled {
-        return Ok(((0..shards).map(make).collect(), None));
     }
-    let (stores, disk) =
-        crate::node::disk::open(config, shards, make).map_err(ServerError::Persist)?;
+}
+
+/// A recovered shard for its thread, and the thread's word that it holds it.
+type Recovered = (Shard, oneshot::Sender<()>);
+type Install = oneshot::Sender<Recovered>;
+
+/// Recover every shard from disk (in parallel, off the runtime), then install each on
+/// its thread, set the disk, and end the recovery. While it runs the node serves
+/// connections as LOADING (docs/PERSISTENCE.md). A failure stops the node.
+async fn recover(
+    shared: Arc<Shared>,
+    make: ShardMaker,
+    installs: Vec<Install>,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let config = shared.config.clone();
+    let shards = installs.len();
+    let opened = tokio::task::spawn_blocking(move || {
+        crate::node::disk::open(&config, shards, |i| make.make(i))
+    })
+    .await
+    .unwrap_or_else(|_| Err("recovery panicked".into()));
+    let (stores, disk) = match opened {
+        Ok(opened) => opened,
+        Err(e) => {
+            shared.shutdown.send_replace(true);
+            return Err(e);
+        }
+    };
     let halted = disk.durable.unavailable.clone();
-    let stores = stores
-        .into_iter()
-        .map(|s| s.with_halt(halted.clone()))
-        .collect();
-    Ok((stores, Some(disk)))
+    // Set before any shard is installed: a shard's first change is shipped to it.
+    let _ = shared.disk.set(Arc::new(disk));
+    let mut installed = Vec::with_capacity(shards);
+    for (install, shard) in installs.into_iter().zip(stores) {
+        let (ack, done) = oneshot::channel();
+        if install.send((shard.with_halt(halted.clone()), ack)).is_ok() {
+            installed.push(done);
+        }
+    }
+    for done in installed {
+        let _ = done.await;
+    }
+    let ms = started.elapsed().as_millis();
+    match crate::node::bootstrap::needed(&shared.config) {
+        true => shared
+            .readiness
+            .end_recovery(true, format!("recovered from disk in {ms} ms; starting")),
+        false => shared
+            .readiness
+            .end_recovery(false, format!("recovered from disk in {ms} ms")),
+    }
+    Ok(())
 }
 
 fn spawn_threads(
     shared: &Arc<Shared>,
     receivers: Vec<mpsc::Receiver<ThreadMsg>>,
     stores: Vec<Shard>,
+    installed: Vec<Option<oneshot::Receiver<Recovered>>>,
 ) -> Vec<std::thread::JoinHandle<()>> {
     let shards = 1usize << shared.shard_bits;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -290,8 +361,9 @@ fn spawn_threads(
     receivers
         .into_iter()
         .zip(stores)
+        .zip(installed)
         .enumerate()
-        .map(|(i, (inbox, shard))| {
+        .map(|(i, ((inbox, shard), installed))| {
             let shared = shared.clone();
             let core = pin.then(|| cores[i]);
             std::thread::Builder::new()
@@ -310,15 +382,21 @@ fn spawn_threads(
                         index: i,
                         shard: Rc::new(RefCell::new(shard)),
                     };
-                    thread_main(shared, local, inbox);
+                    thread_main(shared, local, inbox, installed);
                 })
                 .expect("spawn thread")
         })
         .collect()
 }
 
-/// A shard thread: serve its inbox until `Stop`.
-fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver<ThreadMsg>) {
+/// A shard thread: serve its inbox until `Stop`; when the node persists, first wait for
+/// its recovered shard.
+fn thread_main(
+    shared: Arc<Shared>,
+    local: LocalShard,
+    mut inbox: mpsc::Receiver<ThreadMsg>,
+    installed: Option<oneshot::Receiver<Recovered>>,
+) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -329,69 +407,110 @@ fn thread_main(shared: Arc<Shared>, local: LocalShard, mut inbox: mpsc::Receiver
         local.index,
         local.shard.clone(),
     ));
-    if let Some(disk) = shared.disk.clone() {
-        let (index, shard) = (local.index, local.shard.clone());
-        tasks.spawn_local(async move { disk.ship_each_pass(index, &shard).await });
-    }
     tasks.block_on(&rt, async move {
+        if let Some(installed) = installed {
+            if !wait_recovered(&shared, &local, &mut inbox, installed).await {
+                return;
+            }
+        }
         while let Some(msg) = inbox.recv().await {
-            match msg {
-                ThreadMsg::Conn(stream) => {
-                    tokio::task::spawn_local(connection::serve(
-                        stream,
-                        shared.clone(),
-                        local.clone(),
-                    ));
-                }
-                ThreadMsg::Ops(req) => {
-                    let mut shard = local.shard.borrow_mut();
-                    let mut reply = serve_ops(&mut shard, &req.ops, &req.data);
-                    reply.batch = ship_changes(&mut shard, local.index, &shared);
-                    let _ = req.reply.send(reply); // the connection may have gone; fine
-                }
-                ThreadMsg::Sync { request, reply } => {
-                    let part = crate::antientropy::serve::answer_part(
-                        &mut local.shard.borrow_mut(),
-                        local.index,
-                        shared.shard_bits,
-                        &request,
-                        now_us(),
-                    );
-                    // An answer may store a peer's entries: they are logged like any change.
-                    ship_changes(&mut local.shard.borrow_mut(), local.index, &shared);
-                    let _ = reply.send(part);
-                }
-                ThreadMsg::Apply(changes) => {
-                    let mut shard = local.shard.borrow_mut();
-                    apply_changes(&shared, &mut shard, &changes);
-                    ship_changes(&mut shard, local.index, &shared);
-                }
-                ThreadMsg::Forget { hlc, reply } => {
-                    let mut shard = local.shard.borrow_mut();
-                    let dropped = shard.forget_older_than(hlc);
-                    ship_changes(&mut shard, local.index, &shared);
-                    let _ = reply.send(dropped);
-                }
-                ThreadMsg::Snapshot { reply } => {
-                    let (shared, shard) = (shared.clone(), local.shard.clone());
-                    let index = local.index;
-                    tokio::task::spawn_local(async move {
-                        if let Some(disk) = &shared.disk {
-                            disk.snapshot(index, 1 << shared.shard_bits, &shard).await;
-                        }
-                        let _ = reply.send(());
-                    });
-                }
-                ThreadMsg::Stop => {
-                    // What this pass recorded goes to the disk before the writer stops.
-                    if let Some(disk) = &shared.disk {
-                        disk.ship(local.index, &mut local.shard.borrow_mut());
-                    }
-                    break;
-                }
+            if !handle(&shared, &local, msg) {
+                break;
             }
         }
     });
+}
+
+/// Until the recovered shard arrives the thread holds a placeholder: it serves
+/// connections (LOADING, node/dispatch.rs `Gate`) and the INFO and STATS fan-outs they
+/// send, and holds every other message (remote changes, exchanges) to handle after.
+/// Returns false when the thread is to stop instead.
+async fn wait_recovered(
+    shared: &Arc<Shared>,
+    local: &LocalShard,
+    inbox: &mut mpsc::Receiver<ThreadMsg>,
+    mut installed: oneshot::Receiver<Recovered>,
+) -> bool {
+    let mut held = Vec::new();
+    loop {
+        tokio::select! {
+            got = &mut installed => {
+                // Dropped unsent: the recovery failed and the node is stopping.
+                let Ok((shard, ack)) = got else { return false };
+                *local.shard.borrow_mut() = shard;
+                if let Some(disk) = shared.disk.get().cloned() {
+                    let (index, shard) = (local.index, local.shard.clone());
+                    tokio::task::spawn_local(async move { disk.ship_each_pass(index, &shard).await });
+                }
+                let _ = ack.send(());
+                return held.into_iter().all(|msg| handle(shared, local, msg));
+            }
+            msg = inbox.recv(), if held.len() < INBOX_MESSAGES_MAX => match msg {
+                Some(msg @ (ThreadMsg::Conn(_) | ThreadMsg::Ops(_))) => {
+                    handle(shared, local, msg);
+                }
+                Some(ThreadMsg::Stop) | None => return false,
+                Some(msg) => held.push(msg),
+            },
+        }
+    }
+}
+
+/// Handle one inbox message; false on `Stop`.
+fn handle(shared: &Arc<Shared>, local: &LocalShard, msg: ThreadMsg) -> bool {
+    match msg {
+        ThreadMsg::Conn(stream) => {
+            tokio::task::spawn_local(connection::serve(stream, shared.clone(), local.clone()));
+        }
+        ThreadMsg::Ops(req) => {
+            let mut shard = local.shard.borrow_mut();
+            let mut reply = serve_ops(&mut shard, &req.ops, &req.data);
+            reply.batch = ship_changes(&mut shard, local.index, shared);
+            let _ = req.reply.send(reply); // the connection may have gone; fine
+        }
+        ThreadMsg::Sync { request, reply } => {
+            let mut shard = local.shard.borrow_mut();
+            let part = crate::antientropy::serve::answer_part(
+                &mut shard,
+                local.index,
+                shared.shard_bits,
+                &request,
+                now_us(),
+            );
+            // An answer may store a peer's entries: they are logged like any change.
+            ship_changes(&mut shard, local.index, shared);
+            let _ = reply.send(part);
+        }
+        ThreadMsg::Apply(changes) => {
+            let mut shard = local.shard.borrow_mut();
+            apply_changes(shared, &mut shard, &changes);
+            ship_changes(&mut shard, local.index, shared);
+        }
+        ThreadMsg::Forget { hlc, reply } => {
+            let mut shard = local.shard.borrow_mut();
+            let dropped = shard.forget_older_than(hlc);
+            ship_changes(&mut shard, local.index, shared);
+            let _ = reply.send(dropped);
+        }
+        ThreadMsg::Snapshot { reply } => {
+            let (shared, shard) = (shared.clone(), local.shard.clone());
+            let index = local.index;
+            tokio::task::spawn_local(async move {
+                if let Some(disk) = shared.disk.get() {
+                    disk.snapshot(index, 1 << shared.shard_bits, &shard).await;
+                }
+                let _ = reply.send(());
+            });
+        }
+        ThreadMsg::Stop => {
+            // What this pass recorded goes to the disk before the writer stops.
+            if let Some(disk) = shared.disk.get() {
+                disk.ship(local.index, &mut local.shard.borrow_mut());
+            }
+            return false;
+        }
+    }
+    true
 }
 
 /// Apply changes made on another node to this thread's shard, and count them.
@@ -467,7 +586,7 @@ async fn every_second(shared: Arc<Shared>, index: usize, shard: Rc<RefCell<Shard
     let mut future_log = FutureLog::default();
     loop {
         tick.tick().await;
-        if let Some(disk) = shared.disk.as_ref().filter(|d| d.snapshot_due(index)) {
+        if let Some(disk) = shared.disk.get().filter(|d| d.snapshot_due(index)) {
             disk.snapshot(index, 1 << shared.shard_bits, &shard).await;
         }
         let purged = shard

@@ -8,7 +8,7 @@
 //! `SYNC` peers are refused, whether a `SYNC.MSG` body may be held — is made here, so
 //! both drivers answer alike.
 
-use crate::node::dispatch::{execute_all, Batch, Results, Special};
+use crate::node::dispatch::{execute_all, Batch, Gate, Results, Special};
 use crate::node::info::NodeInfo;
 use crate::node::ops::{line, ShardOp};
 use crate::protocol::native::Framer;
@@ -105,20 +105,20 @@ impl Session {
     }
 
     /// Plan the next segment from `input`, the received bytes not yet used. While the
-    /// node is `loading`, data commands are answered LOADING. A refused `SYNC` is
+    /// node is LOADING, what its `gate` holds back is answered LOADING. A refused `SYNC` is
     /// answered into `out`.
     pub fn next(
         &mut self,
         framer: &mut Framer,
         input: &[u8],
-        loading: bool,
+        gate: Gate,
         out: &mut Vec<u8>,
     ) -> Next {
         assert!(
             !self.batch.has_rest() && self.body.is_none(),
             "next() before the last step was finished"
         );
-        self.batch.loading = loading;
+        self.batch.gate = gate;
         let used = self.batch.fill(framer, input);
         match self.batch.special.take() {
             Some(Special::SyncMsg(len)) => {
@@ -234,7 +234,7 @@ fn answer_holding(
     let mut session = Session::new(shards.len().trailing_zeros());
     let mut used = 0;
     loop {
-        match session.next(framer, &input[used..], false, out) {
+        match session.next(framer, &input[used..], Gate::Open, out) {
             Next::Read(n) => return used + n,
             Next::Answered(n) => used += n,
             Next::Sync { line, .. } => {
@@ -602,14 +602,14 @@ mod tests {
     fn a_sender_not_admitted_is_told_why_and_holds_nothing() {
         let (mut session, held, mut out) = (Session::new(1), AtomicUsize::new(0), Vec::new());
         let input = b"SYNC.MSG 5\r\nabcde";
-        let next = session.next(&mut Framer::new(100), input, false, &mut out);
+        let next = session.next(&mut Framer::new(100), input, Gate::Open, &mut out);
         assert_eq!(next, Next::SyncMsg { line: 12, len: 5 });
         let refused = session.admit_body(Err("not from there".into()), &held, &mut out);
         assert_eq!(refused.err(), Some(Refused::Peer));
         assert_eq!(out, b"ERROR: not from there\r\n");
         assert_eq!(held.load(Relaxed), 0);
         // An admitted body holds its share until it is served.
-        let share = session.next(&mut Framer::new(100), input, false, &mut out);
+        let share = session.next(&mut Framer::new(100), input, Gate::Open, &mut out);
         assert_eq!(share, Next::SyncMsg { line: 12, len: 5 });
         let share = session.admit_body(Ok(()), &held, &mut out);
         assert_eq!(held.load(Relaxed), 5);
@@ -617,21 +617,36 @@ mod tests {
         assert_eq!(held.load(Relaxed), 0);
     }
 
-    #[test]
-    fn while_loading_data_commands_wait_and_the_rest_are_answered() {
+    /// The replies to `input` through `gate`, and the keys it left in the shards.
+    fn through(gate: Gate, input: &[u8]) -> (String, usize) {
         let mut s = shards(2);
         let (mut session, mut out) = (Session::new(1), Vec::new());
-        let input = b"SET a 1\r\nPING\r\nQUIT\r\n";
-        let next = session.next(&mut Framer::new(100), input, true, &mut out);
+        let next = session.next(&mut Framer::new(100), input, gate, &mut out);
         assert_eq!(next, Next::Segment(input.len()));
         session.run_on(&mut s, input);
-        let answer = session.answer(input, &NodeInfo::default, &mut out);
-        assert_eq!(answer.then, Then::Close { shutdown: false });
+        session.answer(input, &NodeInfo::default, &mut out);
+        let keys = s[0].snapshot_stats().keys + s[1].snapshot_stats().keys;
+        (String::from_utf8(out).unwrap(), keys as usize)
+    }
+
+    #[test]
+    fn while_loading_data_commands_wait_and_the_rest_are_answered() {
         let loading = String::from_utf8(crate::node::dispatch::LOADING.to_vec()).unwrap();
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            format!("{loading}PONG\r\nOK\r\n")
-        );
-        assert_eq!(s[0].snapshot_stats().keys + s[1].snapshot_stats().keys, 0);
+        let (out, keys) = through(Gate::Loading, b"SET a 1\r\nPING\r\nHASH\r\nQUIT\r\n");
+        let (head, tail) = out.split_once("PONG\r\n").unwrap();
+        assert_eq!(head, loading);
+        let (hash, rest) = tail.split_once("\r\n").unwrap();
+        assert_eq!((hash.len(), rest), (64, "OK\r\n"), "HASH is answered");
+        assert_eq!(keys, 0);
+    }
+
+    #[test]
+    fn while_recovering_the_merkle_roots_wait_too() {
+        let recovering = String::from_utf8(crate::node::dispatch::RECOVERING.to_vec()).unwrap();
+        let (out, keys) = through(Gate::Recovering, b"SET a 1\r\nHASH\r\nPING\r\n");
+        assert_eq!(out, format!("{recovering}{recovering}PONG\r\n"));
+        assert_eq!(keys, 0);
+        let (out, keys) = through(Gate::Open, b"SET a 1\r\nPING\r\n");
+        assert_eq!((out.as_str(), keys), ("OK\r\nPONG\r\n", 1));
     }
 }

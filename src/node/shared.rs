@@ -9,7 +9,7 @@ use crate::replication::peers::Peers;
 use crate::store::shard::Shard;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 use tokio::sync::{mpsc, watch};
 
@@ -36,27 +36,47 @@ pub struct Shared {
     pub shutdown: watch::Sender<bool>,
     /// LOADING or ready: data commands wait for the bootstrap (node/bootstrap.rs).
     pub readiness: Readiness,
-    /// The disk writer and durability reports; `None` when nothing persists.
-    pub disk: Option<Arc<crate::node::disk::Disk>>,
+    /// The disk writer and durability reports; empty when nothing persists, and until
+    /// the shards are recovered.
+    pub disk: OnceLock<Arc<crate::node::disk::Disk>>,
 }
 
 /// The node-wide readiness flag connections check before each batch, and the progress
-/// INFO shows.
+/// INFO shows. While the shards are being recovered from disk the node is LOADING and
+/// `recovering` too: the shard threads hold placeholder shards then, which nothing may
+/// read (node/server.rs).
 pub struct Readiness {
     loading: AtomicBool,
     progress: Mutex<String>,
+    recovering: watch::Sender<bool>,
 }
 
 impl Readiness {
-    pub fn new(loading: bool, progress: &str) -> Readiness {
+    pub fn new(loading: bool, progress: &str, recovering: bool) -> Readiness {
         Readiness {
-            loading: AtomicBool::new(loading),
+            loading: AtomicBool::new(loading || recovering),
             progress: Mutex::new(progress.to_string()),
+            recovering: watch::Sender::new(recovering),
         }
     }
 
     pub fn is_loading(&self) -> bool {
         self.loading.load(Relaxed)
+    }
+
+    pub fn is_recovering(&self) -> bool {
+        *self.recovering.borrow()
+    }
+
+    /// Wait until every shard is recovered from disk (at once when nothing persists).
+    pub async fn recovered(&self) {
+        let _ = self.recovering.subscribe().wait_for(|r| !r).await;
+    }
+
+    /// The shards are recovered: the node is `loading` still or not, for `progress`.
+    pub fn end_recovery(&self, loading: bool, progress: String) {
+        self.set(loading, progress);
+        self.recovering.send_replace(false);
     }
 
     pub fn progress(&self) -> String {
@@ -79,5 +99,5 @@ pub fn ship_changes(shard: &mut Shard, index: usize, shared: &Shared) -> Option<
             out.push(journal);
         }
     }
-    shared.disk.as_ref()?.queue(index, shard)
+    shared.disk.get()?.queue(index, shard)
 }
