@@ -1,6 +1,7 @@
-//! The node's persistence (`[storage] persistence_enabled`, docs/PERSISTENCE.md): every
-//! shard recovered from its directory at start, in parallel; the disk writer; and what a
-//! shard thread hands it after each batch of work.
+//! The node's persistence (`[storage] persistence_enabled`, docs/PERSISTENCE.md): a data
+//! directory written with another shard count re-cut at start, then every shard recovered
+//! from its directory, in parallel; the disk writer; and what a shard thread hands it
+//! after each batch of work.
 
 use crate::config::{Config, Fsync};
 use crate::persist::files::{self, Identity};

@@ -1,5 +1,6 @@
 //! Recovery of one shard directory: pick the newest snapshot that reads back whole (an
-//! older one when it does not), then replay the log segments from the snapshot on.
+//! older one when it does not), then replay the log segments from the snapshot on — into
+//! its shard, or into all the shards of a directory re-cut to another shard count.
 //!
 //! Damage is handled by where it is. A torn or corrupt tail of the newest segment is what
 //! a crash in the middle of a write leaves: the segment is cut back to its last whole
