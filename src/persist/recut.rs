@@ -50,6 +50,11 @@ pub enum RecutError {
     #[error(transparent)]
     Recover(#[from] RecoveryError),
     #[error(
+        "{dir}: {entries} entries do not fit storage.memory_limit_mb in the new shards; \
+         the data directory is left as it was"
+    )]
+    Full { dir: PathBuf, entries: u64 },
+    #[error(
         "{dir} holds more than one unfinished re-cut ({found:?}), which no re-cut leaves: \
          move the data directory aside to resynchronise from peers"
     )]
@@ -101,6 +106,14 @@ fn build(
     let old_bits = shard_bits(old);
     for i in 0..old {
         recover_into(&shard_dir(dir, i), &mut shards, shard_buckets(i, old_bits))?;
+    }
+    // An entry refused for want of memory would be gone from the new layout for good.
+    let refused: u64 = shards.iter().map(|s| s.stats.storage_full).sum();
+    if refused > 0 {
+        return Err(RecutError::Full {
+            dir: dir.to_path_buf(),
+            entries: refused,
+        });
     }
     let mut keys = 0;
     for (i, shard) in shards.iter_mut().enumerate() {
@@ -470,6 +483,12 @@ mod tests {
                         "{old} → {new}: fewer steps than {steps}"
                     );
                 }
+                if crash_after == steps {
+                    assert!(
+                        !step(&dir).unwrap(),
+                        "{old} → {new}: more than {steps} steps"
+                    );
+                }
                 // The next start.
                 resume(&dir).unwrap();
                 assert_eq!(
@@ -498,6 +517,19 @@ mod tests {
         assert_eq!(recovered(&dir, 2), before);
         recut(&dir, NODE_ID, 2, 4, maker(4)).unwrap();
         assert_eq!(recovered(&dir, 4).root, before.root);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn data_that_does_not_fit_the_memory_limit_is_not_recut() {
+        let dir = temp("full");
+        let before = write_old(&dir, 2);
+        let budget = MemoryBudget::new(1000);
+        let small = |i| Shard::new(i, 0, budget.clone(), 1 << 10);
+        let e = recut(&dir, NODE_ID, 2, 1, small).unwrap_err().to_string();
+        assert!(e.contains("do not fit storage.memory_limit_mb"), "{e}");
+        resume(&dir).unwrap();
+        assert_eq!(recovered(&dir, 2), before);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
