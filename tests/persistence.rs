@@ -402,3 +402,72 @@ fn a_graceful_shutdown_leaves_a_snapshot_and_the_restart_reads_it() {
     assert_eq!(c.one("GET g299"), "v299");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Run `node` from now on with `shards` shards (its configuration rewritten).
+fn set_shards(node: &Node, shards: usize) {
+    let config = std::fs::read_to_string(&node.config).unwrap();
+    let line = config
+        .lines()
+        .find(|l| l.starts_with("storage.shards"))
+        .unwrap();
+    let config = config.replace(line, &format!("storage.shards = {shards}"));
+    std::fs::write(&node.config, config).unwrap();
+}
+
+/// The data directory's shard count and shard directories, as `NODE` and the listing say.
+fn layout(dir: &Path) -> (String, Vec<String>) {
+    let node = std::fs::read_to_string(dir.join("NODE")).unwrap();
+    let shards = node.lines().nth(2).unwrap().to_string();
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != "NODE")
+        .collect();
+    names.sort();
+    (shards, names)
+}
+
+#[test]
+fn a_data_directory_written_with_another_shard_count_is_re_cut_and_keeps_its_root() {
+    let dir = temp_path("recut");
+    let mut node = Node::start_with(&persistent(&dir, "always"));
+    let mut c = node.client();
+    for i in 0..400 {
+        assert_eq!(c.one(&format!("SET k{i} v{i}")), "OK");
+    }
+    assert_eq!(c.one("DEL k7"), "DELETED");
+    let root = c.one("HASH");
+    drop(c);
+    let every_key = |node: &Node, deleted: &[usize]| {
+        let mut c = node.client();
+        for i in 0..400 {
+            let want = match deleted.contains(&i) {
+                true => "(null)".to_string(),
+                false => format!("v{i}"),
+            };
+            assert_eq!(c.one(&format!("GET k{i}")), want, "k{i}");
+        }
+        assert_eq!(c.one("DBSIZE"), (400 - deleted.len()).to_string());
+    };
+    // Killed with 2 shards (everything in the logs), restarted with 1.
+    set_shards(&node, 1);
+    node.restart();
+    assert_eq!(node.client().one("HASH"), root);
+    every_key(&node, &[7]);
+    assert_eq!(layout(&dir), ("shards 1".into(), vec!["shard-0".into()]));
+    // A delete, a graceful shutdown (snapshots, empty logs), restarted with 4.
+    let mut c = node.client();
+    assert_eq!(c.one("DEL k8"), "DELETED");
+    let root = c.one("HASH");
+    assert_eq!(c.one("SHUTDOWN"), "OK");
+    assert!(node
+        .wait_exit(Duration::from_secs(20))
+        .is_some_and(|s| s.success()));
+    set_shards(&node, 4);
+    node.restart();
+    assert_eq!(node.client().one("HASH"), root);
+    every_key(&node, &[7, 8]);
+    let shards = (0..4).map(|i| format!("shard-{i}")).collect();
+    assert_eq!(layout(&dir), ("shards 4".into(), shards));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,15 +1,15 @@
-//! The node's persistence (`[storage] persistence_enabled`, docs/PERSISTENCE.md): every
-//! shard recovered from its directory at start, in parallel; the disk writer; and what a
-//! shard thread hands it after each batch of work.
+//! The node's persistence (`[storage] persistence_enabled`, docs/PERSISTENCE.md): a data
+//! directory written with another shard count re-cut at start, then every shard recovered
+//! from its directory, in parallel; the disk writer; and what a shard thread hands it
+//! after each batch of work.
 
 use crate::config::{Config, Fsync};
-use crate::persist::apply::restore_entries;
 use crate::persist::files::{self, Identity};
-use crate::persist::recover::{recover, Loaded, Recovered};
+use crate::persist::recover::{recover_into, Recovered};
+use crate::persist::recut;
 use crate::persist::writer::{self, Durable, ToDisk};
 use crate::store::keyspace::shard_buckets;
 use crate::store::shard::Shard;
-use crate::store::version::Version;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Mutex};
 use std::time::Instant;
@@ -205,24 +205,43 @@ pub fn open(
         node_id: config.node_id.clone(),
         shards,
     };
+    // A re-cut a crash interrupted is finished (or rolled back) before anything reads.
+    recut::resume(&dir).map_err(|e| e.to_string())?;
     let found = files::open(&dir, &me).map_err(|e| e.to_string())?;
     if found.shards != shards {
-        return Err(format!(
-            "{} was written with {} shards and this node runs {shards}: set storage.shards = {} \
-             (re-cutting a data directory to another shard count is not built yet)",
-            dir.display(),
-            found.shards,
+        let started = Instant::now();
+        let keys =
+            recut::recut(&dir, &config.node_id, found.shards, shards, &make).map_err(|e| {
+                format!(
+                    "re-cutting {} from {} to {shards} shards: {e}",
+                    dir.display(),
+                    found.shards
+                )
+            })?;
+        let ms = started.elapsed().as_millis() as u64;
+        tracing::info!(
+            dir = %dir.display(),
+            "re-cut data dir from {} to {shards} shards: {keys} keys, {ms} ms",
             found.shards
-        ));
+        );
     }
-    let down_since_us = last_written_us(&dir, shards);
+    let down_since_us = files::last_written(&dir, shards)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_micros() as u64);
     let started = Instant::now();
     let bits = shards.trailing_zeros();
     let recovered: Vec<Result<(Shard, Recovered), String>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..shards)
             .map(|i| {
                 let (dir, make) = (&dir, &make);
-                s.spawn(move || recover_shard(&files::shard_dir(dir, i), make(i), i, bits))
+                s.spawn(move || {
+                    let mut one = [make(i)];
+                    let from = shard_buckets(i, bits);
+                    let rec = recover_into(&files::shard_dir(dir, i), &mut one, from)
+                        .map_err(|e| e.to_string())?;
+                    let [shard] = one;
+                    Ok((shard, rec))
+                })
             })
             .collect();
         handles
@@ -266,47 +285,4 @@ pub fn open(
         writer: Mutex::new(Some(handle)),
     };
     Ok((out, disk))
-}
-
-/// The newest modification time of the shards' files, in µs since the epoch.
-fn last_written_us(dir: &std::path::Path, shards: usize) -> Option<u64> {
-    (0..shards)
-        .filter_map(|i| std::fs::read_dir(files::shard_dir(dir, i)).ok())
-        .flatten()
-        .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
-        .filter_map(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_micros() as u64)
-        .max()
-}
-
-/// Recover shard `index` of `1 << bits` from its directory.
-fn recover_shard(
-    dir: &std::path::Path,
-    shard: Shard,
-    index: usize,
-    bits: u32,
-) -> Result<(Shard, Recovered), String> {
-    let buckets = shard_buckets(index, bits);
-    let mut one = [shard];
-    let rec = recover(dir, |loaded| match loaded {
-        Loaded::Snapshot(s) => {
-            let (hlc, origin) = s.header.flushed;
-            one[0].restore_flush(Version { hlc, origin });
-            let mut read = 0;
-            for c in 0..s.chunks.len() {
-                read += restore_entries(&mut one, buckets.clone(), s.chunk(c))?;
-            }
-            if read != s.entries {
-                return Err(format!(
-                    "holds {read} entries, its end record says {}",
-                    s.entries
-                ));
-            }
-            Ok(())
-        }
-        Loaded::Entries(e) => restore_entries(&mut one, buckets.clone(), e).map(|_| ()),
-    })
-    .map_err(|e| e.to_string())?;
-    let [shard] = one;
-    Ok((shard, rec))
 }

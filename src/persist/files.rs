@@ -16,7 +16,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-const NODE_FILE: &str = "NODE";
+pub const NODE_FILE: &str = "NODE";
 const FORMAT_LINE: &str = "merkle-kv data 1";
 
 /// A failed disk operation, with the file it concerned.
@@ -131,6 +131,16 @@ pub fn sync_dir(dir: &Path) -> Result<(), PersistError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_at(dir))
+}
+
+/// When the files of the `shards` shard directories under `dir` were last modified:
+/// when the node last wrote, that is when it went down. `None` without files.
+pub fn last_written(dir: &Path, shards: usize) -> Option<std::time::SystemTime> {
+    (0..shards)
+        .filter_map(|i| std::fs::read_dir(shard_dir(dir, i)).ok())
+        .flatten()
+        .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
+        .max()
 }
 
 pub fn shard_dir(dir: &Path, shard: usize) -> PathBuf {

@@ -5,5 +5,6 @@ pub mod apply;
 pub mod files;
 pub mod record;
 pub mod recover;
+pub mod recut;
 pub mod snapshot;
 pub mod writer;

@@ -1,5 +1,6 @@
 //! Recovery of one shard directory: pick the newest snapshot that reads back whole (an
-//! older one when it does not), then replay the log segments from the snapshot on.
+//! older one when it does not), then replay the log segments from the snapshot on — into
+//! its shard, or into all the shards of a directory re-cut to another shard count.
 //!
 //! Damage is handled by where it is. A torn or corrupt tail of the newest segment is what
 //! a crash in the middle of a write leaves: the segment is cut back to its last whole
@@ -8,10 +9,13 @@
 //! after it cannot be trusted to complete the state: recovery stops with an error naming
 //! the file and the byte, and the node does not start on silently wrong data.
 
+use crate::persist::apply::restore_entries;
 use crate::persist::files::{io_at, list, PersistError};
 use crate::persist::record::{self, RECORD_ENTRIES};
 use crate::persist::snapshot::{self, Snapshot};
 use crate::persist::writer::ShardStart;
+use crate::store::shard::Shard;
+use crate::store::version::Version;
 use std::path::{Path, PathBuf};
 
 /// Most bytes checksummed while looking for good records behind damage in the newest
@@ -94,6 +98,37 @@ pub fn recover(
         snapshot: chosen,
     });
     Ok(out)
+}
+
+/// Recover `dir`, the directory of the shard that owned the (global) buckets `from`,
+/// into `shards`: that one shard, or every shard of the node when the directory was
+/// written with another shard count (each key goes to the shard that owns it now; the
+/// snapshot's flush marker, node-wide, to all).
+pub fn recover_into(
+    dir: &Path,
+    shards: &mut [Shard],
+    from: std::ops::Range<usize>,
+) -> Result<Recovered, RecoveryError> {
+    recover(dir, |loaded| match loaded {
+        Loaded::Snapshot(s) => {
+            let (hlc, origin) = s.header.flushed;
+            for shard in shards.iter_mut() {
+                shard.restore_flush(Version { hlc, origin });
+            }
+            let mut read = 0;
+            for c in 0..s.chunks.len() {
+                read += restore_entries(shards, from.clone(), s.chunk(c))?;
+            }
+            if read != s.entries {
+                return Err(format!(
+                    "holds {read} entries, its end record says {}",
+                    s.entries
+                ));
+            }
+            Ok(())
+        }
+        Loaded::Entries(e) => restore_entries(shards, from.clone(), e).map(|_| ()),
+    })
 }
 
 /// Load the newest snapshot that reads back whole; move the others that do not aside

@@ -742,6 +742,14 @@ impl Shard {
     }
 }
 
+/// A shard dropped gives its bytes back: the node's budget counts the shards alive (a
+/// data directory re-cut at start fills shards it then drops before the node loads).
+impl Drop for Shard {
+    fn drop(&mut self) {
+        self.budget.shrink(self.bytes_used);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1099,6 +1107,17 @@ mod tests {
         b.flush(hlc, false);
         a.flush(hlc, false);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_dropped_shard_gives_its_bytes_back_to_the_budget() {
+        let budget = MemoryBudget::new(1000);
+        let mut a = Shard::new(0, 0, budget.clone(), 1 << 20);
+        a.set(h(b"k"), b"k", &[b'x'; 800]).unwrap();
+        drop(a);
+        assert_eq!(budget.used(), 0);
+        let mut b = Shard::new(0, 0, budget.clone(), 1 << 20);
+        b.set(h(b"k"), b"k", &[b'x'; 800]).unwrap();
     }
 
     /// A key owned by `shard` of a 2-shard node.
