@@ -182,6 +182,25 @@ pub fn write(
     let name = timestamp(now);
     let partial = backup_dir.join(format!(".{name}{PARTIAL}"));
     std::fs::create_dir(&partial).map_err(io_at(&partial))?;
+    let manifest = match copy_frozen(frozen, &partial, name) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&partial);
+            return Err(e);
+        }
+    };
+    let done = backup_dir.join(&manifest.created);
+    std::fs::rename(&partial, &done).map_err(io_at(&done))?;
+    sync_dir(backup_dir)?;
+    Ok(done)
+}
+
+/// Copy `frozen` into `partial` and write the `MANIFEST` last, everything synced.
+fn copy_frozen(
+    frozen: Vec<FrozenFile>,
+    partial: &Path,
+    created: String,
+) -> Result<Manifest, BackupError> {
     let mut files = Vec::with_capacity(frozen.len());
     for f in frozen {
         let to = partial.join(&f.name);
@@ -198,16 +217,10 @@ pub fn write(
             blake3,
         });
     }
-    sync_dirs(&partial, &files)?;
-    let manifest = Manifest {
-        created: name.clone(),
-        files,
-    };
-    write_synced(&partial, MANIFEST, manifest.render().as_bytes())?;
-    let done = backup_dir.join(&name);
-    std::fs::rename(&partial, &done).map_err(io_at(&done))?;
-    sync_dir(backup_dir)?;
-    Ok(done)
+    sync_dirs(partial, &files)?;
+    let manifest = Manifest { created, files };
+    write_synced(partial, MANIFEST, manifest.render().as_bytes())?;
+    Ok(manifest)
 }
 
 /// Remove the oldest complete backups in `backup_dir` beyond the newest `retain`;
