@@ -358,8 +358,21 @@ fn copy_checked(from: &Path, manifest: &Manifest, stage: &Path) -> Result<u64, B
     for f in &manifest.files {
         let path = from.join(&f.name);
         let file = File::open(&path).map_err(io_at(&path))?;
+        let to = stage.join(&f.name);
+        let taken = file
+            .metadata()
+            .and_then(|m| m.modified())
+            .map_err(io_at(&path))?;
         // One byte past the listed size tells a longer file from an exact one.
-        let (len, blake3) = copy(file.take(f.len + 1), &path, &stage.join(&f.name))?;
+        let (len, blake3) = copy(file.take(f.len + 1), &path, &to)?;
+        // A node reads when it went down from its files' times (the rejoin rule after
+        // a downtime past the tombstone grace): a restored backup was last written when
+        // it was taken, not now.
+        File::options()
+            .write(true)
+            .open(&to)
+            .and_then(|f| f.set_modified(taken))
+            .map_err(io_at(&to))?;
         let why = if len != f.len {
             format!("{len} bytes, the MANIFEST says {}", f.len)
         } else if blake3 != f.blake3 {
@@ -654,6 +667,26 @@ mod tests {
         let node = std::fs::metadata(data.join(NODE_FILE)).unwrap().len();
         assert_eq!((r.files, r.bytes, r.identity), (4, 6000 + node, me("n1")));
         assert_eq!(tree(&restored), tree(&data));
+        let name = "shard-0/log-0000000000000001.wal";
+        let modified = |dir: &Path| {
+            std::fs::metadata(dir.join(name))
+                .unwrap()
+                .modified()
+                .unwrap()
+        };
+        std::fs::File::options()
+            .write(true)
+            .open(backup.join(name))
+            .unwrap()
+            .set_modified(at(7))
+            .unwrap();
+        std::fs::remove_dir_all(&restored).unwrap();
+        restore(&backup, &restored, &backups, &me("n1")).unwrap();
+        assert_eq!(
+            modified(&restored),
+            at(7),
+            "the time it was written, not restored"
+        );
         // Nothing of the staging copy is left beside it.
         let mut left: Vec<_> = std::fs::read_dir(&root)
             .unwrap()
