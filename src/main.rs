@@ -1,5 +1,5 @@
 //! The `merkle-kv` binary: parse flags, load and validate the configuration, set up
-//! logging, run the node.
+//! logging, run the node (or `watch`, `broker`, `restore`).
 
 #![deny(unsafe_code)]
 
