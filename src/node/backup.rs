@@ -31,7 +31,7 @@ pub async fn reply(shared: &Arc<Shared>) -> String {
 }
 
 /// Take a backup into `backup_dir` and prune the old ones; its path.
-pub async fn take(shared: &Arc<Shared>) -> Result<PathBuf, String> {
+async fn take(shared: &Arc<Shared>) -> Result<PathBuf, String> {
     let Some(disk) = shared.disk.clone() else {
         return Err("BACKUP needs persistence ([storage] persistence_enabled = true)".into());
     };

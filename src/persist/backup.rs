@@ -36,18 +36,18 @@ pub struct FrozenFile {
 
 /// A file as the manifest lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Listed {
-    pub name: String,
-    pub len: u64,
-    pub blake3: blake3::Hash,
+struct Listed {
+    name: String,
+    len: u64,
+    blake3: blake3::Hash,
 }
 
 /// A backup's `MANIFEST`: when it was taken, and every file it holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Manifest {
+struct Manifest {
     /// The backup's directory name: its UTC time.
-    pub created: String,
-    pub files: Vec<Listed>,
+    created: String,
+    files: Vec<Listed>,
 }
 
 impl Manifest {
@@ -481,7 +481,7 @@ fn staging_dir(data_dir: &Path) -> PathBuf {
 }
 
 /// `now` in UTC to the microsecond, `YYYYMMDDTHHMMSS.ffffffZ`: sorts by age as text.
-pub fn timestamp(now: SystemTime) -> String {
+fn timestamp(now: SystemTime) -> String {
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (y, m, d) = civil_from_days((secs / 86_400) as i64);
