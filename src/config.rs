@@ -94,7 +94,12 @@ pub struct StorageConfig {
     pub fsync: Fsync,
     /// A shard's log this large (MiB) since its last snapshot starts a new snapshot.
     pub snapshot_log_mb: u64,
+    /// Hours between backups; 0 = none but those the `BACKUP` command asks for.
     pub backup_interval_hours: u64,
+    /// Where backups go; `None`: `<data_dir>/backups`.
+    pub backup_dir: Option<String>,
+    /// Complete backups kept in `backup_dir`; older ones are removed after each backup.
+    pub backup_retain: usize,
     pub tombstone_grace_seconds: u64,
     /// Pin each shard thread to its own core (when there are enough cores).
     pub pin_threads: bool,
@@ -274,7 +279,10 @@ static SCHEMA: &[Field] = &[
     f!("storage", "data_dir", Kind::OptStr, |c, v| c.storage.data_dir = opt_text(v)),
     f!("storage", "fsync", Kind::Choice(FSYNCS), |c, v| c.storage.fsync = match text(v).as_str() { "always" => Fsync::Always, "no" => Fsync::No, _ => Fsync::EverySec }),
     f!("storage", "snapshot_log_mb", range(1, 1 << 20), |c, v| c.storage.snapshot_log_mb = int(&v)),
-    f!("storage", "backup_interval_hours", ANY, |c, v| c.storage.backup_interval_hours = int(&v)),
+    // At most a year: a larger interval is a typo, and a year of hours fits any timer.
+    f!("storage", "backup_interval_hours", range(0, 8_760), |c, v| c.storage.backup_interval_hours = int(&v)),
+    f!("storage", "backup_dir", Kind::OptStr, |c, v| c.storage.backup_dir = opt_text(v)),
+    f!("storage", "backup_retain", range(1, 10_000), |c, v| c.storage.backup_retain = size(&v)),
     f!("storage", "tombstone_grace_seconds", range(60, i64::MAX as u64), |c, v| c.storage.tombstone_grace_seconds = int(&v)),
     f!("storage", "pin_threads", Kind::Bool, |c, v| c.storage.pin_threads = v.as_bool() == Some(true)),
     f!("logging", "level", Kind::Choice(LEVELS), |c, v| c.logging.level = text(v)),
@@ -407,6 +415,8 @@ impl Config {
                 fsync: Fsync::EverySec,
                 snapshot_log_mb: 256,
                 backup_interval_hours: 24,
+                backup_dir: None,
+                backup_retain: 7,
                 tombstone_grace_seconds: 86_400,
                 pin_threads: true,
             },
@@ -533,6 +543,14 @@ impl Config {
         }
     }
 
+    /// Where this node's backups go: `storage.backup_dir`, or `<data_dir>/backups`.
+    pub fn backup_dir(&self) -> std::path::PathBuf {
+        match &self.storage.backup_dir {
+            Some(dir) => dir.into(),
+            None => self.data_dir().join("backups"),
+        }
+    }
+
     /// Number of shards to run: never 0, always a power of two.
     pub fn shard_count(&self) -> usize {
         // Re-derived rather than trusted, in case the struct was built by hand.
@@ -624,6 +642,18 @@ impl Config {
             if let Err(why) = host_port(peer) {
                 problems.push(format!(
                     "anti_entropy.peer_list[{i}]: {why}, found {peer:?} (expected host:port)"
+                ));
+            }
+        }
+
+        if let Some(dir) = &self.storage.backup_dir {
+            // Backups in the data directory's own top level would sit among its files:
+            // a restore needs that directory empty.
+            if dir.trim().is_empty() || Path::new(dir) == self.data_dir() {
+                problems.push(format!(
+                    "storage.backup_dir: must name a directory other than storage.data_dir \
+                     ({}), found {dir:?}",
+                    self.data_dir().display()
                 ));
             }
         }
@@ -962,6 +992,10 @@ anti_entropy.peer_list = ["h:99999"] => anti_entropy.peer_list[0]: port must be 
 anti_entropy.peer_list = [1] => anti_entropy.peer_list: expected a list of strings, found [1]
 storage.shards = 3 => storage.shards: expected 0 (auto) or a power of two
 storage.shards = 512 => storage.shards: expected an integer from 0 to 256
+storage.backup_interval_hours = 8761 => storage.backup_interval_hours: expected an integer from 0 to 8760
+storage.backup_retain = 0 => storage.backup_retain: expected an integer from 1 to 10000
+storage.backup_dir = " " => storage.backup_dir: must name a directory other than storage.data_dir
+storage = { data_dir = "d", backup_dir = "d" } => storage.backup_dir: must name a directory other than storage.data_dir (d)
 logging.level = "verbose" => logging.level: expected one of trace, debug, info, warn, error, found "verbose"
 logging.format = "xml" => logging.format: expected one of text, json
 "#;
@@ -985,7 +1019,8 @@ logging.format = "xml" => logging.format: expected one of text, json
         // The valid edges of the same ranges pass.
         let ok = "node_id = \"n\"\nmqtt = { broker_address = \"mqtts://[::1]:8883\", keep_alive = 65535 }\n\
                   network = { bind_address = \"::\", max_line_bytes = 1024 }\n\
-                  storage.shards = 256\nlogging.level = \"WARN\"\n";
+                  storage = { shards = 256, backup_interval_hours = 8760, backup_retain = 10000 }\n\
+                  logging.level = \"WARN\"\n";
         let cfg = parse_env(ok, &[]).unwrap();
         assert_eq!(
             (cfg.logging.level.as_str(), cfg.shard_count()),
@@ -1061,6 +1096,8 @@ logging.format = "xml" => logging.format: expected one of text, json
             ),
             ("MERKLE_KV_LOGGING_LEVEL", "DEBUG"),
             ("MERKLE_KV_STORAGE_PERSISTENCE_ENABLED", "yes"),
+            ("MERKLE_KV_STORAGE_BACKUP_DIR", "/srv/backups"),
+            ("MERKLE_KV_STORAGE_BACKUP_RETAIN", "3"),
         ];
         let cfg = Config::load(None, &env_of(&env), 4).unwrap();
         assert_eq!(cfg.node_id, "8080");
@@ -1075,6 +1112,13 @@ logging.format = "xml" => logging.format: expected one of text, json
             ["127.0.0.1:7879", "127.0.0.1:7880"]
         );
         assert_eq!(cfg.logging.level, "debug");
+        assert_eq!(
+            (cfg.backup_dir(), cfg.storage.backup_retain),
+            ("/srv/backups".into(), 3)
+        );
+        // Unset, backups go under the data directory.
+        let cfg = Config::load(None, &env_of(&[("MERKLE_KV_NODE_ID", "n")]), 4).unwrap();
+        assert_eq!(cfg.backup_dir(), std::path::Path::new("data/n/backups"));
 
         let list = [("MERKLE_KV_ANTI_ENTROPY_PEER_LIST", r#"["a:1", "b:2"]"#)];
         let cfg = Config::load(None, &env_of(&list), 4).unwrap();

@@ -1,5 +1,5 @@
 //! The `merkle-kv` binary: parse flags, load and validate the configuration, set up
-//! logging, run the node.
+//! logging, run the node (or `watch`, `broker`, `restore`).
 
 #![deny(unsafe_code)]
 
@@ -43,6 +43,14 @@ enum Sub {
         #[arg(long, default_value = "127.0.0.1:1883")]
         listen: std::net::SocketAddr,
     },
+    /// Check a backup against its MANIFEST and install it as the configuration's
+    /// data_dir, which must be empty or absent (docs/PERSISTENCE.md, "Backups and
+    /// restore"). Then start the node as usual.
+    Restore {
+        /// The backup: a directory under backup_dir, named by its UTC time.
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -83,12 +91,48 @@ fn main() -> ExitCode {
                 .map_err(|e| e.to_string())
         }
         Some(Sub::Broker { listen }) => run_broker(&config, listen),
+        Some(Sub::Restore { from }) => return restore(&config, &from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("merkle-kv: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `merkle-kv restore --from DIR`: the backup installed as this node's data_dir, or why
+/// not (nothing installed then).
+fn restore(config: &Config, from: &std::path::Path) -> ExitCode {
+    let want = merkle_kv::persist::files::Identity {
+        node_id: config.node_id.clone(),
+        shards: config.shard_count(),
+    };
+    let data_dir = config.data_dir();
+    match merkle_kv::persist::backup::restore(from, &data_dir, &config.backup_dir(), &want) {
+        Ok(r) => {
+            println!(
+                "restored {} (taken {}, node {:?}, {} shards): {} files, {} bytes, into {}",
+                from.display(),
+                r.created,
+                r.identity.node_id,
+                r.identity.shards,
+                r.files,
+                r.bytes,
+                data_dir.display()
+            );
+            if !config.storage.persistence_enabled {
+                eprintln!(
+                    "merkle-kv: note: this configuration has [storage] persistence_enabled = \
+                     false: the node will not read what was restored"
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("merkle-kv restore: {e}");
             ExitCode::from(1)
         }
     }

@@ -1,7 +1,7 @@
 //! One client connection: the socket side of a [`Session`]. It reads, lets the session
 //! plan, runs the ops on the shards, writes the replies, and does what the session leaves
-//! to it: read a `SYNC.MSG` body within its time bound, serve it, run a `SYNC`, stop the
-//! node, close.
+//! to it: read a `SYNC.MSG` body within its time bound, serve it, run a `SYNC` or a
+//! `BACKUP`, stop the node, close.
 //!
 //! Runs as a task on a shard thread: ops for that thread's shard execute inline, ops for
 //! other shards go out as one message per shard per segment. All complete lines of one
@@ -159,6 +159,11 @@ impl Connection {
                 Next::Sync { line, peer } => {
                     inbuf.advance(line);
                     let reply = run_sync(&self.shared, peer).await;
+                    crate::node::ops::line(&mut self.out, &reply);
+                }
+                Next::Backup { line } => {
+                    inbuf.advance(line);
+                    let reply = crate::node::backup::reply(&self.shared).await;
                     crate::node::ops::line(&mut self.out, &reply);
                 }
             }

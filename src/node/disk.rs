@@ -4,6 +4,7 @@
 //! after each batch of work.
 
 use crate::config::{Config, Fsync};
+use crate::persist::backup::FrozenFile;
 use crate::persist::files::{self, Identity};
 use crate::persist::recover::{recover_into, Recovered};
 use crate::persist::recut;
@@ -31,6 +32,8 @@ pub struct Disk {
     /// already awake, so a burst of writes costs one wake-up.
     kick: Vec<tokio::sync::Notify>,
     kicked: Vec<AtomicBool>,
+    /// Whether a backup is being taken (one at a time: node/backup.rs).
+    pub backing_up: AtomicBool,
     /// When the data directory was last written before this start (µs since the epoch):
     /// when the node went down. `None` for a new directory.
     pub down_since_us: Option<u64>,
@@ -150,6 +153,19 @@ impl Disk {
         }
         let root = shard.borrow_mut().root();
         let _ = self.tx.send(ToDisk::SnapshotEnd { shard: index, root });
+    }
+
+    /// What a backup of this moment copies (persist::writer's `freeze`), once the writer
+    /// has written and synced everything handed over before. Blocks until the writer
+    /// answers: call it off the shard threads.
+    pub fn freeze(&self) -> Result<Vec<FrozenFile>, String> {
+        let gone = || "the disk writer has stopped".to_string();
+        let (reply, frozen) = mpsc::channel();
+        self.tx.send(ToDisk::Backup(reply)).map_err(|_| gone())?;
+        frozen
+            .recv()
+            .map_err(|_| gone())?
+            .map_err(|e| e.to_string())
     }
 
     /// Whether the disk is failing: writes are refused until it recovers.
@@ -280,6 +296,7 @@ pub fn open(
         snapshotting: (0..shards).map(|_| AtomicBool::new(false)).collect(),
         kick: (0..shards).map(|_| tokio::sync::Notify::new()).collect(),
         kicked: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+        backing_up: AtomicBool::new(false),
         down_since_us,
         snapshot_after: config.storage.snapshot_log_mb.saturating_mul(1 << 20),
         writer: Mutex::new(Some(handle)),

@@ -183,6 +183,8 @@ pub enum Special {
     SyncMsg(u32),
     /// `SYNC host:port`: the peer's address, in this segment's data.
     Sync(Span),
+    /// `BACKUP`: copy the data directory into a new backup.
+    Backup,
 }
 
 impl Batch {
@@ -228,6 +230,7 @@ impl Batch {
                     let special = match parsed {
                         Some(Ok(Command::SyncMsg(len))) => Some(Special::SyncMsg(len)),
                         Some(Ok(Command::Sync(peer))) => Some(Special::Sync(Span::of(input, peer))),
+                        Some(Ok(Command::Backup)) => Some(Special::Backup),
                         _ => None,
                     };
                     if special.is_some() {
@@ -483,7 +486,7 @@ impl Batch {
                     Reply::Static(b"OK\r\n")
                 }
                 // `fill` takes these out before planning; never planned as ops.
-                Command::SyncMsg(_) | Command::Sync(_) => {
+                Command::SyncMsg(_) | Command::Sync(_) | Command::Backup => {
                     Reply::Error(ProtocolError::InvalidCommand)
                 }
             },

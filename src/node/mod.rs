@@ -2,6 +2,7 @@
 //! commands to shards, INFO, readiness. The top of the tree: it may use every other
 //! folder.
 
+pub mod backup;
 pub mod bootstrap;
 pub mod connection;
 pub mod disk;

@@ -194,10 +194,11 @@ fn start_replication(
     )?)
 }
 
-/// The node's own tasks beside the connections: the bootstrap, and periodic
-/// anti-entropy when it is enabled.
+/// The node's own tasks beside the connections: the bootstrap, periodic backups (when
+/// persisting), and periodic anti-entropy when it is enabled.
 fn start_background(shared: &Arc<Shared>) {
     tokio::spawn(crate::node::bootstrap::run(shared.clone()));
+    tokio::spawn(crate::node::backup::run_periodic(shared.clone()));
     if shared.config.anti_entropy.enabled {
         let peers = shared.peers.clone();
         tokio::spawn(crate::antientropy::periodic::run_periodic(

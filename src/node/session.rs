@@ -1,6 +1,6 @@
 //! One client's conversation, without I/O: received bytes in; segments of ops to run,
 //! replies, and the few things only the driver can do (read a `SYNC.MSG` body, run a
-//! `SYNC`, stop the node, close) out.
+//! `SYNC` or a `BACKUP`, stop the node, close) out.
 //!
 //! Two drivers run it: a real connection (node/connection.rs) over a socket and shard
 //! threads, and [`answer_all`] over in-memory shards for tests, benches and fuzzing.
@@ -21,6 +21,8 @@ pub const SYNC_BODIES_BYTES_MAX: usize = 256 << 20;
 
 /// The reply to `SYNC` where there is no node to run an exchange from ([`answer_all`]).
 const SYNC_NEEDS_A_NODE: &[u8] = b"ERROR: SYNC needs a running node\r\n";
+/// The reply to `BACKUP` where there is no node, so no disk ([`answer_all`]).
+const BACKUP_NEEDS_A_NODE: &[u8] = b"ERROR: BACKUP needs a running node\r\n";
 
 /// What the driver does next with the received bytes it holds (`input` of
 /// [`Session::next`]); counts are bytes from the start of `input`.
@@ -38,6 +40,9 @@ pub enum Next {
     /// `SYNC <peer>` for an admissible peer, whose line is the first `line` bytes: run
     /// the exchange and reply with its line.
     Sync { line: usize, peer: String },
+    /// `BACKUP`, whose line is the first `line` bytes: take a backup and reply with its
+    /// line.
+    Backup { line: usize },
     /// The first `n` bytes were a command the session has answered itself (a refused
     /// `SYNC`); go on.
     Answered(usize),
@@ -138,6 +143,7 @@ impl Session {
                     }
                 }
             }
+            Some(Special::Backup) => Next::Backup { line: used },
             None if self.batch.is_empty() => Next::Read(used),
             None => Next::Segment(used),
         }
@@ -240,6 +246,10 @@ fn answer_holding(
             Next::Sync { line, .. } => {
                 used += line;
                 out.extend_from_slice(SYNC_NEEDS_A_NODE);
+            }
+            Next::Backup { line } => {
+                used += line;
+                out.extend_from_slice(BACKUP_NEEDS_A_NODE);
             }
             Next::SyncMsg { line, len } => {
                 let admitted = crate::antientropy::client::admit_incoming(None);
@@ -570,6 +580,13 @@ mod tests {
         assert!(lines[4..4 + n].contains(&"get_hits:1"));
         assert!(lines[4..4 + n].contains(&"get_misses:1"));
         assert!(lines[4 + n].starts_with("INFO "));
+    }
+
+    #[test]
+    fn backup_is_a_segment_of_its_own_and_the_commands_around_it_are_answered_in_order() {
+        let mut s = shards(2);
+        let out = run(&mut s, "SET a 1\nBACKUP\nGET a\n");
+        assert_eq!(out, "OK\r\nERROR: BACKUP needs a running node\r\n1\r\n");
     }
 
     #[test]

@@ -90,26 +90,28 @@ impl Identity {
 /// directory, `me` as written now.
 pub fn open(dir: &Path, me: &Identity) -> Result<Identity, PersistError> {
     std::fs::create_dir_all(dir).map_err(io_at(dir))?;
-    let path = dir.join(NODE_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let found = Identity::parse(&text).map_err(|why| PersistError::BadNodeFile {
-                path: path.clone(),
-                why,
-            })?;
-            if found.node_id != me.node_id {
-                return Err(PersistError::ForeignNode {
-                    dir: dir.to_path_buf(),
-                    found: found.node_id,
-                    want: me.node_id.clone(),
-                });
-            }
-            Ok(found)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    match read_node_file(dir)? {
+        Some(found) if found.node_id != me.node_id => Err(PersistError::ForeignNode {
+            dir: dir.to_path_buf(),
+            found: found.node_id,
+            want: me.node_id.clone(),
+        }),
+        Some(found) => Ok(found),
+        None => {
             write_node_file(dir, me)?;
             Ok(me.clone())
         }
+    }
+}
+
+/// The identity `dir`'s `NODE` records; `None` when it has none.
+pub fn read_node_file(dir: &Path) -> Result<Option<Identity>, PersistError> {
+    let path = dir.join(NODE_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Identity::parse(&text)
+            .map(Some)
+            .map_err(|why| PersistError::BadNodeFile { path, why }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io_at(&path)(e)),
     }
 }
@@ -190,6 +192,11 @@ pub fn list(shard_dir: &Path) -> Result<Listing, PersistError> {
     out.snapshots.sort();
     out.leftovers.sort();
     Ok(out)
+}
+
+/// Whether `name` is a log segment's or a snapshot's (the files a backup holds).
+pub fn is_log_or_snapshot(name: &str) -> bool {
+    sequence(name, "log-", ".wal").is_some() || sequence(name, "snap-", ".snap").is_some()
 }
 
 fn sequence(name: &str, prefix: &str, suffix: &str) -> Option<u64> {

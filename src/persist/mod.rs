@@ -2,6 +2,7 @@
 //! them (docs/PERSISTENCE.md). Uses `store` and the shared files only; `node` drives it.
 
 pub mod apply;
+pub mod backup;
 pub mod files;
 pub mod record;
 pub mod recover;

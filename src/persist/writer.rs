@@ -11,8 +11,9 @@
 //! all at once.
 
 use crate::config::Fsync;
+use crate::persist::backup::FrozenFile;
 use crate::persist::files::{
-    io_at, list, segment_name, shard_dir, snapshot_name, sync_dir, PersistError,
+    io_at, list, segment_name, shard_dir, snapshot_name, sync_dir, PersistError, NODE_FILE,
 };
 use crate::persist::record::{self, RECORD_ENTRIES};
 use crate::persist::snapshot::{Header, SnapshotWriter};
@@ -49,6 +50,9 @@ pub enum ToDisk {
     },
     /// The snapshot is complete; `root` is the shard's Merkle root at its end.
     SnapshotEnd { shard: usize, root: [u8; 32] },
+    /// Write and sync what is pending, and reply with what a backup copies
+    /// ([`Writer::freeze`]); then go on.
+    Backup(mpsc::Sender<Result<Vec<FrozenFile>, PersistError>>),
     /// Sync everything, report, and stop.
     Stop(mpsc::Sender<Result<(), String>>),
 }
@@ -118,6 +122,7 @@ pub fn start(dir: &Path, starts: &[ShardStart], fsync: Fsync) -> Result<Started,
             .map_err(io_at(dir))?;
     }
     let mut w = Writer {
+        dir: dir.to_path_buf(),
         segments,
         handles,
         _stop_syncer: stop_syncer,
@@ -146,6 +151,8 @@ pub fn start(dir: &Path, starts: &[ShardStart], fsync: Fsync) -> Result<Started,
 const INBOX_BATCHES_MAX: usize = 1024;
 
 struct Writer {
+    /// The data directory.
+    dir: PathBuf,
     segments: Vec<Segment>,
     /// Framed records not yet written (kept across a failing disk, so nothing handed
     /// over is dropped).
@@ -278,9 +285,61 @@ impl Writer {
                     }
                 }
             }
+            ToDisk::Backup(reply) => {
+                let _ = reply.send(self.freeze());
+            }
             ToDisk::Stop(reply) => return Some(reply),
         }
         None
+    }
+
+    /// Open what a backup of this moment copies, once everything handed over before is
+    /// written and synced: `NODE`, and per shard its newest complete snapshot and every
+    /// segment from it on (every segment before the first snapshot), each with its length
+    /// now. The handles stay readable when a later snapshot removes their files, and the
+    /// lengths leave out whatever is appended later: the copy, made elsewhere while the
+    /// writer goes on, is every shard's log cut at this one point.
+    fn freeze(&mut self) -> Result<Vec<FrozenFile>, PersistError> {
+        self.flush(true);
+        if let Some(shard) = self.pending.iter().position(|p| !p.is_empty()) {
+            return Err(PersistError::Io {
+                path: self.segments[shard].path.clone(),
+                source: std::io::Error::other("the log cannot be written"),
+            });
+        }
+        let mut out = vec![self.frozen(&self.dir.join(NODE_FILE), None)?];
+        for (shard, seg) in self.segments.iter().enumerate() {
+            let from = self.kept[shard];
+            if let Some(n) = from {
+                out.push(self.frozen(&seg.dir.join(snapshot_name(n)), None)?);
+            }
+            let listing = list(&seg.dir)?;
+            let segments = listing
+                .segments
+                .iter()
+                .filter(|(n, _)| from.is_none_or(|f| *n >= f) && *n <= seg.number);
+            for (n, path) in segments {
+                // Only the current segment still grows; the writer knows its whole records.
+                let len = (*n == seg.number).then_some(seg.bytes);
+                out.push(self.frozen(path, len)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// `path` opened for a backup, `len` bytes of it (`None`: all it holds now).
+    fn frozen(&self, path: &Path, len: Option<u64>) -> Result<FrozenFile, PersistError> {
+        let file = File::open(path).map_err(io_at(path))?;
+        let len = match len {
+            Some(len) => len,
+            None => file.metadata().map_err(io_at(path))?.len(),
+        };
+        let name = path.strip_prefix(&self.dir).unwrap_or(path);
+        Ok(FrozenFile {
+            name: name.to_string_lossy().into_owned(),
+            file,
+            len,
+        })
     }
 
     /// Cut the shard's log: what is pending goes to the old segment, which is synced; new
@@ -567,6 +626,62 @@ mod tests {
             (snap.header.seq, snap.chunk(0), snap.root),
             (3, &[0xb][..], [0xb; 32])
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_backup_holds_the_newest_snapshot_and_the_log_after_it_up_to_its_message() {
+        let dir = temp("backup");
+        let me = crate::persist::files::Identity {
+            node_id: "n".into(),
+            shards: 1,
+        };
+        crate::persist::files::open(&dir, &me).unwrap();
+        let (tx, mut durable, handle) = start(&dir, &[FIRST], Fsync::EverySec).unwrap();
+        let batch = |batch: u64| ToDisk::Batch {
+            shard: 0,
+            batch,
+            entries: vec![batch as u8],
+        };
+        let freeze = |tx: &mpsc::SyncSender<ToDisk>| {
+            let (reply, frozen) = mpsc::channel();
+            tx.send(ToDisk::Backup(reply)).unwrap();
+            frozen.recv().unwrap().unwrap()
+        };
+        tx.send(batch(1)).unwrap();
+        // Before any snapshot: NODE and every segment.
+        let names = |f: &[FrozenFile]| f.iter().map(|f| f.name.clone()).collect::<Vec<_>>();
+        let log = |n: u64| format!("shard-0/{}", segment_name(n));
+        assert_eq!(names(&freeze(&tx)), ["NODE".to_string(), log(1)]);
+        tx.send(ToDisk::SnapshotBegin {
+            shard: 0,
+            shards: 1,
+            flushed: (0, 0),
+        })
+        .unwrap();
+        tx.send(ToDisk::SnapshotEnd {
+            shard: 0,
+            root: [0; 32],
+        })
+        .unwrap();
+        tx.send(batch(2)).unwrap();
+        let frozen = freeze(&tx);
+        // Written after the backup froze the log: not in it.
+        tx.send(batch(3)).unwrap();
+        wait_for(&mut durable.shards[0], 3);
+        let snap = format!("shard-0/{}", snapshot_name(2));
+        assert_eq!(names(&frozen), ["NODE".to_string(), snap, log(2)]);
+        let mut copied = Vec::new();
+        let current = frozen.into_iter().next_back().unwrap();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(current.file, current.len),
+            &mut copied,
+        )
+        .unwrap();
+        let bodies: Vec<Vec<u8>> = record::records(&copied).map(<[u8]>::to_vec).collect();
+        assert_eq!(bodies, [vec![RECORD_ENTRIES, 2]]);
+        drop(tx);
+        handle.join().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

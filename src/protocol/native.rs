@@ -133,6 +133,8 @@ pub enum Command<'a> {
     SyncMsg(u32),
     /// `SYNC <host:port>`: run one anti-entropy exchange with that peer now.
     Sync(&'a [u8]),
+    /// Copy the node's data directory into a new backup (docs/PERSISTENCE.md).
+    Backup,
 }
 
 impl Command<'_> {
@@ -162,7 +164,8 @@ impl Command<'_> {
             | Command::Shutdown
             | Command::Quit
             | Command::SyncMsg(_)
-            | Command::Sync(_) => false,
+            | Command::Sync(_)
+            | Command::Backup => false,
         }
     }
 }
@@ -341,6 +344,8 @@ fn server_command<'a>(
             Command::Version
         } else if is("SHUTDOWN") {
             Command::Shutdown
+        } else if is("BACKUP") {
+            Command::Backup
         } else if is("QUIT") {
             Command::Quit
         } else {
@@ -710,6 +715,7 @@ mod tests {
         assert_eq!(ok("ECHO  hi"), C::Echo(b" hi"));
         assert_eq!(ok("hash"), C::Hash);
         assert_eq!(ok("HASH shards"), C::HashShards);
+        assert_eq!(p("BACKUP now"), Err(E::TooManyArguments));
         for (line, cmd) in [
             ("DBSIZE", C::Dbsize),
             ("INFO", C::Info),
@@ -717,6 +723,7 @@ mod tests {
             ("VERSION", C::Version),
             ("FLUSHDB", C::Flushdb),
             ("SHUTDOWN", C::Shutdown),
+            ("backup", C::Backup),
             ("quit", C::Quit),
         ] {
             assert_eq!(ok(line), cmd);
