@@ -160,7 +160,7 @@ struct Writer {
     /// The newest batch in `pending` (or written), per shard.
     pending_seq: Vec<u64>,
     /// Snapshots being written (with the segment they start at), per shard.
-    snapshots: Vec<Option<(u64, SnapshotWriter)>>,
+    snapshots: Vec<Option<(u64, SnapshotWriter, Instant)>>,
     /// The newest complete snapshot per shard: kept, with the segments after it, when
     /// the next one completes, so a damaged newest snapshot has one to fall back to.
     kept: Vec<Option<u64>>,
@@ -270,7 +270,7 @@ impl Writer {
                 entries,
                 count,
             } => {
-                if let Some((_, w)) = &mut self.snapshots[shard] {
+                if let Some((_, w, _)) = &mut self.snapshots[shard] {
                     if let Err(e) = w.entries(&entries, count) {
                         tracing::error!(shard, "snapshot abandoned: {e}");
                         self.snapshots[shard] = None;
@@ -278,9 +278,13 @@ impl Writer {
                 }
             }
             ToDisk::SnapshotEnd { shard, root } => {
-                if let Some((number, w)) = self.snapshots[shard].take() {
+                if let Some((number, w, began)) = self.snapshots[shard].take() {
                     match w.finish(root) {
-                        Ok(path) => self.prune(shard, number, &path),
+                        Ok(path) => {
+                            let ms = began.elapsed().as_millis() as u64;
+                            tracing::info!(shard, path = %path.display(), ms, "snapshot written");
+                            self.prune(shard, number);
+                        }
                         Err(e) => tracing::error!(shard, "snapshot abandoned: {e}"),
                     }
                 }
@@ -350,7 +354,7 @@ impl Writer {
         shards: u32,
         flushed: (u64, u32),
     ) -> Result<(), PersistError> {
-        if let Some((number, _)) = &self.snapshots[shard] {
+        if let Some((number, _, _)) = &self.snapshots[shard] {
             return Err(PersistError::Io {
                 path: self.segments[shard].dir.join(snapshot_name(*number)),
                 source: std::io::Error::other("a snapshot of this shard is being written"),
@@ -376,16 +380,15 @@ impl Writer {
         };
         let writer = SnapshotWriter::create(&next.dir, header)?;
         self.segments[shard] = next;
-        self.snapshots[shard] = Some((header.seq, writer));
+        self.snapshots[shard] = Some((header.seq, writer, Instant::now()));
         Ok(())
     }
 
-    /// A snapshot is complete at `path`: remove what the one before it made redundant —
+    /// Snapshot `number` is complete: remove what the one before it made redundant —
     /// older snapshots, and the segments before the previous snapshot.
-    fn prune(&mut self, shard: usize, number: u64, path: &Path) {
+    fn prune(&mut self, shard: usize, number: u64) {
         let dir = &self.segments[shard].dir;
         let previous = self.kept[shard].replace(number);
-        tracing::info!(shard, path = %path.display(), "snapshot written");
         let Some(previous) = previous else { return };
         let listing = match list(dir) {
             Ok(l) => l,
