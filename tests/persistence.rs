@@ -471,3 +471,83 @@ fn a_data_directory_written_with_another_shard_count_is_re_cut_and_keeps_its_roo
     assert_eq!(layout(&dir), ("shards 4".into(), shards));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Unmounts a test's tmpfs (and removes its mount point) however the test ends.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// SET `key` on a connection of its own: the reply line, or `None` when the connection
+/// closed unanswered (under `fsync = always`, a write the disk failed under).
+fn set_once(port: u16, key: &str, value: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(format!("SET {key} {value}\r\n").as_bytes())
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    line.strip_suffix("\r\n").map(str::to_string)
+}
+
+#[test]
+fn a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_returns() {
+    // A 4 MiB filesystem of the test's own; mounting needs root, as .ci/run runs.
+    let mnt = temp_path("tmpfs");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .expect("run mount");
+    assert!(mounted.success(), "cannot mount a tmpfs (needs root)");
+    let _unmount = Unmount(mnt.clone());
+    // Space to give back once the disk is full.
+    std::fs::write(mnt.join("filler"), vec![0u8; 1 << 20]).unwrap();
+    let config = persistent(&mnt.join("data"), "always") + "\nstorage.snapshot_log_mb = 1024";
+    let mut node = Node::start_with(&config);
+    let value = "v".repeat(1000);
+    let mut acked = Vec::new();
+    let refused = loop {
+        assert!(acked.len() < 10_000, "4 MiB never filled up");
+        let key = format!("full{}", acked.len());
+        match set_once(node.port, &key, &value) {
+            Some(reply) if reply == "OK" => acked.push(key),
+            other => break other,
+        }
+    };
+    // The write the disk failed under is not acknowledged: its connection closes
+    // unanswered, or it is refused.
+    assert!(
+        matches!(
+            refused.as_deref(),
+            None | Some("ERROR: Storage unavailable")
+        ),
+        "{refused:?}"
+    );
+    assert!(acked.len() > 100, "only {} writes fit", acked.len());
+    let mut c = node.client();
+    assert_eq!(c.one("SET more x"), "ERROR: Storage unavailable");
+    assert_eq!(c.one("DEL full0"), "ERROR: Storage unavailable");
+    assert_eq!(c.one("GET full0"), value, "reads keep working");
+    assert!(node.log().contains("storage unavailable, writes refused"));
+
+    std::fs::remove_file(mnt.join("filler")).unwrap();
+    common::eventually(Duration::from_secs(30), "writes accepted again", || {
+        (c.one("SET more x") == "OK").then_some(())
+    });
+    drop(c);
+    node.restart();
+    let mut c = node.client();
+    for key in &acked {
+        assert_eq!(c.one(&format!("GET {key}")), value, "{key}");
+    }
+    assert_eq!(c.one("GET more"), "x");
+}
