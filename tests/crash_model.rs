@@ -238,6 +238,16 @@ fn round(
     batches.swap_remove(last).0
 }
 
+/// A case's directory, removed however the case ends (proptest runs failing cases
+/// again while it shrinks them).
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn check(shard: &mut Shard, model: &Model) -> Result<(), TestCaseError> {
     for k in 0..20 {
         let key = key(k);
@@ -263,18 +273,17 @@ proptest! {
     ) {
         static CASE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("merkle-kv-crash-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = Scratch(std::env::temp_dir().join(format!("merkle-kv-crash-{}-{n}", std::process::id())));
+        let dir = &dir.0;
         let mut shard = new_shard().with_wal();
         let mut model = Model::new();
         let mut start = ShardStart { segment: 1, snapshot: None };
         for (ops, tear) in &rounds {
-            model = round(&dir, &mut shard, model, start, ops, *tear);
-            let (recovered, next) = recover_dir(&shard_dir(&dir, 0));
+            model = round(dir, &mut shard, model, start, ops, *tear);
+            let (recovered, next) = recover_dir(&shard_dir(dir, 0));
             shard = recovered.with_wal();
             start = next;
             check(&mut shard, &model)?;
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
