@@ -208,10 +208,12 @@ fn a_node_down_past_the_grace_period_comes_back_from_disk_without_bringing_delet
     let a = Node::start_with(&persistent(&dirs[0]));
     assert_eq!(a.client().one("SET doomed old-value"), "OK");
     assert_eq!(a.client().one("SET kept 1"), "OK");
+    // B reaches A through a proxy the test cuts; A reaches B directly.
+    let to_a = Proxy::start(a.port);
     let mut b = Node::start_with(&format!(
         "{}\nanti_entropy.enabled = true\nanti_entropy.peer_list = [\"127.0.0.1:{}\"]",
         persistent(&dirs[1]),
-        a.port
+        to_a.port
     ));
     assert_eq!(b.client().one("GET doomed"), "old-value");
     // B stops (its last write to disk is now) and A deletes: B never hears of it.
@@ -223,11 +225,27 @@ fn a_node_down_past_the_grace_period_comes_back_from_disk_without_bringing_delet
         "A purges the tombstone",
         || (a.stat("tombstones") == 0).then_some(()),
     );
-    // B's files are older than the grace by now: it rejoins through A.
-    b.restart();
+    // B's files are older than the grace by now: it rejoins, LOADING until it reaches
+    // a ready peer. Meanwhile it hands its old entries to nobody, not even to a peer
+    // that runs an exchange with it.
+    to_a.cut();
+    b.restart_listening();
+    eventually(Duration::from_secs(20), "B rejoins", || {
+        b.field("INFO", "bootstrap")
+            .starts_with("rejoining")
+            .then_some(())
+    });
+    let line = a.client().one(&format!("SYNC 127.0.0.1:{}", b.port));
+    assert!(
+        line.starts_with("ERROR") && line.contains("rejoining"),
+        "{line}"
+    );
+    assert_eq!(a.client().one("GET doomed"), "(null)", "B handed it back");
+    to_a.restore();
+    b.wait_loaded();
     for _ in 0..2 {
-        for (from, to) in [(&a, &b), (&b, &a)] {
-            let line = from.client().one(&format!("SYNC 127.0.0.1:{}", to.port));
+        for (from, to) in [(&a, b.port), (&b, to_a.port)] {
+            let line = from.client().one(&format!("SYNC 127.0.0.1:{to}"));
             assert!(line.starts_with("OK "), "{line}");
         }
     }

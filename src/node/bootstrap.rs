@@ -139,21 +139,29 @@ pub fn needed(config: &crate::config::Config) -> bool {
 /// A node that recovers its data from disk after being down longer than the tombstone
 /// grace rejoins instead (as after a long isolation): its peers may have purged deletes
 /// of keys it still holds, and the bootstrap exchange would hand those keys back.
-pub async fn run(shared: Arc<Shared>) {
+///
+/// Called before the node serves its first connection: a node that rejoins holds its
+/// old entries back from the start (see [`rejoin`]).
+pub fn run(shared: Arc<Shared>) -> impl std::future::Future<Output = ()> {
     let grace_us = shared.config.storage.tombstone_grace_seconds * 1_000_000;
     let now = crate::store::version::now_us();
     let down_since = shared.disk.as_ref().and_then(|d| d.down_since_us);
-    match down_since.filter(|t| needed(&shared.config) && now.saturating_sub(*t) > grace_us) {
-        Some(since) => {
-            let down = Duration::from_micros(now - since);
-            if !rejoin(&shared, since, down).await {
-                return;
+    let rejoins =
+        down_since.filter(|t| needed(&shared.config) && now.saturating_sub(*t) > grace_us);
+    shared.readiness.set_stale(rejoins.is_some());
+    async move {
+        match rejoins {
+            Some(since) => {
+                let down = Duration::from_micros(now - since);
+                if !rejoin(&shared, since, down).await {
+                    return;
+                }
             }
+            None => catch_up(&shared).await,
         }
-        None => catch_up(&shared).await,
-    }
-    if needed(&shared.config) && !*shared.shutdown.borrow() {
-        watch_isolation(&shared).await;
+        if needed(&shared.config) && !*shared.shutdown.borrow() {
+            watch_isolation(&shared).await;
+        }
     }
 }
 
@@ -348,7 +356,9 @@ fn cut(shared: &Shared, now: u64) -> u64 {
 /// LOADING until this node has caught up with a peer that is itself ready (not loading
 /// or rejoining): only such a peer knows which deletes happened meanwhile. Right before
 /// the first exchange with it, every entry older than `cut` is dropped; the exchange
-/// fetches back what is still live and hands the peer the writes made since.
+/// fetches back what is still live and hands the peer the writes made since. Until then
+/// the node holds those entries back ([`crate::node::shared::Readiness::is_stale`]): it
+/// serves no peer's exchange and runs none of its own, or a peer would take them back.
 ///
 /// While nobody can be reached the node stays LOADING: that is what isolation means.
 /// Once contact is back without a ready peer, it does not wait for ever: with the broker
@@ -366,6 +376,7 @@ async fn rejoin(shared: &Arc<Shared>, cut: u64, silent: Duration) -> bool {
     );
     let progress = format!("rejoining after {} s without contact", silent.as_secs());
     shared.readiness.set(true, progress);
+    shared.readiness.set_stale(true);
     let timeout = Duration::from_secs(shared.config.anti_entropy.bootstrap_timeout_seconds);
     let (mut forgot, mut back_since) = (false, None::<Instant>);
     let mut shutdown = shared.shutdown.subscribe();
@@ -380,6 +391,7 @@ async fn rejoin(shared: &Arc<Shared>, cut: u64, silent: Duration) -> bool {
                         let dropped = forget_older_than(shared, cut).await;
                         tracing::info!(dropped, %peer, "dropped entries older than the last contact; fetching from a ready peer");
                         forgot = true;
+                        shared.readiness.set_stale(false);
                     }
                     if copy_from(shared, &peer).await.is_ok() {
                         tracing::info!(%peer, "rejoined after a long isolation: serving clients");
@@ -398,12 +410,15 @@ async fn rejoin(shared: &Arc<Shared>, cut: u64, silent: Duration) -> bool {
                 connected && loading_peer.is_none() && shared.peers.online_addrs().is_empty();
             if nobody && since.elapsed() >= PRESENCE_SETTLE {
                 tracing::info!("contact is back and no other node is there: serving clients");
+                shared.readiness.set_stale(false);
                 shared
                     .readiness
                     .set(false, "rejoined: no peer to learn from".into());
                 return true;
             }
             if since.elapsed() >= timeout {
+                // Merging without dropping anything, both ways.
+                shared.readiness.set_stale(false);
                 let merged = match &loading_peer {
                     Some(peer) => copy_from(shared, peer).await.is_ok(),
                     None => false,
