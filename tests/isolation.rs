@@ -1,7 +1,7 @@
 //! Long isolation never resurrects deletes (docs/ANTI_ENTROPY.md, "Long isolation"): a
 //! node cut off from every peer and the broker for longer than the tombstone grace goes
 //! back to LOADING, keeps only what it wrote since its last contact, and refetches the
-//! rest from a ready peer.
+//! rest from a ready peer. A node down past the grace comes back from its disk the same way.
 
 mod common;
 use common::{eventually, Broker, BrokerKind, Node};
@@ -191,4 +191,74 @@ fn a_lone_node_whose_broker_was_away_past_the_grace_period_serves_again_when_it_
         .starts_with("rejoined: no peer to learn from"));
     // Nothing was dropped: there was nobody to fetch it back from.
     assert_eq!(a.client().one("GET kept"), "1");
+}
+
+#[test]
+fn a_node_down_past_the_grace_period_comes_back_from_disk_without_bringing_deleted_keys_back() {
+    const GRACE: u64 = 60; // the smallest allowed
+    let dirs = ["a", "b"].map(|n| common::temp_path(&format!("down-{n}")));
+    let persistent = |dir: &std::path::Path| {
+        format!(
+            "mqtt.enabled = false\nstorage.pin_threads = false\nstorage.shards = 4\n\
+             storage.persistence_enabled = true\nstorage.data_dir = {:?}\n\
+             storage.tombstone_grace_seconds = {GRACE}\nanti_entropy.interval_seconds = 5",
+            dir.display().to_string()
+        )
+    };
+    let a = Node::start_with(&persistent(&dirs[0]));
+    assert_eq!(a.client().one("SET doomed old-value"), "OK");
+    assert_eq!(a.client().one("SET kept 1"), "OK");
+    // B reaches A through a proxy the test cuts; A reaches B directly.
+    let to_a = Proxy::start(a.port);
+    let mut b = Node::start_with(&format!(
+        "{}\nanti_entropy.enabled = true\nanti_entropy.peer_list = [\"127.0.0.1:{}\"]",
+        persistent(&dirs[1]),
+        to_a.port
+    ));
+    assert_eq!(b.client().one("GET doomed"), "old-value");
+    // B stops (its last write to disk is now) and A deletes: B never hears of it.
+    assert_eq!(b.client().one("SHUTDOWN"), "OK");
+    assert!(b.wait_exit(Duration::from_secs(20)).is_some());
+    assert_eq!(a.client().one("DEL doomed"), "DELETED");
+    eventually(
+        Duration::from_secs(GRACE + 60),
+        "A purges the tombstone",
+        || (a.stat("tombstones") == 0).then_some(()),
+    );
+    // B's files are older than the grace by now: it rejoins, LOADING until it reaches
+    // a ready peer. Meanwhile it hands its old entries to nobody, not even to a peer
+    // that runs an exchange with it.
+    to_a.cut();
+    b.restart_listening();
+    eventually(Duration::from_secs(20), "B rejoins", || {
+        b.field("INFO", "bootstrap")
+            .starts_with("rejoining")
+            .then_some(())
+    });
+    let line = a.client().one(&format!("SYNC 127.0.0.1:{}", b.port));
+    assert!(
+        line.starts_with("ERROR") && line.contains("rejoining"),
+        "{line}"
+    );
+    assert_eq!(a.client().one("GET doomed"), "(null)", "B handed it back");
+    to_a.restore();
+    b.wait_loaded();
+    for _ in 0..2 {
+        for (from, to) in [(&a, b.port), (&b, to_a.port)] {
+            let line = from.client().one(&format!("SYNC 127.0.0.1:{to}"));
+            assert!(line.starts_with("OK "), "{line}");
+        }
+    }
+    for n in [&a, &b] {
+        assert_eq!(
+            n.client().one("GET doomed"),
+            "(null)",
+            "a purged delete came back"
+        );
+        assert_eq!(n.client().one("GET kept"), "1");
+    }
+    assert!(b.field("INFO", "bootstrap").starts_with("rejoined via"));
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -25,6 +25,9 @@ pub struct Periodic {
     pub shards: Vec<tokio::sync::mpsc::Sender<ThreadMsg>>,
     /// The peers presence currently announces online.
     pub online: Box<dyn Fn() -> Vec<String> + Send>,
+    /// Whether exchanges are held back now (a rejoining node whose old entries must
+    /// reach no peer): none starts meanwhile.
+    pub paused: Box<dyn Fn() -> bool + Send>,
     pub log: Arc<SyncLog>,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
@@ -160,6 +163,9 @@ impl Rounds {
 
     /// Start the exchanges that are due, as many as there are free slots.
     fn start_due(&mut self) {
+        if (self.node.paused)() {
+            return;
+        }
         let peers = self.peers();
         for peer in self.schedule.due(&peers, self.first_due, Instant::now()) {
             let Ok(permit) = self.slots.clone().try_acquire_owned() else {

@@ -139,14 +139,15 @@ pub fn needed(config: &crate::config::Config) -> bool {
 /// A node that recovers its data from disk after being down longer than the tombstone
 /// grace rejoins instead (as after a long isolation): its peers may have purged deletes
 /// of keys it still holds, and the bootstrap exchange would hand those keys back.
+///
+/// Starts once the shards are recovered from disk; [`must_rejoin`] decided by then
+/// whether the node holds its old entries back (see [`rejoin`]).
 pub async fn run(shared: Arc<Shared>) {
     shared.readiness.recovered().await;
-    let grace_us = shared.config.storage.tombstone_grace_seconds * 1_000_000;
-    let now = crate::store::version::now_us();
-    let down_since = shared.disk.get().and_then(|d| d.down_since_us);
-    match down_since.filter(|t| needed(&shared.config) && now.saturating_sub(*t) > grace_us) {
+    let since = shared.disk.get().and_then(|d| d.down_since_us);
+    match since.filter(|_| shared.readiness.is_stale()) {
         Some(since) => {
-            let down = Duration::from_micros(now - since);
+            let down = Duration::from_micros(crate::store::version::now_us().saturating_sub(since));
             if !rejoin(&shared, since, down).await {
                 return;
             }
@@ -156,6 +157,17 @@ pub async fn run(shared: Arc<Shared>) {
     if needed(&shared.config) && !*shared.shutdown.borrow() {
         watch_isolation(&shared).await;
     }
+}
+
+/// Whether a node that recovered from disk must rejoin rather than bootstrap: it has
+/// peers to learn from and was last written longer than the tombstone grace ago. Then
+/// it is marked stale before anything is served from its recovered shards, so no
+/// exchange sees the entries it holds back.
+pub fn must_rejoin(shared: &Shared) -> bool {
+    let grace_us = shared.config.storage.tombstone_grace_seconds * 1_000_000;
+    let now = crate::store::version::now_us();
+    let down_since = shared.disk.get().and_then(|d| d.down_since_us);
+    down_since.is_some_and(|t| needed(&shared.config) && now.saturating_sub(t) > grace_us)
 }
 
 /// Drive the bootstrap until the node is ready (or stops).
@@ -349,7 +361,9 @@ fn cut(shared: &Shared, now: u64) -> u64 {
 /// LOADING until this node has caught up with a peer that is itself ready (not loading
 /// or rejoining): only such a peer knows which deletes happened meanwhile. Right before
 /// the first exchange with it, every entry older than `cut` is dropped; the exchange
-/// fetches back what is still live and hands the peer the writes made since.
+/// fetches back what is still live and hands the peer the writes made since. Until then
+/// the node holds those entries back ([`crate::node::shared::Readiness::is_stale`]): it
+/// serves no peer's exchange and runs none of its own, or a peer would take them back.
 ///
 /// While nobody can be reached the node stays LOADING: that is what isolation means.
 /// Once contact is back without a ready peer, it does not wait for ever: with the broker
@@ -367,6 +381,7 @@ async fn rejoin(shared: &Arc<Shared>, cut: u64, silent: Duration) -> bool {
     );
     let progress = format!("rejoining after {} s without contact", silent.as_secs());
     shared.readiness.set(true, progress);
+    shared.readiness.set_stale(true);
     let timeout = Duration::from_secs(shared.config.anti_entropy.bootstrap_timeout_seconds);
     let (mut forgot, mut back_since) = (false, None::<Instant>);
     let mut shutdown = shared.shutdown.subscribe();
@@ -381,6 +396,7 @@ async fn rejoin(shared: &Arc<Shared>, cut: u64, silent: Duration) -> bool {
                         let dropped = forget_older_than(shared, cut).await;
                         tracing::info!(dropped, %peer, "dropped entries older than the last contact; fetching from a ready peer");
                         forgot = true;
+                        shared.readiness.set_stale(false);
                     }
                     if copy_from(shared, &peer).await.is_ok() {
                         tracing::info!(%peer, "rejoined after a long isolation: serving clients");
@@ -399,12 +415,15 @@ async fn rejoin(shared: &Arc<Shared>, cut: u64, silent: Duration) -> bool {
                 connected && loading_peer.is_none() && shared.peers.online_addrs().is_empty();
             if nobody && since.elapsed() >= PRESENCE_SETTLE {
                 tracing::info!("contact is back and no other node is there: serving clients");
+                shared.readiness.set_stale(false);
                 shared
                     .readiness
                     .set(false, "rejoined: no peer to learn from".into());
                 return true;
             }
             if since.elapsed() >= timeout {
+                // Merging without dropping anything, both ways.
+                shared.readiness.set_stale(false);
                 let merged = match &loading_peer {
                     Some(peer) => copy_from(shared, peer).await.is_ok(),
                     None => false,

@@ -29,6 +29,10 @@ use tokio::sync::oneshot;
 const OUT_FLUSH_BYTES: usize = 256 * 1024;
 /// Read buffer growth step.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// The answer to an exchange, served or asked for, while this node rejoins and holds
+/// entries it cannot trust (node/bootstrap.rs `rejoin`).
+const REJOINING: &[u8] = b"ERROR: LOADING this node is rejoining after a long absence and \
+    takes part in no exchange until it has dropped the entries it cannot trust\r\n";
 
 /// The shard the serving thread owns, and its index.
 #[derive(Clone)]
@@ -259,6 +263,10 @@ impl Connection {
         let body = inbuf.split_to(len);
         // The shards are not there to answer until they are recovered from disk.
         shared.readiness.recovered().await;
+        if self.shared.readiness.is_stale() {
+            self.out.extend_from_slice(REJOINING);
+            return Ok(());
+        }
         let reply = match crate::antientropy::messages::parse(&body) {
             Ok(request) => Ok(self.serve_sync(request).await?),
             Err(e) => Err(e),
@@ -469,6 +477,9 @@ async fn read_with_timeout(
 
 /// Run one exchange with `peer` on a thread of its own; the `SYNC` reply line.
 pub async fn run_sync(shared: &Arc<Shared>, peer: String) -> String {
+    if shared.readiness.is_stale() {
+        return String::from_utf8_lossy(REJOINING).trim_end().to_string();
+    }
     if let Err(why) = crate::antientropy::client::admit_peer(&peer) {
         return format!("ERROR: {why}");
     }

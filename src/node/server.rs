@@ -200,13 +200,14 @@ fn start_background(shared: &Arc<Shared>) {
     tokio::spawn(crate::node::bootstrap::run(shared.clone()));
     tokio::spawn(crate::node::backup::run_periodic(shared.clone()));
     if shared.config.anti_entropy.enabled {
-        let peers = shared.peers.clone();
+        let (peers, paused) = (shared.peers.clone(), shared.clone());
         tokio::spawn(crate::antientropy::periodic::run_periodic(
             crate::antientropy::periodic::Periodic {
                 config: shared.config.clone(),
                 me: crate::antientropy::client::self_address(shared.local_addr),
                 shards: shared.inboxes.clone(),
                 online: Box::new(move || peers.online_addrs()),
+                paused: Box::new(move || paused.readiness.is_stale()),
                 log: shared.sync_log.clone(),
                 shutdown: shared.shutdown.subscribe(),
             },
@@ -320,6 +321,10 @@ async fn recover(
     let halted = disk.durable.unavailable.clone();
     // Set before any shard is installed: a shard's first change is shipped to it.
     let _ = shared.disk.set(Arc::new(disk));
+    // Before anything is served from the recovered shards (node/bootstrap.rs).
+    shared
+        .readiness
+        .set_stale(crate::node::bootstrap::must_rejoin(&shared));
     let mut installed = Vec::with_capacity(shards);
     for (install, shard) in installs.into_iter().zip(stores) {
         let (ack, done) = oneshot::channel();
@@ -740,6 +745,9 @@ async fn keep_writes_at_shutdown(shared: &Arc<Shared>, repl: Option<&Replication
 /// shards in-process (its client port is closed by now). Returns the peers that took it.
 async fn hand_off(shared: &Arc<Shared>, deadline: Instant) -> Vec<String> {
     let mut handed = Vec::new();
+    if shared.readiness.is_stale() {
+        return handed; // rejoining: its old entries must reach no peer
+    }
     for peer in crate::node::bootstrap::every_known_peer(shared) {
         let (shards, target) = (shared.inboxes.clone(), peer.clone());
         let exchange = tokio::task::spawn_blocking(move || {

@@ -49,6 +49,10 @@ pub struct Readiness {
     loading: AtomicBool,
     progress: Mutex<String>,
     recovering: watch::Sender<bool>,
+    /// Set while this node rejoins and still holds entries older than its cut
+    /// (node/bootstrap.rs): it serves no exchange and runs none but the rejoin's own
+    /// until it has dropped them, so no peer takes back a delete it purged.
+    stale: AtomicBool,
 }
 
 impl Readiness {
@@ -57,7 +61,16 @@ impl Readiness {
             loading: AtomicBool::new(loading || recovering),
             progress: Mutex::new(progress.to_string()),
             recovering: watch::Sender::new(recovering),
+            stale: AtomicBool::new(false),
         }
+    }
+
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Relaxed)
+    }
+
+    pub fn set_stale(&self, stale: bool) {
+        self.stale.store(stale, Relaxed);
     }
 
     pub fn is_loading(&self) -> bool {

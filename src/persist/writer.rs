@@ -279,7 +279,16 @@ impl Writer {
             }
             ToDisk::SnapshotEnd { shard, root } => {
                 if let Some((number, w, began)) = self.snapshots[shard].take() {
-                    match w.finish(root) {
+                    // The snapshot holds the changes of every batch handed over before
+                    // its end: their records go to disk first, or a crash could keep
+                    // those changes and lose earlier ones of other keys.
+                    self.flush(true);
+                    let finished = if self.pending[shard].is_empty() {
+                        w.finish(root).map_err(|e| e.to_string())
+                    } else {
+                        Err("the log cannot be written".to_string())
+                    };
+                    match finished {
                         Ok(path) => {
                             let ms = began.elapsed().as_millis() as u64;
                             tracing::info!(shard, path = %path.display(), ms, "snapshot written");
@@ -568,6 +577,51 @@ mod tests {
         tx.send(ToDisk::Stop(reply)).unwrap();
         assert!(done.recv().unwrap().is_err());
         handle.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_is_not_completed_before_the_log_handed_over_ahead_of_its_end_is_written() {
+        // The snapshot holds the changes of every batch handed over before its end. Were
+        // it completed while their records are not on disk, a crash would keep the later
+        // changes it holds and lose earlier ones of other keys, a state that never was.
+        let dir = temp("snapshot-order");
+        let shard = shard_dir(&dir, 0);
+        std::fs::create_dir_all(&shard).unwrap();
+        // The segment the snapshot starts cannot be written: ENOSPC.
+        std::os::unix::fs::symlink("/dev/full", shard.join(segment_name(2))).unwrap();
+        let (tx, _durable, handle) = start(&dir, &[FIRST], Fsync::EverySec).unwrap();
+        let begin = ToDisk::SnapshotBegin {
+            shard: 0,
+            shards: 1,
+            flushed: (0, 0),
+        };
+        tx.send(begin).unwrap();
+        tx.send(ToDisk::Batch {
+            shard: 0,
+            batch: 1,
+            entries: vec![1],
+        })
+        .unwrap();
+        tx.send(ToDisk::SnapshotEntries {
+            shard: 0,
+            entries: vec![1],
+            count: 1,
+        })
+        .unwrap();
+        tx.send(ToDisk::SnapshotEnd {
+            shard: 0,
+            root: [1; 32],
+        })
+        .unwrap();
+        let (reply, done) = mpsc::channel();
+        tx.send(ToDisk::Stop(reply)).unwrap();
+        assert!(done.recv().unwrap().is_err());
+        handle.join().unwrap();
+        assert!(
+            !shard.join(snapshot_name(2)).exists(),
+            "a snapshot was completed while the log before its end was not written"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

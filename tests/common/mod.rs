@@ -112,8 +112,19 @@ impl Node {
         self.wait_loaded();
     }
 
+    /// As [`Node::restart`], with extra environment variables (`RUST_LOG=info` to read
+    /// what it logs at start).
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        self.restart_listening_with_env(env);
+        self.wait_loaded();
+    }
+
     /// As [`Node::restart`], returning as soon as the port accepts (it may be LOADING).
     pub fn restart_listening(&mut self) {
+        self.restart_listening_with_env(&[]);
+    }
+
+    fn restart_listening_with_env(&mut self, env: &[(&str, &str)]) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let log = std::fs::OpenOptions::new()
@@ -124,6 +135,7 @@ impl Node {
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
