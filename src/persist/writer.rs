@@ -133,7 +133,6 @@ pub fn start(dir: &Path, starts: &[ShardStart], fsync: Fsync) -> Result<Started,
         reported: senders,
         fsync,
         unavailable: unavailable.clone(),
-        last_sync: Instant::now(),
     };
     let handle = std::thread::Builder::new()
         .name("disk".into())
@@ -167,7 +166,6 @@ struct Writer {
     reported: Vec<tokio::sync::watch::Sender<u64>>,
     fsync: Fsync,
     unavailable: Arc<AtomicBool>,
-    last_sync: Instant,
     /// Clones of the segments' files, which the `everysec` syncer syncs.
     handles: Arc<Mutex<Vec<Option<File>>>>,
     /// Dropped with the writer: the syncer then stops.
@@ -219,11 +217,15 @@ impl Writer {
     fn run(&mut self, rx: mpsc::Receiver<ToDisk>) {
         let mut stop = None;
         while stop.is_none() {
-            let wait = SYNC_EVERY.saturating_sub(self.last_sync.elapsed());
-            match rx.recv_timeout(wait) {
+            // Idle, a pass each second retries what a failing disk refused.
+            match rx.recv_timeout(SYNC_EVERY) {
                 Ok(msg) => stop = self.take(msg),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // Every sender is gone without a Stop: still write what was handed.
+                    self.flush(true);
+                    break;
+                }
             }
             // Everything already queued joins this pass: one write and one sync for all.
             while stop.is_none() {
@@ -439,9 +441,6 @@ impl Writer {
                     Err(e) => failed = Some(format!("{}: {e}", seg.path.display())),
                 }
             }
-        }
-        if sync {
-            self.last_sync = Instant::now();
         }
         let was = self.unavailable.swap(failed.is_some(), Relaxed);
         match (&failed, was) {
