@@ -536,6 +536,7 @@ fn a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_returns() {
     let mut c = node.client();
     assert_eq!(c.one("SET more x"), "ERROR: Storage unavailable");
     assert_eq!(c.one("DEL full0"), "ERROR: Storage unavailable");
+    assert_eq!(c.one("FLUSHDB"), "ERROR: Storage unavailable");
     assert_eq!(c.one("GET full0"), value, "reads keep working");
     assert!(node.log().contains("storage unavailable, writes refused"));
 

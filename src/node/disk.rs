@@ -151,7 +151,12 @@ impl Disk {
             }
             tokio::task::yield_now().await;
         }
-        let root = shard.borrow_mut().root();
+        // The slices may hold changes made while the snapshot yielded, not shipped yet:
+        // they go to the log first, and the writer writes the log before it completes
+        // the snapshot, so no crash can keep them without what came before.
+        let mut shard = shard.borrow_mut();
+        self.ship(index, &mut shard);
+        let root = shard.root();
         let _ = self.tx.send(ToDisk::SnapshotEnd { shard: index, root });
     }
 

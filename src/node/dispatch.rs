@@ -14,7 +14,7 @@ use crate::node::ops::{execute, line, OpKind, Outcome, ShardOp, CRLF};
 use crate::protocol::native::{parse, Args, Command, Framer, ProtocolError, Step};
 use crate::store::keyspace::{shard_of_bucket, KeyHash};
 use crate::store::merkle::Digest;
-use crate::store::shard::{Shard, ShardStats};
+use crate::store::shard::{Shard, ShardStats, StoreError};
 use crate::wire::Span;
 
 use crate::VERSION;
@@ -523,14 +523,25 @@ impl Batch {
                 Reply::Fanout(what, first) => self.fanout_reply(what, first, results, info, out),
                 Reply::FlushTick(first) => {
                     let n = 1u32 << self.shard_bits;
-                    let hlc = (first..first + n)
+                    let ticks: Result<Vec<u64>, StoreError> = (first..first + n)
                         .map(|i| match results.outcome(i) {
-                            Outcome::Count(hlc) => hlc,
+                            Outcome::Count(hlc) => Ok(hlc),
+                            Outcome::Failed(e) => Err(e),
                             o => unreachable!("clock op gave {o:?}"),
                         })
-                        .max()
-                        .expect("a node has at least one shard");
-                    self.rest = Some(Rest::Flush { hlc });
+                        .collect();
+                    match ticks {
+                        Ok(ticks) => {
+                            let hlc = ticks.into_iter().max();
+                            let hlc = hlc.expect("a node has at least one shard");
+                            self.rest = Some(Rest::Flush { hlc });
+                        }
+                        Err(e) => {
+                            // No second phase: nothing is flushed.
+                            self.rest = None;
+                            line(out, &e.to_string());
+                        }
+                    }
                 }
             }
         }

@@ -152,6 +152,9 @@ pub fn execute(shard: &mut Shard, op: &ShardOp, data: &[u8], out: &mut Vec<u8>) 
         }
         OpKind::Scan { cursor, count } => scan(shard, cursor, key, count, out),
         OpKind::Dbsize => Outcome::Count(shard.snapshot_stats().keys),
+        // FLUSHDB's first phase: a flush the log cannot take is refused before any
+        // shard drops anything.
+        OpKind::Tick if shard.is_halted() => Outcome::Failed(StoreError::StorageUnavailable),
         OpKind::Tick => Outcome::Count(shard.tick_clock()),
         OpKind::Flush { hlc, publish } => {
             shard.flush(hlc, publish);

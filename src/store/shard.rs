@@ -220,7 +220,8 @@ impl Shard {
         self
     }
 
-    fn is_halted(&self) -> bool {
+    /// Whether writes are refused because the log's disk is failing.
+    pub fn is_halted(&self) -> bool {
         self.halted.as_ref().is_some_and(|h| h.load(Relaxed))
     }
 
@@ -706,6 +707,9 @@ impl Shard {
     /// version, when more than [`CLOCK_SKEW_MAX_US`] ahead. Returns how many entries
     /// were dropped.
     pub fn apply_flush(&mut self, marker: Version, now_us: u64) -> u64 {
+        if self.is_halted() {
+            return 0; // not logged: refused like any remote change, repaired later
+        }
         if marker.hlc > now_us.saturating_add(CLOCK_SKEW_MAX_US) {
             self.stats.rejected_future += 1;
             self.last_future = Some((marker, marker.hlc - now_us));
