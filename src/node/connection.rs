@@ -477,14 +477,15 @@ async fn read_with_timeout(
 
 /// Run one exchange with `peer` on a thread of its own; the `SYNC` reply line.
 pub async fn run_sync(shared: &Arc<Shared>, peer: String) -> String {
-    if shared.readiness.is_stale() {
-        return String::from_utf8_lossy(REJOINING).trim_end().to_string();
-    }
     if let Err(why) = crate::antientropy::client::admit_peer(&peer) {
         return format!("ERROR: {why}");
     }
-    // The shards are not there to exchange until they are recovered from disk.
+    // The shards are not there to exchange until they are recovered from disk, and
+    // whether they may be exchanged (stale) is decided then.
     shared.readiness.recovered().await;
+    if shared.readiness.is_stale() {
+        return String::from_utf8_lossy(REJOINING).trim_end().to_string();
+    }
     let Some(slot) = shared.sync_log.start() else {
         return "ERROR: too many SYNC commands running; try again".into();
     };

@@ -207,7 +207,11 @@ fn start_background(shared: &Arc<Shared>) {
                 me: crate::antientropy::client::self_address(shared.local_addr),
                 shards: shared.inboxes.clone(),
                 online: Box::new(move || peers.online_addrs()),
-                paused: Box::new(move || paused.readiness.is_stale()),
+                // Recovering: the shards are not there yet, and whether the node must
+                // rejoin (stale) is decided when they are.
+                paused: Box::new(move || {
+                    paused.readiness.is_recovering() || paused.readiness.is_stale()
+                }),
                 log: shared.sync_log.clone(),
                 shutdown: shared.shutdown.subscribe(),
             },
@@ -745,8 +749,9 @@ async fn keep_writes_at_shutdown(shared: &Arc<Shared>, repl: Option<&Replication
 /// shards in-process (its client port is closed by now). Returns the peers that took it.
 async fn hand_off(shared: &Arc<Shared>, deadline: Instant) -> Vec<String> {
     let mut handed = Vec::new();
-    if shared.readiness.is_stale() {
-        return handed; // rejoining: its old entries must reach no peer
+    if shared.readiness.is_stale() || shared.readiness.is_recovering() {
+        // Rejoining: its old entries must reach no peer; recovering: nothing to hand.
+        return handed;
     }
     for peer in crate::node::bootstrap::every_known_peer(shared) {
         let (shards, target) = (shared.inboxes.clone(), peer.clone());
