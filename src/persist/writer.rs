@@ -103,6 +103,7 @@ pub fn start(dir: &Path, starts: &[ShardStart], fsync: Fsync) -> Result<Started,
         .map(|_| tokio::sync::watch::channel(0u64))
         .unzip();
     let unavailable = Arc::new(AtomicBool::new(false));
+    let sync_failed = Arc::new(AtomicBool::new(false));
     // Bounded: a disk slower than the writes makes shards wait here, not memory grow.
     let (tx, rx) = mpsc::sync_channel(INBOX_BATCHES_MAX);
     let handles = Arc::new(Mutex::new(
@@ -116,9 +117,10 @@ pub fn start(dir: &Path, starts: &[ShardStart], fsync: Fsync) -> Result<Started,
     let (stop_syncer, syncer_stopped) = mpsc::channel::<()>();
     if fsync == Fsync::EverySec {
         let handles = handles.clone();
+        let failed = [sync_failed.clone(), unavailable.clone()];
         std::thread::Builder::new()
             .name("disk-sync".into())
-            .spawn(move || sync_every_second(&handles, &syncer_stopped))
+            .spawn(move || sync_every_second(&handles, &syncer_stopped, &failed))
             .map_err(io_at(dir))?;
     }
     let mut w = Writer {
@@ -133,6 +135,7 @@ pub fn start(dir: &Path, starts: &[ShardStart], fsync: Fsync) -> Result<Started,
         reported: senders,
         fsync,
         unavailable: unavailable.clone(),
+        sync_failed,
     };
     let handle = std::thread::Builder::new()
         .name("disk".into())
@@ -166,14 +169,23 @@ struct Writer {
     reported: Vec<tokio::sync::watch::Sender<u64>>,
     fsync: Fsync,
     unavailable: Arc<AtomicBool>,
+    /// An fsync failed: the OS may have dropped log pages it had accepted, and a later
+    /// fsync that succeeds would not bring them back ("fsyncgate"). Writes stay refused
+    /// and nothing more is reported durable until a restart recovers from the disk.
+    sync_failed: Arc<AtomicBool>,
     /// Clones of the segments' files, which the `everysec` syncer syncs.
     handles: Arc<Mutex<Vec<Option<File>>>>,
     /// Dropped with the writer: the syncer then stops.
     _stop_syncer: mpsc::Sender<()>,
 }
 
-/// The `everysec` syncer: every second, fdatasync every shard's current segment.
-fn sync_every_second(handles: &Mutex<Vec<Option<File>>>, stopped: &mpsc::Receiver<()>) {
+/// The `everysec` syncer: every second, fdatasync every shard's current segment. A
+/// failure sets both `failed` flags (the writer's `sync_failed` and `unavailable`).
+fn sync_every_second(
+    handles: &Mutex<Vec<Option<File>>>,
+    stopped: &mpsc::Receiver<()>,
+    failed: &[Arc<AtomicBool>; 2],
+) {
     while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(SYNC_EVERY) {
         let files: Vec<File> = match handles.lock() {
             Ok(h) => h
@@ -185,11 +197,19 @@ fn sync_every_second(handles: &Mutex<Vec<Option<File>>>, stopped: &mpsc::Receive
         };
         for f in files {
             if let Err(e) = f.sync_data() {
-                tracing::error!("fsync of a log segment failed: {e}");
+                if !failed[0].swap(true, Relaxed) {
+                    tracing::error!("{}: {e}", SYNC_FAILED);
+                }
+                failed[1].store(true, Relaxed);
             }
         }
     }
 }
+
+/// What a failed fsync means, for the log.
+const SYNC_FAILED: &str = "fsync of a log segment failed: the OS may have dropped log data \
+     it had accepted; writes are refused until the node restarts and recovers from what \
+     is on disk";
 
 impl Segment {
     fn open(dir: &Path, number: u64) -> Result<Segment, PersistError> {
@@ -438,19 +458,28 @@ impl Writer {
             if sync && seg.dirty {
                 match seg.file.sync_data() {
                     Ok(()) => seg.dirty = false,
-                    Err(e) => failed = Some(format!("{}: {e}", seg.path.display())),
+                    Err(e) => {
+                        if !self.sync_failed.swap(true, Relaxed) {
+                            tracing::error!("{}: {}: {e}", SYNC_FAILED, seg.path.display());
+                        }
+                    }
                 }
             }
         }
-        let was = self.unavailable.swap(failed.is_some(), Relaxed);
+        let sync_failed = self.sync_failed.load(Relaxed);
+        let was = self
+            .unavailable
+            .swap(failed.is_some() || sync_failed, Relaxed);
         match (&failed, was) {
             (Some(why), false) => tracing::error!("storage unavailable, writes refused: {why}"),
-            (None, true) => tracing::info!("storage available again, writes accepted"),
+            (None, true) if !sync_failed => {
+                tracing::info!("storage available again, writes accepted")
+            }
             _ => {}
         }
         for (shard, seg) in self.segments.iter().enumerate() {
-            let holds =
-                self.pending[shard].is_empty() && (self.fsync != Fsync::Always || !seg.dirty);
+            let synced = self.fsync != Fsync::Always || (!seg.dirty && !sync_failed);
+            let holds = self.pending[shard].is_empty() && synced;
             if holds {
                 self.reported[shard].send_if_modified(|d| {
                     let moved = *d < self.pending_seq[shard];
@@ -577,6 +606,57 @@ mod tests {
         assert!(done.recv().unwrap().is_err());
         handle.join().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_fsync_refuses_writes_for_good_and_reports_nothing_more_durable() {
+        for fsync in [Fsync::Always, Fsync::EverySec] {
+            let dir = temp(&format!("fsync-{fsync:?}"));
+            let shard = shard_dir(&dir, 0);
+            std::fs::create_dir_all(&shard).unwrap();
+            // A segment that is a pipe: writes go through, fdatasync fails (EINVAL).
+            let fifo = shard.join(segment_name(1));
+            let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+            assert!(made.unwrap().success(), "mkfifo");
+            let reader = {
+                let fifo = fifo.clone();
+                std::thread::spawn(move || {
+                    let mut sink = Vec::new();
+                    std::io::Read::read_to_end(&mut File::open(fifo).unwrap(), &mut sink)
+                })
+            };
+            let (tx, mut durable, handle) = start(&dir, &[FIRST], fsync).unwrap();
+            let batch = |batch: u64| ToDisk::Batch {
+                shard: 0,
+                batch,
+                entries: vec![batch as u8],
+            };
+            tx.send(batch(1)).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !durable.unavailable.load(Relaxed) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{fsync:?}: the failure was never seen"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            // Later writes reach the pipe, and later syncs are not retried into success.
+            tx.send(batch(2)).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(
+                durable.unavailable.load(Relaxed),
+                "{fsync:?}: storage came back"
+            );
+            if fsync == Fsync::Always {
+                assert_eq!(*durable.shards[0].borrow_and_update(), 0);
+            }
+            let (reply, done) = mpsc::channel();
+            tx.send(ToDisk::Stop(reply)).unwrap();
+            assert!(done.recv().unwrap().is_err(), "{fsync:?}");
+            handle.join().unwrap();
+            reader.join().unwrap().unwrap();
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
     }
 
     #[test]
