@@ -9,7 +9,9 @@
 //!
 //! A snapshot is written as `snap-<seq>.snap.tmp`, synced, and renamed: a file with the
 //! final name is whole unless the disk damaged it since, which the record checksums and
-//! the end record (its entry count, its root checked after loading) find. The shard keeps
+//! the end record (its entry count) find. The end record's root is the shard's root when
+//! the snapshot ended, for diagnosis only: it is not checked, as the changes made while
+//! the snapshot was taken are in the log after it, not necessarily in the snapshot. The shard keeps
 //! running while its snapshot is written: replaying the log from `seq` over the snapshot
 //! gives the exact state, because applying an entry is idempotent under last-write-wins.
 
@@ -98,9 +100,24 @@ impl SnapshotWriter {
         Ok(())
     }
 
+    /// Give the snapshot up: its temporary file goes, so failed attempts on a full disk
+    /// do not eat the space that comes back.
+    pub fn abandon(self) {
+        let tmp = self.tmp.clone();
+        drop(self);
+        let _ = std::fs::remove_file(tmp);
+    }
+
     /// End the snapshot with the shard's root, make it durable under its final name, and
-    /// return that name.
-    pub fn finish(mut self, root: [u8; 32]) -> Result<PathBuf, PersistError> {
+    /// return that name. On failure the temporary file is removed.
+    pub fn finish(self, root: [u8; 32]) -> Result<PathBuf, PersistError> {
+        let tmp = self.tmp.clone();
+        self.complete(root).inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+    }
+
+    fn complete(mut self, root: [u8; 32]) -> Result<PathBuf, PersistError> {
         let mut end = Vec::with_capacity(END_BYTES);
         end.push(RECORD_SNAPSHOT_END);
         end.extend_from_slice(&self.entries.to_le_bytes());
@@ -218,6 +235,17 @@ mod tests {
             (s.chunk(0), s.chunk(1)),
             (&b"first chunk"[..], &b"second"[..])
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_abandoned_snapshot_leaves_no_file() {
+        let dir = temp("abandoned");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut w = SnapshotWriter::create(&dir, HEADER).unwrap();
+        w.entries(b"some entries", 1).unwrap();
+        w.abandon();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -295,7 +295,9 @@ impl Writer {
                 if let Some((_, w, _)) = &mut self.snapshots[shard] {
                     if let Err(e) = w.entries(&entries, count) {
                         tracing::error!(shard, "snapshot abandoned: {e}");
-                        self.snapshots[shard] = None;
+                        if let Some((_, w, _)) = self.snapshots[shard].take() {
+                            w.abandon();
+                        }
                     }
                 }
             }
@@ -308,6 +310,7 @@ impl Writer {
                     let finished = if self.pending[shard].is_empty() {
                         w.finish(root).map_err(|e| e.to_string())
                     } else {
+                        w.abandon();
                         Err("the log cannot be written".to_string())
                     };
                     match finished {
@@ -400,16 +403,25 @@ impl Writer {
         }
         let seg = &self.segments[shard];
         let next = Segment::open(&seg.dir, seg.number + 1)?;
-        if let Ok(mut h) = self.handles.lock() {
-            h[shard] = next.file.try_clone().ok();
-        }
         let header = Header {
             shard: shard as u32,
             shards,
             seq: next.number,
             flushed,
         };
-        let writer = SnapshotWriter::create(&next.dir, header)?;
+        let writer = match SnapshotWriter::create(&next.dir, header) {
+            Ok(w) => w,
+            Err(e) => {
+                // The log goes on in the current segment: an empty one after it would
+                // make a later torn tail there look like damage in an older segment.
+                let _ = std::fs::remove_file(&next.path);
+                let _ = sync_dir(&next.dir);
+                return Err(e);
+            }
+        };
+        if let Ok(mut h) = self.handles.lock() {
+            h[shard] = next.file.try_clone().ok();
+        }
         self.segments[shard] = next;
         self.snapshots[shard] = Some((header.seq, writer, Instant::now()));
         Ok(())
@@ -605,6 +617,43 @@ mod tests {
         tx.send(ToDisk::Stop(reply)).unwrap();
         assert!(done.recv().unwrap().is_err());
         handle.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_that_cannot_begin_leaves_the_log_in_its_segment() {
+        let dir = temp("snapshot-cannot-begin");
+        let shard = shard_dir(&dir, 0);
+        std::fs::create_dir_all(&shard).unwrap();
+        // Its temporary file cannot be created where a directory has that name.
+        std::fs::create_dir(shard.join(snapshot_name(2)).with_extension("snap.tmp")).unwrap();
+        let (tx, mut durable, handle) = start(&dir, &[FIRST], Fsync::Always).unwrap();
+        let begin = ToDisk::SnapshotBegin {
+            shard: 0,
+            shards: 1,
+            flushed: (0, 0),
+        };
+        tx.send(begin).unwrap();
+        tx.send(ToDisk::Batch {
+            shard: 0,
+            batch: 1,
+            entries: vec![7],
+        })
+        .unwrap();
+        wait_for(&mut durable.shards[0], 1);
+        let (reply, done) = mpsc::channel();
+        tx.send(ToDisk::Stop(reply)).unwrap();
+        assert_eq!(done.recv().unwrap(), Ok(()));
+        handle.join().unwrap();
+        let listing = list(&shard).unwrap();
+        let numbers: Vec<u64> = listing.segments.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            numbers,
+            [1],
+            "no empty segment after the one the log goes on in"
+        );
+        let bytes = std::fs::read(shard.join(segment_name(1))).unwrap();
+        assert_eq!(record::records(&bytes).count(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
