@@ -85,6 +85,11 @@ impl Disk {
         let entries = shard.take_wal()?;
         let batch = self.handed[index].fetch_add(1, Relaxed) + 1;
         self.logged[index].fetch_add(entries.len() as u64, Relaxed);
+        // A disk slower than the writes slows the writes, in bytes as in batches.
+        while self.over_queue_bound() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.durable.queued_bytes.fetch_add(entries.len(), Relaxed);
         let msg = ToDisk::Batch {
             shard: index,
             batch,
@@ -95,6 +100,16 @@ impl Disk {
             self.durable.unavailable.store(true, Relaxed);
         }
         Some(batch)
+    }
+
+    /// Whether the writer's queue holds more than [`writer::QUEUED_BYTES_MAX`] bytes (and
+    /// the writer is there to take them).
+    fn over_queue_bound(&self) -> bool {
+        self.durable.queued_bytes.load(Relaxed) > writer::QUEUED_BYTES_MAX
+            && self
+                .writer
+                .lock()
+                .is_ok_and(|w| w.as_ref().is_some_and(|h| !h.is_finished()))
     }
 
     /// Whether shard `index` has logged enough since its last snapshot to take another.
@@ -136,7 +151,11 @@ impl Disk {
         let mut from = 0;
         loop {
             let mut entries = Vec::with_capacity(slice + (1 << 16));
+            while self.over_queue_bound() {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
             let (next, count) = shard.borrow().snapshot_entries(from, slice, &mut entries);
+            self.durable.queued_bytes.fetch_add(entries.len(), Relaxed);
             let msg = ToDisk::SnapshotEntries {
                 shard: index,
                 entries,

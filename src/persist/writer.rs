@@ -20,7 +20,7 @@ use crate::persist::snapshot::{Header, SnapshotWriter};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -63,7 +63,14 @@ pub enum ToDisk {
 pub struct Durable {
     pub shards: Vec<tokio::sync::watch::Receiver<u64>>,
     pub unavailable: Arc<AtomicBool>,
+    /// Bytes of entries sent to the writer and not yet taken from its queue: senders
+    /// add, the writer subtracts; senders wait while it is over [`QUEUED_BYTES_MAX`].
+    pub queued_bytes: Arc<AtomicUsize>,
 }
+
+/// Entry bytes the writer's queue may hold before senders wait: its 1,024 messages
+/// could otherwise hold a snapshot's 1 MiB slices or large batches, a GiB and more.
+pub const QUEUED_BYTES_MAX: usize = 64 << 20;
 
 /// One shard's open log segment.
 struct Segment {
@@ -104,6 +111,7 @@ pub fn start(dir: &Path, starts: &[ShardStart], fsync: Fsync) -> Result<Started,
         .unzip();
     let unavailable = Arc::new(AtomicBool::new(false));
     let sync_failed = Arc::new(AtomicBool::new(false));
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
     // Bounded: a disk slower than the writes makes shards wait here, not memory grow.
     let (tx, rx) = mpsc::sync_channel(INBOX_BATCHES_MAX);
     let handles = Arc::new(Mutex::new(
@@ -136,6 +144,7 @@ pub fn start(dir: &Path, starts: &[ShardStart], fsync: Fsync) -> Result<Started,
         fsync,
         unavailable: unavailable.clone(),
         sync_failed,
+        queued_bytes: queued_bytes.clone(),
     };
     let handle = std::thread::Builder::new()
         .name("disk".into())
@@ -144,6 +153,7 @@ pub fn start(dir: &Path, starts: &[ShardStart], fsync: Fsync) -> Result<Started,
     let durable = Durable {
         shards: receivers,
         unavailable,
+        queued_bytes,
     };
     Ok((tx, durable, handle))
 }
@@ -173,6 +183,8 @@ struct Writer {
     /// fsync that succeeds would not bring them back ("fsyncgate"). Writes stay refused
     /// and nothing more is reported durable until a restart recovers from the disk.
     sync_failed: Arc<AtomicBool>,
+    /// See [`Durable::queued_bytes`].
+    queued_bytes: Arc<AtomicUsize>,
     /// Clones of the segments' files, which the `everysec` syncer syncs.
     handles: Arc<Mutex<Vec<Option<File>>>>,
     /// Dropped with the writer: the syncer then stops.
@@ -275,6 +287,7 @@ impl Writer {
                 batch,
                 entries,
             } => {
+                self.taken(entries.len());
                 record::append_kind(&mut self.pending[shard], RECORD_ENTRIES, &entries);
                 self.pending_seq[shard] = batch;
             }
@@ -292,6 +305,7 @@ impl Writer {
                 entries,
                 count,
             } => {
+                self.taken(entries.len());
                 if let Some((_, w, _)) = &mut self.snapshots[shard] {
                     if let Err(e) = w.entries(&entries, count) {
                         tracing::error!(shard, "snapshot abandoned: {e}");
@@ -378,6 +392,13 @@ impl Writer {
             file,
             len,
         })
+    }
+
+    /// `n` entry bytes left the queue.
+    fn taken(&self, n: usize) {
+        let _ = self
+            .queued_bytes
+            .fetch_update(Relaxed, Relaxed, |q| Some(q.saturating_sub(n)));
     }
 
     /// Cut the shard's log: what is pending goes to the old segment, which is synced; new
@@ -616,6 +637,27 @@ mod tests {
         let (reply, done) = mpsc::channel();
         tx.send(ToDisk::Stop(reply)).unwrap();
         assert!(done.recv().unwrap().is_err());
+        handle.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_queued_bytes_senders_count_are_taken_off_as_the_writer_takes_them() {
+        let dir = temp("queued");
+        let (tx, mut durable, handle) = start(&dir, &[FIRST], Fsync::No).unwrap();
+        durable.queued_bytes.fetch_add(3000, Relaxed);
+        for batch in 1..=3 {
+            let entries = vec![batch as u8; 1000];
+            tx.send(ToDisk::Batch {
+                shard: 0,
+                batch,
+                entries,
+            })
+            .unwrap();
+        }
+        wait_for(&mut durable.shards[0], 3);
+        assert_eq!(durable.queued_bytes.load(Relaxed), 0);
+        drop(tx);
         handle.join().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
