@@ -218,6 +218,29 @@ fn sync_every_second(
     }
 }
 
+/// `entries` cut at entry boundaries into parts of at most `max` bytes, so each fits a
+/// record: a batch is a pass's changes, almost always far smaller than one record, but
+/// nothing bounds it below the record limit. Entries that do not decode (never written
+/// by a shard) stay in one part.
+fn record_parts(entries: &[u8], max: usize) -> Vec<&[u8]> {
+    if entries.len() <= max {
+        return vec![entries];
+    }
+    let mut parts = Vec::new();
+    let mut r = crate::wire::Reader::new(entries);
+    // The current part starts at `start`; `last` is where its last whole entry ends.
+    let (mut start, mut last) = (0, 0);
+    while !r.done() && crate::store::journal::decode_entry(&mut r).is_ok() {
+        if r.at() - start > max && last > start {
+            parts.push(&entries[start..last]);
+            start = last;
+        }
+        last = r.at();
+    }
+    parts.push(&entries[start..]);
+    parts
+}
+
 /// What a failed fsync means, for the log.
 const SYNC_FAILED: &str = "fsync of a log segment failed: the OS may have dropped log data \
      it had accepted; writes are refused until the node restarts and recovers from what \
@@ -288,7 +311,9 @@ impl Writer {
                 entries,
             } => {
                 self.taken(entries.len());
-                record::append_kind(&mut self.pending[shard], RECORD_ENTRIES, &entries);
+                for part in record_parts(&entries, record::RECORD_BYTES_MAX - 1) {
+                    record::append_kind(&mut self.pending[shard], RECORD_ENTRIES, part);
+                }
                 self.pending_seq[shard] = batch;
             }
             ToDisk::SnapshotBegin {
@@ -639,6 +664,32 @@ mod tests {
         assert!(done.recv().unwrap().is_err());
         handle.join().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_batch_too_big_for_one_record_is_cut_at_entry_boundaries() {
+        let mut entries = Vec::new();
+        let mut ends = Vec::new();
+        for i in 0..50u64 {
+            let v = crate::store::version::Version {
+                hlc: i + 1,
+                origin: 7,
+            };
+            let (key, value) = (format!("key{i}"), vec![b'v'; i as usize % 40]);
+            crate::store::journal::encode_entry(&mut entries, v, key.as_bytes(), Some(&value));
+            ends.push(entries.len());
+        }
+        for max in [entries.len(), 200, 64] {
+            let parts = record_parts(&entries, max);
+            assert_eq!(parts.concat(), entries, "max {max}");
+            let mut at = 0;
+            for part in &parts {
+                assert!(part.len() <= max, "max {max}: a part of {}", part.len());
+                at += part.len();
+                assert!(ends.contains(&at), "max {max}: a cut inside an entry");
+            }
+        }
+        assert_eq!(record_parts(&entries, entries.len()).len(), 1);
     }
 
     #[test]
