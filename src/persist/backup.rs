@@ -17,9 +17,16 @@ const MANIFEST: &str = "MANIFEST";
 const MANIFEST_LINE: &str = "merkle-kv backup 1";
 /// Longest manifest read: a file's line is under 120 bytes, so over 100,000 files fit.
 const MANIFEST_BYTES_MAX: u64 = 16 << 20;
-/// A directory being written (a backup, or a restore's staging copy) ends in this; a
-/// crash leaves it under a name no complete one has.
+/// A backup being written ends in this; a crash leaves it under a name no complete one
+/// has.
 const PARTIAL: &str = ".partial";
+/// A restore's staging copy, inside the data directory: on its file system, so each
+/// checked item moves into place with a rename, even when the data directory is a mount
+/// point. Only a restore makes it, and nothing in it is not also in the backup.
+const STAGING: &str = ".restore.partial";
+/// A file system's own directory at its root: a data directory on a disk of its own
+/// holds it.
+const LOST_FOUND: &str = "lost+found";
 /// Bytes read and written at a time while copying.
 const COPY_CHUNK_BYTES: usize = 1 << 20;
 
@@ -119,11 +126,9 @@ fn parse_file_line(line: &str) -> Result<Listed, String> {
     let name = parts.next().ok_or_else(bad)?.to_string();
     // Only names a data directory holds: a manifest cannot send a restore elsewhere.
     let ours = name == NODE_FILE
-        || name.split_once('/').is_some_and(|(dir, file)| {
-            dir.strip_prefix("shard-")
-                .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
-                && is_log_or_snapshot(file)
-        });
+        || name
+            .split_once('/')
+            .is_some_and(|(dir, file)| is_shard_dir(dir) && is_log_or_snapshot(file));
     if !ours {
         return Err(format!("{name:?} is not a data directory file"));
     }
@@ -162,11 +167,6 @@ pub enum BackupError {
         found: usize,
         want: usize,
     },
-    #[error(
-        "{path} is left from an interrupted restore: look inside (it may hold the backups \
-         that were in data_dir), then remove it"
-    )]
-    Interrupted { path: PathBuf },
 }
 
 /// Copy `frozen` into a new backup under `backup_dir`, named by `now` (UTC): written as
@@ -277,10 +277,12 @@ pub struct Restored {
 
 /// Check the backup in `from` against its manifest and install it as `data_dir`, which
 /// must be absent or empty, for node `want` (same node id and shard count). The data
-/// directory may hold the backup directory `backup_dir` (by default it does): that one
-/// entry moves into the restored directory with it. The files are copied, checked
-/// while copied, into a staging directory beside `data_dir`, which is renamed into
-/// place only when every file matched: a failed restore installs nothing.
+/// directory may hold the backup directory `backup_dir` (by default it does), which
+/// stays where it is, a file system's `lost+found`, and what an interrupted restore left
+/// (removed first). The files are copied, checked while copied, into a staging
+/// directory inside `data_dir` — on its file system, even when `data_dir` is a mount
+/// point — and moved into place only when every file matched, `NODE` last: a failed
+/// restore installs nothing.
 pub fn restore(
     from: &Path,
     data_dir: &Path,
@@ -307,34 +309,62 @@ pub fn restore(
         });
     }
     let keep = kept_entry(data_dir, backup_dir);
-    check_empty(data_dir, keep.as_deref())?;
-    let stage = staging_dir(data_dir);
-    if stage.exists() {
-        return Err(BackupError::Interrupted { path: stage });
+    let leftover = check_empty(data_dir, keep.as_deref())?;
+    if !leftover.is_empty() {
+        tracing::warn!(dir = %data_dir.display(), "removing what an interrupted restore left");
+        clear(data_dir, &leftover)?;
     }
-    std::fs::create_dir_all(&stage).map_err(io_at(&stage))?;
-    let bytes = match copy_checked(from, &manifest, &stage) {
+    let created = !data_dir.exists();
+    std::fs::create_dir_all(data_dir).map_err(io_at(data_dir))?;
+    let stage = data_dir.join(STAGING);
+    let installed = std::fs::create_dir(&stage)
+        .map_err(|e| io_at(&stage)(e).into())
+        .and_then(|()| copy_checked(from, &manifest, &stage))
+        .and_then(|bytes| install(&stage, data_dir, &manifest).map(|()| bytes));
+    let bytes = match installed {
         Ok(bytes) => bytes,
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&stage);
+            // Back to what it was: no shard directory of this restore, no staging, and
+            // no data directory if there was none.
+            let _ = clear(data_dir, &restored_entries(data_dir));
+            if created {
+                let _ = std::fs::remove_dir(data_dir);
+            }
             return Err(e);
         }
     };
-    if let Some(entry) = &keep {
-        let at = data_dir.join(entry);
-        if at.exists() {
-            std::fs::rename(&at, stage.join(entry)).map_err(io_at(&at))?;
-        }
+    if created {
+        sync_dir(&parent_of(data_dir))?;
     }
-    // Onto an absent or empty directory, a rename is the whole install at once.
-    std::fs::rename(&stage, data_dir).map_err(io_at(data_dir))?;
-    sync_dir(&parent_of(data_dir))?;
     Ok(Restored {
         created: manifest.created,
         files: manifest.files.len(),
         bytes,
         identity,
     })
+}
+
+/// Move every shard directory of the checked copy in `stage` into `data_dir`, then
+/// `NODE`, each a rename on one file system, and remove the emptied `stage`. Until
+/// `NODE` is there the directory is no node's (a start refuses shard directories
+/// without it, and the next restore clears them); from then on it is the backup's.
+fn install(stage: &Path, data_dir: &Path, manifest: &Manifest) -> Result<(), BackupError> {
+    let shards: BTreeSet<&str> = manifest
+        .files
+        .iter()
+        .filter_map(|f| f.name.split_once('/').map(|(dir, _)| dir))
+        .collect();
+    for dir in shards {
+        let to = data_dir.join(dir);
+        std::fs::rename(stage.join(dir), &to).map_err(io_at(&to))?;
+    }
+    sync_dir(data_dir)?;
+    let node = data_dir.join(NODE_FILE);
+    std::fs::rename(stage.join(NODE_FILE), &node).map_err(io_at(&node))?;
+    sync_dir(data_dir)?;
+    std::fs::remove_dir(stage).map_err(io_at(stage))?;
+    sync_dir(data_dir)?;
+    Ok(())
 }
 
 fn read_manifest(from: &Path) -> Result<Manifest, BackupError> {
@@ -447,21 +477,78 @@ fn kept_entry(data_dir: &Path, backup_dir: &Path) -> Option<PathBuf> {
     }
 }
 
-fn check_empty(data_dir: &Path, keep: Option<&Path>) -> Result<(), BackupError> {
+/// The entries of `data_dir` that keep a restore out: any but the kept one, a file
+/// system's `lost+found`, and what an interrupted restore left. Returns the latter —
+/// the staging directory and the shard directories it had moved in — to be removed:
+/// a data directory with the staging directory and without `NODE` is one no node has
+/// run on since (a node refuses shard directories without `NODE`, and writes `NODE`
+/// before anything else in a new one), so its shard directories are the restore's.
+fn check_empty(data_dir: &Path, keep: Option<&Path>) -> Result<Vec<PathBuf>, BackupError> {
     let entries = match std::fs::read_dir(data_dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(io_at(data_dir)(e).into()),
     };
+    let not_empty = || BackupError::NotEmpty {
+        dir: data_dir.to_path_buf(),
+    };
+    let (mut staging, mut shards) = (false, Vec::new());
     for e in entries {
         let e = e.map_err(io_at(data_dir))?;
-        if keep != Some(Path::new(&e.file_name())) {
-            return Err(BackupError::NotEmpty {
-                dir: data_dir.to_path_buf(),
-            });
+        let name = e.file_name();
+        let dir = e.file_type().map_err(io_at(data_dir))?.is_dir();
+        if keep == Some(Path::new(&name)) || (dir && name == LOST_FOUND) {
+            continue;
+        }
+        match name.to_str() {
+            Some(STAGING) if dir => staging = true,
+            Some(n) if dir && is_shard_dir(n) => shards.push(e.path()),
+            _ => return Err(not_empty()),
         }
     }
-    Ok(())
+    if !staging {
+        return match shards.is_empty() {
+            true => Ok(Vec::new()),
+            false => Err(not_empty()),
+        };
+    }
+    shards.push(data_dir.join(STAGING));
+    Ok(shards)
+}
+
+/// The shard directories and the staging directory a restore may have put in
+/// `data_dir`, when `NODE` is not there yet (once it is, the restore is done).
+fn restored_entries(data_dir: &Path) -> Vec<PathBuf> {
+    if data_dir.join(NODE_FILE).exists() {
+        return Vec::new();
+    }
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_str().is_some_and(is_shard_dir))
+        .map(|e| e.path())
+        .collect();
+    out.push(data_dir.join(STAGING));
+    out
+}
+
+/// Remove `entries` (directories of `data_dir`) in order — the staging directory, which
+/// marks them as a restore's, last — and make it durable.
+fn clear(data_dir: &Path, entries: &[PathBuf]) -> Result<(), PersistError> {
+    for p in entries {
+        match std::fs::remove_dir_all(p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_at(p)(e)),
+            _ => {}
+        }
+    }
+    sync_dir(data_dir)
+}
+
+fn is_shard_dir(name: &str) -> bool {
+    name.strip_prefix("shard-")
+        .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn parent_of(dir: &Path) -> PathBuf {
@@ -469,15 +556,6 @@ fn parent_of(dir: &Path) -> PathBuf {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     }
-}
-
-/// `<parent>/.<name>.restore.partial`: beside the data directory, so the final rename
-/// stays on its file system.
-fn staging_dir(data_dir: &Path) -> PathBuf {
-    let name = data_dir
-        .file_name()
-        .map_or("data".into(), |n| n.to_string_lossy());
-    parent_of(data_dir).join(format!(".{name}.restore{PARTIAL}"))
 }
 
 /// `now` in UTC to the microsecond, `YYYYMMDDTHHMMSS.ffffffZ`: sorts by age as text.
@@ -723,7 +801,7 @@ mod tests {
         std::fs::remove_file(&victim).unwrap();
         let e = restore(&backup, &restored, &backups, &me("n1")).unwrap_err();
         assert!(e.to_string().contains("snap-0000000000000002.snap"), "{e}");
-        assert!(!restored.exists() && !staging_dir(&restored).exists());
+        assert!(!restored.exists());
         std::fs::remove_dir_all(&root).unwrap();
     }
 
@@ -770,6 +848,63 @@ mod tests {
             .filter(|(n, _)| !n.starts_with("backups/"))
             .collect();
         assert_eq!(restored, want);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_restore_clears_what_an_interrupted_one_left_and_a_failed_one_leaves_nothing() {
+        let root = temp("interrupted");
+        let (data, backups) = (root.join("d"), root.join("d/backups"));
+        let frozen = data_dir(&data);
+        let want = tree(&data);
+        let backup = write(frozen, &backups, at(0)).unwrap();
+        let kept = tree(&backups);
+        let only_backups = |data: &Path| {
+            for e in std::fs::read_dir(data).unwrap() {
+                let p = e.unwrap().path();
+                if p != backups {
+                    let _ = std::fs::remove_file(&p).or_else(|_| std::fs::remove_dir_all(&p));
+                }
+            }
+        };
+        only_backups(&data);
+        // Cut short while installing: one shard directory moved in, no NODE yet.
+        std::fs::create_dir_all(data.join(STAGING).join("shard-1")).unwrap();
+        std::fs::write(data.join(STAGING).join("NODE"), "half").unwrap();
+        std::fs::create_dir_all(data.join("shard-0")).unwrap();
+        std::fs::write(data.join("shard-0/log-0000000000000001.wal"), "half").unwrap();
+        // A file system's own directory, as on a disk mounted as data_dir.
+        std::fs::create_dir(data.join(LOST_FOUND)).unwrap();
+        restore(&backup, &data, &backups, &me("n1")).unwrap();
+        let restored: Vec<_> = tree(&data)
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with("backups/"))
+            .collect();
+        assert_eq!(restored, want);
+        assert!(data.join(LOST_FOUND).is_dir() && !data.join(STAGING).exists());
+        assert_eq!(tree(&backups), kept);
+
+        // Shard directories without the staging one, or NODE beside it: not a restore's.
+        only_backups(&data);
+        std::fs::create_dir(data.join("shard-0")).unwrap();
+        let e = restore(&backup, &data, &backups, &me("n1")).unwrap_err();
+        assert!(matches!(e, BackupError::NotEmpty { .. }), "{e}");
+        std::fs::create_dir(data.join(STAGING)).unwrap();
+        std::fs::write(data.join(NODE_FILE), "").unwrap();
+        let e = restore(&backup, &data, &backups, &me("n1")).unwrap_err();
+        assert!(matches!(e, BackupError::NotEmpty { .. }), "{e}");
+
+        // A damaged backup leaves the data directory as it was: its backups only.
+        only_backups(&data);
+        let victim = backup.join("shard-1/log-0000000000000001.wal");
+        std::fs::write(&victim, vec![9u8; 3000]).unwrap();
+        let e = restore(&backup, &data, &backups, &me("n1")).unwrap_err();
+        assert!(e.to_string().contains("checksum differs"), "{e}");
+        let left: Vec<_> = std::fs::read_dir(&data)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(left, [backups]);
         std::fs::remove_dir_all(&root).unwrap();
     }
 
