@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const MANIFEST: &str = "MANIFEST";
 const MANIFEST_LINE: &str = "merkle-kv backup 1";
@@ -227,6 +227,25 @@ fn copy_frozen(
 /// returns those removed. Only directories named by a time and holding a `MANIFEST`
 /// count: anything else there is left alone.
 pub fn prune(backup_dir: &Path, retain: usize) -> Result<Vec<PathBuf>, PersistError> {
+    let mut complete = complete(backup_dir)?;
+    let excess = complete.len().saturating_sub(retain);
+    let old: Vec<PathBuf> = complete.drain(..excess).collect();
+    for p in &old {
+        std::fs::remove_dir_all(p).map_err(io_at(p))?;
+    }
+    Ok(old)
+}
+
+/// When the newest complete backup in `backup_dir` was taken (its name); `None` when
+/// there is none (or no readable `backup_dir`).
+pub fn newest(backup_dir: &Path) -> Option<SystemTime> {
+    let newest = complete(backup_dir).ok()?.pop()?;
+    parse_timestamp(newest.file_name()?.to_str()?)
+}
+
+/// The complete backups in `backup_dir`, oldest first: directories named by a time
+/// that hold a `MANIFEST`.
+fn complete(backup_dir: &Path) -> Result<Vec<PathBuf>, PersistError> {
     let mut complete: Vec<PathBuf> = std::fs::read_dir(backup_dir)
         .map_err(io_at(backup_dir))?
         .filter_map(|e| e.ok())
@@ -236,12 +255,7 @@ pub fn prune(backup_dir: &Path, retain: usize) -> Result<Vec<PathBuf>, PersistEr
         .collect();
     // The names are times of fixed width: their order is their age.
     complete.sort();
-    let excess = complete.len().saturating_sub(retain);
-    let old: Vec<PathBuf> = complete.drain(..excess).collect();
-    for p in &old {
-        std::fs::remove_dir_all(p).map_err(io_at(p))?;
-    }
-    Ok(old)
+    Ok(complete)
 }
 
 /// Backups a crash left half written: only one runs at a time per node, and
@@ -584,6 +598,33 @@ fn is_timestamp(name: &str) -> bool {
         })
 }
 
+/// The time a [`timestamp`] names; `None` for a name that is none or no real time.
+fn parse_timestamp(name: &str) -> Option<SystemTime> {
+    if !is_timestamp(name) {
+        return None;
+    }
+    let num = |from: usize, to: usize| name[from..to].parse::<u32>().ok();
+    let (y, m, d) = (num(0, 4)?, num(4, 6)?, num(6, 8)?);
+    let (h, min, sec, micros) = (num(9, 11)?, num(11, 13)?, num(13, 15)?, num(16, 22)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || h > 23 || min > 59 || sec > 59 {
+        return None;
+    }
+    let days = u64::try_from(days_from_civil(i64::from(y), m, d)).ok()?;
+    let secs = days * 86_400 + u64::from(h * 3600 + min * 60 + sec);
+    Some(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(u64::from(micros)))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date: [`civil_from_days`] reversed.
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// The proleptic Gregorian date of `days` since 1970-01-01 (H. Hinnant's algorithm).
 fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
@@ -601,7 +642,6 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
     use crate::persist::files::write_node_file;
-    use std::time::Duration;
 
     fn temp(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("mkv-backup-{name}-{}", std::process::id()));
@@ -678,6 +718,11 @@ mod tests {
         let t = at(4_102_444_799) + Duration::from_micros(999_999);
         assert_eq!(timestamp(t), "20991231T235959.999999Z");
         assert!(is_timestamp(&timestamp(t)));
+        for t in [UNIX_EPOCH, at(951_782_400), at(1_700_000_000), t] {
+            assert_eq!(parse_timestamp(&timestamp(t)), Some(t));
+        }
+        assert_eq!(parse_timestamp("20991331T235959.999999Z"), None);
+        assert_eq!(parse_timestamp("20991231T245959.999999Z"), None);
         for bad in [
             "20991231T235959.999999",
             "20991231T235959Z",
@@ -921,6 +966,7 @@ mod tests {
         for d in [&partial, &foreign, &no_manifest] {
             std::fs::create_dir_all(d).unwrap();
         }
+        assert_eq!(newest(&backups), Some(at(40)));
         let removed = prune(&backups, 2).unwrap();
         assert_eq!(
             removed,
@@ -938,6 +984,8 @@ mod tests {
         // The next backup clears what a crash left half written.
         write(data_dir(&data), &backups, at(50)).unwrap();
         assert!(!partial.exists());
+        assert_eq!(newest(&backups), Some(at(50)));
+        assert_eq!(newest(&root.join("none")), None);
         std::fs::remove_dir_all(&root).unwrap();
     }
 }
