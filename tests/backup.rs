@@ -190,3 +190,98 @@ fn backups_past_backup_retain_are_removed_oldest_first() {
     let _ = std::fs::remove_dir_all(&data);
     let _ = std::fs::remove_dir_all(&backups);
 }
+
+/// Unmounts a test's tmpfs (and removes its mount point) however the test ends.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Remove everything in `dir` but `keep`.
+fn wipe(dir: &Path, keep: Option<&Path>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if Some(p.as_path()) != keep {
+            let _ = std::fs::remove_file(&p).or_else(|_| std::fs::remove_dir_all(&p));
+        }
+    }
+}
+
+fn restored(node: &Node, from: &Path) {
+    let out = restore(node, from);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_data_dir_that_is_a_mount_point_is_restored_into_with_or_without_its_backups_in_it() {
+    // data_dir a file system of its own, as on a dedicated disk (docs/DEPLOYMENT.md);
+    // mounting needs root, as .ci/run runs.
+    let data = temp_path("mounted");
+    std::fs::create_dir_all(&data).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(&data)
+        .status()
+        .expect("run mount");
+    assert!(mounted.success(), "cannot mount a tmpfs (needs root)");
+    let _unmount = Unmount(data.clone());
+    // The default backup_dir: `<data_dir>/backups`, on the mounted file system.
+    let mut node = Node::start_with(&format!(
+        "mqtt.enabled = false\nstorage.pin_threads = false\nstorage.shards = 2\n\
+         storage.persistence_enabled = true\nstorage.data_dir = {:?}\n",
+        data.display().to_string()
+    ));
+    write_keys(&node, "m", 300);
+    let taken = backup(&node);
+    assert!(
+        taken.starts_with(data.join("backups")),
+        "{}",
+        taken.display()
+    );
+    let root = node.client().one("HASH");
+    stop(&mut node);
+
+    // The data directory wiped but for its backups, which stay where they are.
+    wipe(&data, Some(&data.join("backups")));
+    restored(&node, &taken);
+    assert!(taken.join("MANIFEST").is_file());
+    let left: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !["NODE", "shard-0", "shard-1", "backups"].contains(&n.as_str()))
+        .collect();
+    assert!(left.is_empty(), "left in the data directory: {left:?}");
+    node.restart_listening();
+    node.wait_loaded();
+    assert_eq!(node.client().one("HASH"), root);
+    stop(&mut node);
+
+    // The backups elsewhere, and the mounted data directory wiped whole.
+    let elsewhere = temp_path("backups");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let copy = elsewhere.join(taken.file_name().unwrap());
+    let copied = Command::new("cp").arg("-a").arg(&taken).arg(&copy).status();
+    assert!(copied.unwrap().success());
+    let mut config = std::fs::read_to_string(&node.config).unwrap();
+    config.push_str(&format!(
+        "storage.backup_dir = {:?}\n",
+        elsewhere.display().to_string()
+    ));
+    std::fs::write(&node.config, config).unwrap();
+    wipe(&data, None);
+    restored(&node, &copy);
+    node.restart_listening();
+    node.wait_loaded();
+    assert_eq!(node.client().one("HASH"), root);
+    stop(&mut node);
+    let _ = std::fs::remove_dir_all(&elsewhere);
+}

@@ -11,15 +11,22 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const MANIFEST: &str = "MANIFEST";
 const MANIFEST_LINE: &str = "merkle-kv backup 1";
 /// Longest manifest read: a file's line is under 120 bytes, so over 100,000 files fit.
 const MANIFEST_BYTES_MAX: u64 = 16 << 20;
-/// A directory being written (a backup, or a restore's staging copy) ends in this; a
-/// crash leaves it under a name no complete one has.
+/// A backup being written ends in this; a crash leaves it under a name no complete one
+/// has.
 const PARTIAL: &str = ".partial";
+/// A restore's staging copy, inside the data directory: on its file system, so each
+/// checked item moves into place with a rename, even when the data directory is a mount
+/// point. Only a restore makes it, and nothing in it is not also in the backup.
+const STAGING: &str = ".restore.partial";
+/// A file system's own directory at its root: a data directory on a disk of its own
+/// holds it.
+const LOST_FOUND: &str = "lost+found";
 /// Bytes read and written at a time while copying.
 const COPY_CHUNK_BYTES: usize = 1 << 20;
 
@@ -119,11 +126,9 @@ fn parse_file_line(line: &str) -> Result<Listed, String> {
     let name = parts.next().ok_or_else(bad)?.to_string();
     // Only names a data directory holds: a manifest cannot send a restore elsewhere.
     let ours = name == NODE_FILE
-        || name.split_once('/').is_some_and(|(dir, file)| {
-            dir.strip_prefix("shard-")
-                .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
-                && is_log_or_snapshot(file)
-        });
+        || name
+            .split_once('/')
+            .is_some_and(|(dir, file)| is_shard_dir(dir) && is_log_or_snapshot(file));
     if !ours {
         return Err(format!("{name:?} is not a data directory file"));
     }
@@ -162,11 +167,6 @@ pub enum BackupError {
         found: usize,
         want: usize,
     },
-    #[error(
-        "{path} is left from an interrupted restore: look inside (it may hold the backups \
-         that were in data_dir), then remove it"
-    )]
-    Interrupted { path: PathBuf },
 }
 
 /// Copy `frozen` into a new backup under `backup_dir`, named by `now` (UTC): written as
@@ -227,6 +227,25 @@ fn copy_frozen(
 /// returns those removed. Only directories named by a time and holding a `MANIFEST`
 /// count: anything else there is left alone.
 pub fn prune(backup_dir: &Path, retain: usize) -> Result<Vec<PathBuf>, PersistError> {
+    let mut complete = complete(backup_dir)?;
+    let excess = complete.len().saturating_sub(retain);
+    let old: Vec<PathBuf> = complete.drain(..excess).collect();
+    for p in &old {
+        std::fs::remove_dir_all(p).map_err(io_at(p))?;
+    }
+    Ok(old)
+}
+
+/// When the newest complete backup in `backup_dir` was taken (its name); `None` when
+/// there is none (or no readable `backup_dir`).
+pub fn newest(backup_dir: &Path) -> Option<SystemTime> {
+    let newest = complete(backup_dir).ok()?.pop()?;
+    parse_timestamp(newest.file_name()?.to_str()?)
+}
+
+/// The complete backups in `backup_dir`, oldest first: directories named by a time
+/// that hold a `MANIFEST`.
+fn complete(backup_dir: &Path) -> Result<Vec<PathBuf>, PersistError> {
     let mut complete: Vec<PathBuf> = std::fs::read_dir(backup_dir)
         .map_err(io_at(backup_dir))?
         .filter_map(|e| e.ok())
@@ -236,12 +255,7 @@ pub fn prune(backup_dir: &Path, retain: usize) -> Result<Vec<PathBuf>, PersistEr
         .collect();
     // The names are times of fixed width: their order is their age.
     complete.sort();
-    let excess = complete.len().saturating_sub(retain);
-    let old: Vec<PathBuf> = complete.drain(..excess).collect();
-    for p in &old {
-        std::fs::remove_dir_all(p).map_err(io_at(p))?;
-    }
-    Ok(old)
+    Ok(complete)
 }
 
 /// Backups a crash left half written: only one runs at a time per node, and
@@ -277,10 +291,12 @@ pub struct Restored {
 
 /// Check the backup in `from` against its manifest and install it as `data_dir`, which
 /// must be absent or empty, for node `want` (same node id and shard count). The data
-/// directory may hold the backup directory `backup_dir` (by default it does): that one
-/// entry moves into the restored directory with it. The files are copied, checked
-/// while copied, into a staging directory beside `data_dir`, which is renamed into
-/// place only when every file matched: a failed restore installs nothing.
+/// directory may hold the backup directory `backup_dir` (by default it does), which
+/// stays where it is, a file system's `lost+found`, and what an interrupted restore left
+/// (removed first). The files are copied, checked while copied, into a staging
+/// directory inside `data_dir` — on its file system, even when `data_dir` is a mount
+/// point — and moved into place only when every file matched, `NODE` last: a failed
+/// restore installs nothing.
 pub fn restore(
     from: &Path,
     data_dir: &Path,
@@ -307,34 +323,62 @@ pub fn restore(
         });
     }
     let keep = kept_entry(data_dir, backup_dir);
-    check_empty(data_dir, keep.as_deref())?;
-    let stage = staging_dir(data_dir);
-    if stage.exists() {
-        return Err(BackupError::Interrupted { path: stage });
+    let leftover = check_empty(data_dir, keep.as_deref())?;
+    if !leftover.is_empty() {
+        tracing::warn!(dir = %data_dir.display(), "removing what an interrupted restore left");
+        clear(data_dir, &leftover)?;
     }
-    std::fs::create_dir_all(&stage).map_err(io_at(&stage))?;
-    let bytes = match copy_checked(from, &manifest, &stage) {
+    let created = !data_dir.exists();
+    std::fs::create_dir_all(data_dir).map_err(io_at(data_dir))?;
+    let stage = data_dir.join(STAGING);
+    let installed = std::fs::create_dir(&stage)
+        .map_err(|e| io_at(&stage)(e).into())
+        .and_then(|()| copy_checked(from, &manifest, &stage))
+        .and_then(|bytes| install(&stage, data_dir, &manifest).map(|()| bytes));
+    let bytes = match installed {
         Ok(bytes) => bytes,
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&stage);
+            // Back to what it was: no shard directory of this restore, no staging, and
+            // no data directory if there was none.
+            let _ = clear(data_dir, &restored_entries(data_dir));
+            if created {
+                let _ = std::fs::remove_dir(data_dir);
+            }
             return Err(e);
         }
     };
-    if let Some(entry) = &keep {
-        let at = data_dir.join(entry);
-        if at.exists() {
-            std::fs::rename(&at, stage.join(entry)).map_err(io_at(&at))?;
-        }
+    if created {
+        sync_dir(&parent_of(data_dir))?;
     }
-    // Onto an absent or empty directory, a rename is the whole install at once.
-    std::fs::rename(&stage, data_dir).map_err(io_at(data_dir))?;
-    sync_dir(&parent_of(data_dir))?;
     Ok(Restored {
         created: manifest.created,
         files: manifest.files.len(),
         bytes,
         identity,
     })
+}
+
+/// Move every shard directory of the checked copy in `stage` into `data_dir`, then
+/// `NODE`, each a rename on one file system, and remove the emptied `stage`. Until
+/// `NODE` is there the directory is no node's (a start refuses shard directories
+/// without it, and the next restore clears them); from then on it is the backup's.
+fn install(stage: &Path, data_dir: &Path, manifest: &Manifest) -> Result<(), BackupError> {
+    let shards: BTreeSet<&str> = manifest
+        .files
+        .iter()
+        .filter_map(|f| f.name.split_once('/').map(|(dir, _)| dir))
+        .collect();
+    for dir in shards {
+        let to = data_dir.join(dir);
+        std::fs::rename(stage.join(dir), &to).map_err(io_at(&to))?;
+    }
+    sync_dir(data_dir)?;
+    let node = data_dir.join(NODE_FILE);
+    std::fs::rename(stage.join(NODE_FILE), &node).map_err(io_at(&node))?;
+    sync_dir(data_dir)?;
+    std::fs::remove_dir(stage).map_err(io_at(stage))?;
+    sync_dir(data_dir)?;
+    Ok(())
 }
 
 fn read_manifest(from: &Path) -> Result<Manifest, BackupError> {
@@ -447,21 +491,78 @@ fn kept_entry(data_dir: &Path, backup_dir: &Path) -> Option<PathBuf> {
     }
 }
 
-fn check_empty(data_dir: &Path, keep: Option<&Path>) -> Result<(), BackupError> {
+/// The entries of `data_dir` that keep a restore out: any but the kept one, a file
+/// system's `lost+found`, and what an interrupted restore left. Returns the latter —
+/// the staging directory and the shard directories it had moved in — to be removed:
+/// a data directory with the staging directory and without `NODE` is one no node has
+/// run on since (a node refuses shard directories without `NODE`, and writes `NODE`
+/// before anything else in a new one), so its shard directories are the restore's.
+fn check_empty(data_dir: &Path, keep: Option<&Path>) -> Result<Vec<PathBuf>, BackupError> {
     let entries = match std::fs::read_dir(data_dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(io_at(data_dir)(e).into()),
     };
+    let not_empty = || BackupError::NotEmpty {
+        dir: data_dir.to_path_buf(),
+    };
+    let (mut staging, mut shards) = (false, Vec::new());
     for e in entries {
         let e = e.map_err(io_at(data_dir))?;
-        if keep != Some(Path::new(&e.file_name())) {
-            return Err(BackupError::NotEmpty {
-                dir: data_dir.to_path_buf(),
-            });
+        let name = e.file_name();
+        let dir = e.file_type().map_err(io_at(data_dir))?.is_dir();
+        if keep == Some(Path::new(&name)) || (dir && name == LOST_FOUND) {
+            continue;
+        }
+        match name.to_str() {
+            Some(STAGING) if dir => staging = true,
+            Some(n) if dir && is_shard_dir(n) => shards.push(e.path()),
+            _ => return Err(not_empty()),
         }
     }
-    Ok(())
+    if !staging {
+        return match shards.is_empty() {
+            true => Ok(Vec::new()),
+            false => Err(not_empty()),
+        };
+    }
+    shards.push(data_dir.join(STAGING));
+    Ok(shards)
+}
+
+/// The shard directories and the staging directory a restore may have put in
+/// `data_dir`, when `NODE` is not there yet (once it is, the restore is done).
+fn restored_entries(data_dir: &Path) -> Vec<PathBuf> {
+    if data_dir.join(NODE_FILE).exists() {
+        return Vec::new();
+    }
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_str().is_some_and(is_shard_dir))
+        .map(|e| e.path())
+        .collect();
+    out.push(data_dir.join(STAGING));
+    out
+}
+
+/// Remove `entries` (directories of `data_dir`) in order — the staging directory, which
+/// marks them as a restore's, last — and make it durable.
+fn clear(data_dir: &Path, entries: &[PathBuf]) -> Result<(), PersistError> {
+    for p in entries {
+        match std::fs::remove_dir_all(p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_at(p)(e)),
+            _ => {}
+        }
+    }
+    sync_dir(data_dir)
+}
+
+fn is_shard_dir(name: &str) -> bool {
+    name.strip_prefix("shard-")
+        .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn parent_of(dir: &Path) -> PathBuf {
@@ -469,15 +570,6 @@ fn parent_of(dir: &Path) -> PathBuf {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     }
-}
-
-/// `<parent>/.<name>.restore.partial`: beside the data directory, so the final rename
-/// stays on its file system.
-fn staging_dir(data_dir: &Path) -> PathBuf {
-    let name = data_dir
-        .file_name()
-        .map_or("data".into(), |n| n.to_string_lossy());
-    parent_of(data_dir).join(format!(".{name}.restore{PARTIAL}"))
 }
 
 /// `now` in UTC to the microsecond, `YYYYMMDDTHHMMSS.ffffffZ`: sorts by age as text.
@@ -506,6 +598,33 @@ fn is_timestamp(name: &str) -> bool {
         })
 }
 
+/// The time a [`timestamp`] names; `None` for a name that is none or no real time.
+fn parse_timestamp(name: &str) -> Option<SystemTime> {
+    if !is_timestamp(name) {
+        return None;
+    }
+    let num = |from: usize, to: usize| name[from..to].parse::<u32>().ok();
+    let (y, m, d) = (num(0, 4)?, num(4, 6)?, num(6, 8)?);
+    let (h, min, sec, micros) = (num(9, 11)?, num(11, 13)?, num(13, 15)?, num(16, 22)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || h > 23 || min > 59 || sec > 59 {
+        return None;
+    }
+    let days = u64::try_from(days_from_civil(i64::from(y), m, d)).ok()?;
+    let secs = days * 86_400 + u64::from(h * 3600 + min * 60 + sec);
+    Some(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(u64::from(micros)))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date: [`civil_from_days`] reversed.
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// The proleptic Gregorian date of `days` since 1970-01-01 (H. Hinnant's algorithm).
 fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
@@ -523,7 +642,6 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
     use crate::persist::files::write_node_file;
-    use std::time::Duration;
 
     fn temp(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("mkv-backup-{name}-{}", std::process::id()));
@@ -600,6 +718,11 @@ mod tests {
         let t = at(4_102_444_799) + Duration::from_micros(999_999);
         assert_eq!(timestamp(t), "20991231T235959.999999Z");
         assert!(is_timestamp(&timestamp(t)));
+        for t in [UNIX_EPOCH, at(951_782_400), at(1_700_000_000), t] {
+            assert_eq!(parse_timestamp(&timestamp(t)), Some(t));
+        }
+        assert_eq!(parse_timestamp("20991331T235959.999999Z"), None);
+        assert_eq!(parse_timestamp("20991231T245959.999999Z"), None);
         for bad in [
             "20991231T235959.999999",
             "20991231T235959Z",
@@ -723,7 +846,7 @@ mod tests {
         std::fs::remove_file(&victim).unwrap();
         let e = restore(&backup, &restored, &backups, &me("n1")).unwrap_err();
         assert!(e.to_string().contains("snap-0000000000000002.snap"), "{e}");
-        assert!(!restored.exists() && !staging_dir(&restored).exists());
+        assert!(!restored.exists());
         std::fs::remove_dir_all(&root).unwrap();
     }
 
@@ -774,6 +897,63 @@ mod tests {
     }
 
     #[test]
+    fn a_restore_clears_what_an_interrupted_one_left_and_a_failed_one_leaves_nothing() {
+        let root = temp("interrupted");
+        let (data, backups) = (root.join("d"), root.join("d/backups"));
+        let frozen = data_dir(&data);
+        let want = tree(&data);
+        let backup = write(frozen, &backups, at(0)).unwrap();
+        let kept = tree(&backups);
+        let only_backups = |data: &Path| {
+            for e in std::fs::read_dir(data).unwrap() {
+                let p = e.unwrap().path();
+                if p != backups {
+                    let _ = std::fs::remove_file(&p).or_else(|_| std::fs::remove_dir_all(&p));
+                }
+            }
+        };
+        only_backups(&data);
+        // Cut short while installing: one shard directory moved in, no NODE yet.
+        std::fs::create_dir_all(data.join(STAGING).join("shard-1")).unwrap();
+        std::fs::write(data.join(STAGING).join("NODE"), "half").unwrap();
+        std::fs::create_dir_all(data.join("shard-0")).unwrap();
+        std::fs::write(data.join("shard-0/log-0000000000000001.wal"), "half").unwrap();
+        // A file system's own directory, as on a disk mounted as data_dir.
+        std::fs::create_dir(data.join(LOST_FOUND)).unwrap();
+        restore(&backup, &data, &backups, &me("n1")).unwrap();
+        let restored: Vec<_> = tree(&data)
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with("backups/"))
+            .collect();
+        assert_eq!(restored, want);
+        assert!(data.join(LOST_FOUND).is_dir() && !data.join(STAGING).exists());
+        assert_eq!(tree(&backups), kept);
+
+        // Shard directories without the staging one, or NODE beside it: not a restore's.
+        only_backups(&data);
+        std::fs::create_dir(data.join("shard-0")).unwrap();
+        let e = restore(&backup, &data, &backups, &me("n1")).unwrap_err();
+        assert!(matches!(e, BackupError::NotEmpty { .. }), "{e}");
+        std::fs::create_dir(data.join(STAGING)).unwrap();
+        std::fs::write(data.join(NODE_FILE), "").unwrap();
+        let e = restore(&backup, &data, &backups, &me("n1")).unwrap_err();
+        assert!(matches!(e, BackupError::NotEmpty { .. }), "{e}");
+
+        // A damaged backup leaves the data directory as it was: its backups only.
+        only_backups(&data);
+        let victim = backup.join("shard-1/log-0000000000000001.wal");
+        std::fs::write(&victim, vec![9u8; 3000]).unwrap();
+        let e = restore(&backup, &data, &backups, &me("n1")).unwrap_err();
+        assert!(e.to_string().contains("checksum differs"), "{e}");
+        let left: Vec<_> = std::fs::read_dir(&data)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(left, [backups]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn pruning_keeps_the_newest_complete_backups_and_nothing_else_is_touched() {
         let root = temp("prune");
         let (data, backups) = (root.join("d"), root.join("b"));
@@ -786,6 +966,7 @@ mod tests {
         for d in [&partial, &foreign, &no_manifest] {
             std::fs::create_dir_all(d).unwrap();
         }
+        assert_eq!(newest(&backups), Some(at(40)));
         let removed = prune(&backups, 2).unwrap();
         assert_eq!(
             removed,
@@ -803,6 +984,8 @@ mod tests {
         // The next backup clears what a crash left half written.
         write(data_dir(&data), &backups, at(50)).unwrap();
         assert!(!partial.exists());
+        assert_eq!(newest(&backups), Some(at(50)));
+        assert_eq!(newest(&root.join("none")), None);
         std::fs::remove_dir_all(&root).unwrap();
     }
 }
