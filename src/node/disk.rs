@@ -278,6 +278,17 @@ pub fn open(
         }));
         out.push(shard.with_wal());
     }
+    // An entry the memory budget refused would be gone for good at the next snapshot:
+    // starting with part of the data is worse than not starting.
+    let refused: u64 = out.iter().map(|s| s.stats.storage_full).sum();
+    if refused > 0 {
+        return Err(format!(
+            "{}: {refused} entries do not fit storage.memory_limit_mb ({} MiB); raise it to \
+             at least what it was when they were written (the data directory is left as it was)",
+            dir.display(),
+            config.storage.memory_limit_mb
+        ));
+    }
     tracing::info!(
         dir = %dir.display(),
         keys,
