@@ -453,14 +453,15 @@ fn set_shards(node: &Node, shards: usize) {
     std::fs::write(&node.config, config).unwrap();
 }
 
-/// The data directory's shard count and shard directories, as `NODE` and the listing say.
+/// The data directory's shard count and what else it holds (shard directories, and
+/// anything a re-cut left) besides `NODE` and `ALIVE`, as `NODE` and the listing say.
 fn layout(dir: &Path) -> (String, Vec<String>) {
     let node = std::fs::read_to_string(dir.join("NODE")).unwrap();
     let shards = node.lines().nth(2).unwrap().to_string();
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n != "NODE")
+        .filter(|n| n != "NODE" && n != "ALIVE")
         .collect();
     names.sort();
     (shards, names)
