@@ -335,6 +335,25 @@ fn data_over_a_lowered_memory_or_value_limit_refuses_to_start_and_the_old_limits
 }
 
 #[test]
+fn a_lost_shard_directory_refuses_to_start_naming_it() {
+    let dir = temp_path("lost-shard");
+    let config = persistent(&dir, "everysec");
+    let mut node = Node::start_with(&config);
+    let mut c = node.client();
+    for i in 0..100 {
+        assert_eq!(c.one(&format!("SET k{i} v{i}")), "OK");
+    }
+    drop(c);
+    node.signal("TERM");
+    assert!(node.wait_exit(Duration::from_secs(20)).is_some());
+    std::fs::remove_dir_all(dir.join("shard-1")).unwrap();
+    let (status, log) = start_once(&node_id_of(&dir), &config);
+    assert!(status.is_some_and(|s| !s.success()), "started: {log}");
+    assert!(log.contains("shard-1 is missing, but"), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_restarted_node_comes_back_with_its_data_and_its_root() {
     let dir = temp_path("restart");
     let mut node = Node::start_with(&persistent(&dir, "everysec"));

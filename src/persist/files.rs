@@ -37,6 +37,11 @@ pub enum PersistError {
     },
     #[error("{path}: not a MerkleKV data directory file ({why})")]
     BadNodeFile { path: PathBuf, why: String },
+    #[error(
+        "{path} is missing, but {why}: no crash leaves that, so the data directory lost \
+         files; put it back, or move the data directory aside to resynchronise from peers"
+    )]
+    Missing { path: PathBuf, why: String },
 }
 
 /// Attach `path` to an I/O error.
@@ -96,12 +101,57 @@ pub fn open(dir: &Path, me: &Identity) -> Result<Identity, PersistError> {
             found: found.node_id,
             want: me.node_id.clone(),
         }),
-        Some(found) => Ok(found),
+        Some(found) => {
+            check_shard_dirs(dir, found.shards)?;
+            Ok(found)
+        }
         None => {
+            // `NODE` is written (and its directory synced) before any shard directory.
+            if let Some(shard) = any_shard_dir(dir)? {
+                return Err(PersistError::Missing {
+                    path: dir.join(NODE_FILE),
+                    why: format!("{} exists", shard.display()),
+                });
+            }
             write_node_file(dir, me)?;
             Ok(me.clone())
         }
     }
+}
+
+/// A `shard-<i>` directory in `dir`, if there is one.
+fn any_shard_dir(dir: &Path) -> Result<Option<PathBuf>, PersistError> {
+    for entry in std::fs::read_dir(dir).map_err(io_at(dir))? {
+        let entry = entry.map_err(io_at(dir))?;
+        let name = entry.file_name();
+        let digits = name.to_str().and_then(|n| n.strip_prefix("shard-"));
+        if digits.is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())) {
+            return Ok(Some(entry.path()));
+        }
+    }
+    Ok(None)
+}
+
+/// Each of the `shards` shard directories must be there once any holds a record: the
+/// writer creates them all (and syncs `dir`) before it writes one, so only a crash
+/// before the first write leaves some missing, with nothing in the others.
+fn check_shard_dirs(dir: &Path, shards: usize) -> Result<(), PersistError> {
+    let dirs: Vec<PathBuf> = (0..shards).map(|i| shard_dir(dir, i)).collect();
+    let Some(missing) = dirs.iter().find(|d| !d.is_dir()) else {
+        return Ok(());
+    };
+    for d in dirs.iter().filter(|d| d.is_dir()) {
+        let l = list(d)?;
+        let written =
+            |(n, p): &(u64, PathBuf)| *n != 1 || std::fs::metadata(p).map_or(true, |m| m.len() > 0);
+        if !l.snapshots.is_empty() || l.segments.iter().any(written) {
+            return Err(PersistError::Missing {
+                path: missing.clone(),
+                why: format!("{} holds data", d.display()),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The identity `dir`'s `NODE` records; `None` when it has none.
@@ -391,6 +441,34 @@ mod tests {
             .unwrap();
         assert!(alive > hour_ago);
         assert_eq!(last_written(&dir, 2), Some(alive));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_node_file_or_shard_directory_is_refused_unless_a_crash_can_leave_it() {
+        let dir = temp("missing");
+        // A crash before any shard directory (or between them) was made: starts.
+        open(&dir, &me("n1", 2)).unwrap();
+        std::fs::create_dir_all(shard_dir(&dir, 0)).unwrap();
+        std::fs::write(shard_dir(&dir, 0).join(segment_name(1)), b"").unwrap();
+        assert_eq!(open(&dir, &me("n1", 2)).unwrap(), me("n1", 2));
+        // Shard 0 holds a record, shard 1's directory is gone: refused, naming it.
+        std::fs::write(shard_dir(&dir, 0).join(segment_name(1)), b"x").unwrap();
+        let e = open(&dir, &me("n1", 2)).unwrap_err().to_string();
+        assert!(
+            e.contains("shard-1 is missing, but") && e.contains("shard-0 holds data"),
+            "{e}"
+        );
+        std::fs::create_dir_all(shard_dir(&dir, 1)).unwrap();
+        open(&dir, &me("n1", 2)).unwrap();
+        // NODE gone with shard directories there: refused, not rewritten.
+        std::fs::remove_file(dir.join(NODE_FILE)).unwrap();
+        let e = open(&dir, &me("n1", 1)).unwrap_err().to_string();
+        assert!(
+            e.contains("NODE is missing, but") && e.contains("shard-"),
+            "{e}"
+        );
+        assert!(!dir.join(NODE_FILE).exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

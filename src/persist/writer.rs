@@ -104,6 +104,9 @@ pub fn start(dir: &Path, starts: &[ShardStart], fsync: Fsync) -> Result<Started,
     for (shard, start) in starts.iter().enumerate() {
         segments.push(Segment::open(&shard_dir(dir, shard), start.segment)?);
     }
+    // Every shard directory is durable before the first record: a start that finds one
+    // missing next to one holding data knows files were lost (files.rs).
+    sync_dir(dir)?;
     touch_alive(dir)?;
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards)
         .map(|_| tokio::sync::watch::channel(0u64))
