@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const MANIFEST: &str = "MANIFEST";
 const MANIFEST_LINE: &str = "merkle-kv backup 1";
@@ -73,7 +73,7 @@ impl Manifest {
         let created = lines
             .next()
             .and_then(|l| l.strip_prefix("created "))
-            .filter(|t| is_timestamp(t))
+            .filter(|t| time_of(t).is_some())
             .ok_or("no `created <time>` line")?
             .to_string();
         let mut files = Vec::new();
@@ -355,19 +355,17 @@ fn read_manifest(from: &Path) -> Result<Manifest, BackupError> {
 /// checksum; the bytes copied.
 fn copy_checked(from: &Path, manifest: &Manifest, stage: &Path) -> Result<u64, BackupError> {
     let mut bytes = 0;
+    // Checked when the manifest was read.
+    let taken = time_of(&manifest.created).unwrap_or(UNIX_EPOCH);
     for f in &manifest.files {
         let path = from.join(&f.name);
         let file = File::open(&path).map_err(io_at(&path))?;
         let to = stage.join(&f.name);
-        let taken = file
-            .metadata()
-            .and_then(|m| m.modified())
-            .map_err(io_at(&path))?;
         // One byte past the listed size tells a longer file from an exact one.
         let (len, blake3) = copy(file.take(f.len + 1), &path, &to)?;
         // A node reads when it went down from its files' times (the rejoin rule after
-        // a downtime past the tombstone grace): a restored backup was last written when
-        // it was taken, not now.
+        // a downtime past the tombstone grace): a restored backup was last up when it
+        // was taken — its MANIFEST says when, whatever copies of it did to the times.
         File::options()
             .write(true)
             .open(&to)
@@ -506,6 +504,33 @@ fn is_timestamp(name: &str) -> bool {
         })
 }
 
+/// The time a [`timestamp`] names; `None` for anything else.
+fn time_of(stamp: &str) -> Option<SystemTime> {
+    if !is_timestamp(stamp) {
+        return None;
+    }
+    let n = |from: usize, to: usize| stamp[from..to].parse::<u32>().ok();
+    let (y, m, d) = (n(0, 4)?, n(4, 6)?, n(6, 8)?);
+    let (h, min, sec, micros) = (n(9, 11)?, n(11, 13)?, n(13, 15)?, n(16, 22)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || h > 23 || min > 59 || sec > 59 {
+        return None;
+    }
+    let days = u64::try_from(days_from_civil(i64::from(y), m, d)).ok()?;
+    let secs = days * 86_400 + u64::from(h * 3600 + min * 60 + sec);
+    Some(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(u64::from(micros)))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// The proleptic Gregorian date of `days` since 1970-01-01 (H. Hinnant's algorithm).
 fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
@@ -523,7 +548,6 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
     use crate::persist::files::write_node_file;
-    use std::time::Duration;
 
     fn temp(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("mkv-backup-{name}-{}", std::process::id()));
@@ -600,6 +624,11 @@ mod tests {
         let t = at(4_102_444_799) + Duration::from_micros(999_999);
         assert_eq!(timestamp(t), "20991231T235959.999999Z");
         assert!(is_timestamp(&timestamp(t)));
+        // And back: what a restore dates its files with.
+        for t in [UNIX_EPOCH, at(1_700_000_000), at(951_782_400), t] {
+            assert_eq!(time_of(&timestamp(t)), Some(t));
+        }
+        assert_eq!(time_of("20231314T221320.000000Z"), None);
         for bad in [
             "20991231T235959.999999",
             "20991231T235959Z",
@@ -674,6 +703,8 @@ mod tests {
                 .modified()
                 .unwrap()
         };
+        // The backup copied elsewhere, its times changed: restored files are dated when
+        // the backup was taken (its MANIFEST's `created`), not restored or copied.
         std::fs::File::options()
             .write(true)
             .open(backup.join(name))
@@ -682,11 +713,7 @@ mod tests {
             .unwrap();
         std::fs::remove_dir_all(&restored).unwrap();
         restore(&backup, &restored, &backups, &me("n1")).unwrap();
-        assert_eq!(
-            modified(&restored),
-            at(7),
-            "the time it was written, not restored"
-        );
+        assert_eq!(modified(&restored), at(60), "the time it was taken");
         // Nothing of the staging copy is left beside it.
         let mut left: Vec<_> = std::fs::read_dir(&root)
             .unwrap()
