@@ -1,7 +1,7 @@
 //! The node's persistence (`[storage] persistence_enabled`, docs/PERSISTENCE.md): a data
 //! directory written with another shard count re-cut at start, then every shard recovered
-//! from its directory, in parallel; the disk writer; and what a shard thread hands it
-//! after each batch of work.
+//! from its directory, in parallel; the disk writer; what a shard thread hands it after
+//! each batch of work; and the record of a rejoin owed (`REJOIN`), kept until it is done.
 
 use crate::config::{Config, Fsync};
 use crate::persist::backup::FrozenFile;
