@@ -230,11 +230,21 @@ fn a_node_down_past_the_grace_period_comes_back_from_disk_without_bringing_delet
     // that runs an exchange with it.
     to_a.cut();
     b.restart_listening();
-    eventually(Duration::from_secs(20), "B rejoins", || {
-        b.field("INFO", "bootstrap")
-            .starts_with("rejoining")
-            .then_some(())
-    });
+    let rejoining = |b: &Node| {
+        eventually(Duration::from_secs(20), "B rejoins", || {
+            b.field("INFO", "bootstrap")
+                .starts_with("rejoining")
+                .then_some(())
+        })
+    };
+    rejoining(&b);
+    // Killed while it rejoins, its files written a moment ago (as a shutdown snapshot or
+    // a logged replicated change leaves them): it still owes the rejoin, and makes it.
+    b.signal("KILL");
+    assert!(b.wait_exit(Duration::from_secs(10)).is_some());
+    touch_files(&dirs[1]);
+    b.restart_listening();
+    rejoining(&b);
     let line = a.client().one(&format!("SYNC 127.0.0.1:{}", b.port));
     assert!(
         line.starts_with("ERROR") && line.contains("rejoining"),
@@ -260,5 +270,18 @@ fn a_node_down_past_the_grace_period_comes_back_from_disk_without_bringing_delet
     assert!(b.field("INFO", "bootstrap").starts_with("rejoined via"));
     for dir in dirs {
         let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Set the modification time of every file under `dir` to now.
+fn touch_files(dir: &std::path::Path) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            touch_files(&path);
+        } else {
+            let f = std::fs::File::options().write(true).open(&path).unwrap();
+            f.set_modified(std::time::SystemTime::now()).unwrap();
+        }
     }
 }

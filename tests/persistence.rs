@@ -295,6 +295,64 @@ fn another_nodes_data_directory_is_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The node id a data directory's `NODE` names.
+fn node_id_of(dir: &Path) -> String {
+    let text = std::fs::read_to_string(dir.join("NODE")).unwrap();
+    let line = text.lines().nth(1).unwrap();
+    line.strip_prefix("node_id ").unwrap().to_string()
+}
+
+#[test]
+fn data_over_a_lowered_memory_or_value_limit_refuses_to_start_and_the_old_limits_get_it_all() {
+    let dir = temp_path("limits");
+    let config = persistent(&dir, "everysec");
+    let mut node = Node::start_with(&config);
+    let mut c = node.client();
+    let value = "v".repeat(100_000);
+    for i in 0..24 {
+        assert_eq!(c.one(&format!("SET big{i} {value}")), "OK");
+    }
+    drop(c);
+    node.signal("TERM");
+    assert!(node.wait_exit(Duration::from_secs(20)).is_some());
+    let id = node_id_of(&dir);
+    // 2.4 MB of values in 1 MiB: recovery would keep part of them.
+    let (status, log) = start_once(&id, &format!("{config}\nstorage.memory_limit_mb = 1"));
+    assert!(status.is_some_and(|s| !s.success()), "started: {log}");
+    assert!(
+        log.contains("entries do not fit storage.memory_limit_mb (1 MiB)"),
+        "{log}"
+    );
+    // Values of 100 KB with lines of at most 64 KiB.
+    let small_lines = format!("{config}\nnetwork.max_line_bytes = 65536");
+    let (status, log) = start_once(&id, &small_lines);
+    assert!(status.is_some_and(|s| !s.success()), "started: {log}");
+    assert!(log.contains("a value of 100000 bytes"), "{log}");
+    // Nothing was lost meanwhile.
+    node.restart();
+    assert_eq!(node.client().one("DBSIZE"), "24");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_lost_shard_directory_refuses_to_start_naming_it() {
+    let dir = temp_path("lost-shard");
+    let config = persistent(&dir, "everysec");
+    let mut node = Node::start_with(&config);
+    let mut c = node.client();
+    for i in 0..100 {
+        assert_eq!(c.one(&format!("SET k{i} v{i}")), "OK");
+    }
+    drop(c);
+    node.signal("TERM");
+    assert!(node.wait_exit(Duration::from_secs(20)).is_some());
+    std::fs::remove_dir_all(dir.join("shard-1")).unwrap();
+    let (status, log) = start_once(&node_id_of(&dir), &config);
+    assert!(status.is_some_and(|s| !s.success()), "started: {log}");
+    assert!(log.contains("shard-1 is missing, but"), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_restarted_node_comes_back_with_its_data_and_its_root() {
     let dir = temp_path("restart");
@@ -414,14 +472,15 @@ fn set_shards(node: &Node, shards: usize) {
     std::fs::write(&node.config, config).unwrap();
 }
 
-/// The data directory's shard count and shard directories, as `NODE` and the listing say.
+/// The data directory's shard count and what else it holds (shard directories, and
+/// anything a re-cut left) besides `NODE` and `ALIVE`, as `NODE` and the listing say.
 fn layout(dir: &Path) -> (String, Vec<String>) {
     let node = std::fs::read_to_string(dir.join("NODE")).unwrap();
     let shards = node.lines().nth(2).unwrap().to_string();
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n != "NODE")
+        .filter(|n| n != "NODE" && n != "ALIVE")
         .collect();
     names.sort();
     (shards, names)

@@ -144,8 +144,8 @@ pub fn needed(config: &crate::config::Config) -> bool {
 /// whether the node holds its old entries back (see [`rejoin`]).
 pub async fn run(shared: Arc<Shared>) {
     shared.readiness.recovered().await;
-    let since = shared.disk.get().and_then(|d| d.down_since_us);
-    match since.filter(|_| shared.readiness.is_stale()) {
+    let cut = shared.disk.get().and_then(|d| d.rejoin_cut());
+    match cut.filter(|_| shared.readiness.is_stale()) {
         Some(since) => {
             let down = Duration::from_micros(crate::store::version::now_us().saturating_sub(since));
             if !rejoin(&shared, since, down).await {
@@ -159,15 +159,56 @@ pub async fn run(shared: Arc<Shared>) {
     }
 }
 
+/// How long a node may be down and still bootstrap; `None` when it has no peers to
+/// learn from. For `disk::open`, which records a rejoin owed ([`must_rejoin`]).
+pub fn rejoin_after_us(config: &crate::config::Config) -> Option<u64> {
+    let grace_us = config
+        .storage
+        .tombstone_grace_seconds
+        .saturating_mul(1_000_000);
+    needed(config).then_some(grace_us)
+}
+
 /// Whether a node that recovered from disk must rejoin rather than bootstrap: it has
-/// peers to learn from and was last written longer than the tombstone grace ago. Then
-/// it is marked stale before anything is served from its recovered shards, so no
-/// exchange sees the entries it holds back.
+/// peers to learn from and owes a rejoin — down longer than the tombstone grace, or a
+/// rejoin a stop or crash cut short (`disk::open` recorded it). Then it is marked stale
+/// before anything is served from its recovered shards, so no exchange sees the
+/// entries it holds back.
 pub fn must_rejoin(shared: &Shared) -> bool {
-    let grace_us = shared.config.storage.tombstone_grace_seconds * 1_000_000;
-    let now = crate::store::version::now_us();
-    let down_since = shared.disk.get().and_then(|d| d.down_since_us);
-    down_since.is_some_and(|t| needed(&shared.config) && now.saturating_sub(t) > grace_us)
+    let owed = shared.disk.get().and_then(|d| d.rejoin_cut());
+    owed.is_some() && needed(&shared.config)
+}
+
+/// Record the rejoin this node starts, so a stop or crash before it ends cannot make
+/// the next start forget it (a rejoin from disk was recorded when the disk opened).
+async fn mark_rejoin(shared: &Shared, cut: u64) {
+    let Some(disk) = shared.disk.get().cloned() else {
+        return;
+    };
+    if disk.rejoin_cut() == Some(cut) {
+        return;
+    }
+    let marked = tokio::task::spawn_blocking(move || disk.mark_rejoin(cut)).await;
+    if let Ok(Err(e)) = marked {
+        tracing::error!(
+            "cannot record the rejoin on disk (a restart before it ends would not rejoin): {e}"
+        );
+    }
+}
+
+/// The rejoin is over: its marker goes, once everything logged so far (the forget of
+/// the old entries among it) is synced.
+async fn end_rejoin(shared: &Shared) {
+    let Some(disk) = shared.disk.get().cloned() else {
+        return;
+    };
+    if disk.rejoin_cut().is_none() {
+        return;
+    }
+    let ended = tokio::task::spawn_blocking(move || disk.rejoined()).await;
+    if let Ok(Err(e)) = ended {
+        tracing::error!("cannot end the rejoin on disk (the next start rejoins again): {e}");
+    }
 }
 
 /// Drive the bootstrap until the node is ready (or stops).
@@ -382,6 +423,7 @@ async fn rejoin(shared: &Arc<Shared>, cut: u64, silent: Duration) -> bool {
     let progress = format!("rejoining after {} s without contact", silent.as_secs());
     shared.readiness.set(true, progress);
     shared.readiness.set_stale(true);
+    mark_rejoin(shared, cut).await;
     let timeout = Duration::from_secs(shared.config.anti_entropy.bootstrap_timeout_seconds);
     let (mut forgot, mut back_since) = (false, None::<Instant>);
     let mut shutdown = shared.shutdown.subscribe();
@@ -396,6 +438,7 @@ async fn rejoin(shared: &Arc<Shared>, cut: u64, silent: Duration) -> bool {
                         let dropped = forget_older_than(shared, cut).await;
                         tracing::info!(dropped, %peer, "dropped entries older than the last contact; fetching from a ready peer");
                         forgot = true;
+                        end_rejoin(shared).await;
                         shared.readiness.set_stale(false);
                     }
                     if copy_from(shared, &peer).await.is_ok() {
@@ -415,6 +458,9 @@ async fn rejoin(shared: &Arc<Shared>, cut: u64, silent: Duration) -> bool {
                 connected && loading_peer.is_none() && shared.peers.online_addrs().is_empty();
             if nobody && since.elapsed() >= PRESENCE_SETTLE {
                 tracing::info!("contact is back and no other node is there: serving clients");
+                // Serving (and exchanging) what it holds from now on: a later start has
+                // nothing left to hold back.
+                end_rejoin(shared).await;
                 shared.readiness.set_stale(false);
                 shared
                     .readiness
@@ -423,6 +469,7 @@ async fn rejoin(shared: &Arc<Shared>, cut: u64, silent: Duration) -> bool {
             }
             if since.elapsed() >= timeout {
                 // Merging without dropping anything, both ways.
+                end_rejoin(shared).await;
                 shared.readiness.set_stale(false);
                 let merged = match &loading_peer {
                     Some(peer) => copy_from(shared, peer).await.is_ok(),

@@ -1,7 +1,7 @@
 //! The node's persistence (`[storage] persistence_enabled`, docs/PERSISTENCE.md): a data
 //! directory written with another shard count re-cut at start, then every shard recovered
-//! from its directory, in parallel; the disk writer; and what a shard thread hands it
-//! after each batch of work.
+//! from its directory, in parallel; the disk writer; what a shard thread hands it after
+//! each batch of work; and the record of a rejoin owed (`REJOIN`), kept until it is done.
 
 use crate::config::{Config, Fsync};
 use crate::persist::backup::FrozenFile;
@@ -34,9 +34,13 @@ pub struct Disk {
     kicked: Vec<AtomicBool>,
     /// Whether a backup is being taken (one at a time: node/backup.rs).
     pub backing_up: AtomicBool,
-    /// When the data directory was last written before this start (µs since the epoch):
-    /// when the node went down. `None` for a new directory.
+    /// When the node was last seen up before this start (µs since the epoch: its files'
+    /// and `ALIVE`'s times): when it went down. `None` for a new directory.
     pub down_since_us: Option<u64>,
+    /// The cut of the rejoin this node owes (its `REJOIN` marker), if any: entries
+    /// older are dropped before it exchanges with a peer (node/bootstrap.rs).
+    rejoin_cut_us: Mutex<Option<u64>>,
+    dir: std::path::PathBuf,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -217,6 +221,37 @@ impl Disk {
         }
     }
 
+    /// The cut of the rejoin this node owes, if any.
+    pub fn rejoin_cut(&self) -> Option<u64> {
+        *self.rejoin_cut_us.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Record, durably, that the node must rejoin dropping its entries older than
+    /// `cut_us` — before it does anything a crash could leave it believing otherwise.
+    /// Blocks: call it off the shard threads.
+    pub fn mark_rejoin(&self, cut_us: u64) -> Result<(), String> {
+        files::write_rejoin(&self.dir, cut_us).map_err(|e| e.to_string())?;
+        *self.rejoin_cut_us.lock().unwrap_or_else(|e| e.into_inner()) = Some(cut_us);
+        Ok(())
+    }
+
+    /// The rejoin is over: once everything handed over so far — the forget of the old
+    /// entries among it — is synced, remove the marker. Removed before, a crash could
+    /// lose the forget under `everysec` and bring the old entries back without a rejoin.
+    /// Blocks: call it off the shard threads.
+    pub fn rejoined(&self) -> Result<(), String> {
+        let gone = || "the disk writer has stopped".to_string();
+        let (reply, synced) = mpsc::channel();
+        self.tx.send(ToDisk::Sync(reply)).map_err(|_| gone())?;
+        synced
+            .recv()
+            .map_err(|_| gone())?
+            .map_err(|e| e.to_string())?;
+        files::remove_rejoin(&self.dir).map_err(|e| e.to_string())?;
+        *self.rejoin_cut_us.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        Ok(())
+    }
+
     /// Write and sync what is queued, and stop the writer (after the shards stopped).
     pub fn stop(&self) {
         let (reply, done) = mpsc::channel();
@@ -235,9 +270,14 @@ impl Disk {
 
 /// Open this node's data directory, recover every shard `make(i)` creates from it (in
 /// parallel), and start the writer. The shards come back recording their changes.
+///
+/// `rejoin_after_us`: a node down longer than this (the tombstone grace, when it has
+/// peers to learn from) owes a rejoin; it is recorded (`REJOIN`) before anything else
+/// touches the directory, since every later write makes the node look up recently.
 pub fn open(
     config: &Config,
     shards: usize,
+    rejoin_after_us: Option<u64>,
     make: impl Fn(usize) -> Shard + Sync,
 ) -> Result<(Vec<Shard>, Disk), String> {
     let dir = config.data_dir();
@@ -248,6 +288,15 @@ pub fn open(
     // A re-cut a crash interrupted is finished (or rolled back) before anything reads.
     recut::resume(&dir).map_err(|e| e.to_string())?;
     let found = files::open(&dir, &me).map_err(|e| e.to_string())?;
+    let down_since_us = files::last_written(&dir, found.shards)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_micros() as u64);
+    let marked = files::read_rejoin(&dir).map_err(|e| e.to_string())?;
+    let now = crate::store::version::now_us();
+    let rejoin_cut_us = rejoin_cut(marked, down_since_us, now, rejoin_after_us);
+    if let Some(cut) = rejoin_cut_us.filter(|c| marked != Some(*c)) {
+        files::write_rejoin(&dir, cut).map_err(|e| e.to_string())?;
+    }
     if found.shards != shards {
         let started = Instant::now();
         let keys =
@@ -265,9 +314,6 @@ pub fn open(
             found.shards
         );
     }
-    let down_since_us = files::last_written(&dir, shards)
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_micros() as u64);
     let started = Instant::now();
     let bits = shards.trailing_zeros();
     let recovered: Vec<Result<(Shard, Recovered), String>> = std::thread::scope(|s| {
@@ -302,6 +348,17 @@ pub fn open(
         }));
         out.push(shard.with_wal());
     }
+    // An entry the memory budget refused would be gone for good at the next snapshot:
+    // starting with part of the data is worse than not starting.
+    let refused: u64 = out.iter().map(|s| s.stats.storage_full).sum();
+    if refused > 0 {
+        return Err(format!(
+            "{}: {refused} entries do not fit storage.memory_limit_mb ({} MiB); raise it to \
+             at least what it was when they were written (the data directory is left as it was)",
+            dir.display(),
+            config.storage.memory_limit_mb
+        ));
+    }
     tracing::info!(
         dir = %dir.display(),
         keys,
@@ -322,10 +379,28 @@ pub fn open(
         kicked: (0..shards).map(|_| AtomicBool::new(false)).collect(),
         backing_up: AtomicBool::new(false),
         down_since_us,
+        rejoin_cut_us: Mutex::new(rejoin_cut_us),
+        dir,
         snapshot_after: config.storage.snapshot_log_mb.saturating_mul(1 << 20),
         writer: Mutex::new(Some(handle)),
     };
     Ok((out, disk))
+}
+
+/// The cut of the rejoin a start owes: down longer than `rejoin_after_us`, the moment it
+/// went down (every entry older may have had its delete purged by a peer meanwhile, the
+/// ones logged during a rejoin cut short too); else the one a marker recorded (a rejoin
+/// a stop or crash cut short, whatever the files' times say since). Entries older than
+/// the cut are dropped.
+fn rejoin_cut(
+    marked: Option<u64>,
+    down_since_us: Option<u64>,
+    now_us: u64,
+    rejoin_after_us: Option<u64>,
+) -> Option<u64> {
+    let down_long =
+        |since: &u64| rejoin_after_us.is_some_and(|g| now_us.saturating_sub(*since) > g);
+    down_since_us.filter(down_long).or(marked)
 }
 
 #[cfg(test)]
@@ -343,7 +418,7 @@ mod tests {
         config.storage.data_dir = Some(dir.display().to_string());
         config.storage.persistence_enabled = true;
         let make = |i| Shard::new(i, 0, MemoryBudget::unlimited(), 1 << 20);
-        let (mut shards, disk) = open(&config, 1, make).unwrap();
+        let (mut shards, disk) = open(&config, 1, None, make).unwrap();
         let shard = RefCell::new(shards.pop().unwrap());
         let set = |key: String| {
             let h = KeyHash::of(key.as_bytes());
@@ -370,5 +445,42 @@ mod tests {
         assert_eq!(shard.borrow().wal_len(), 0);
         disk.stop();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    const NOW: u64 = 1_800_000_000_000_000;
+    const GRACE: u64 = 60_000_000;
+
+    #[test]
+    fn a_marker_decides_the_rejoin_whatever_the_files_times_say() {
+        // Down 61 s with peers: rejoin, cut where it went down.
+        assert_eq!(
+            rejoin_cut(None, Some(NOW - 61_000_000), NOW, Some(GRACE)),
+            Some(NOW - 61_000_000)
+        );
+        // Down 59 s, or a new directory, or no peers to learn from: no rejoin.
+        assert_eq!(
+            rejoin_cut(None, Some(NOW - 59_000_000), NOW, Some(GRACE)),
+            None
+        );
+        assert_eq!(rejoin_cut(None, None, NOW, Some(GRACE)), None);
+        assert_eq!(rejoin_cut(None, Some(NOW - 600_000_000), NOW, None), None);
+        // A rejoin cut short: the files were written a moment ago (a shutdown snapshot,
+        // a new segment), the marker still holds the first cut.
+        let cut = NOW - 3_600_000_000;
+        assert_eq!(
+            rejoin_cut(Some(cut), Some(NOW - 1_000_000), NOW, Some(GRACE)),
+            Some(cut)
+        );
+        assert_eq!(
+            rejoin_cut(Some(cut), Some(NOW - 1_000_000), NOW, None),
+            Some(cut)
+        );
+        // Cut short, then down past the grace again: what it took in while rejoining is
+        // as old now, so the newer cut.
+        let again = NOW - 600_000_000;
+        assert_eq!(
+            rejoin_cut(Some(cut), Some(again), NOW, Some(GRACE)),
+            Some(again)
+        );
     }
 }

@@ -311,7 +311,8 @@ async fn recover(
     let config = shared.config.clone();
     let shards = installs.len();
     let opened = tokio::task::spawn_blocking(move || {
-        crate::node::disk::open(&config, shards, |i| make.make(i))
+        let rejoin_after_us = crate::node::bootstrap::rejoin_after_us(&config);
+        crate::node::disk::open(&config, shards, rejoin_after_us, |i| make.make(i))
     })
     .await
     .unwrap_or_else(|_| Err("recovery panicked".into()));
@@ -500,6 +501,10 @@ fn handle(shared: &Arc<Shared>, local: &LocalShard, msg: ThreadMsg) -> bool {
             let mut shard = local.shard.borrow_mut();
             let dropped = shard.forget_older_than(hlc);
             ship_changes(&mut shard, local.index, shared);
+            // Handed over before the reply, so the rejoin can wait for it to be synced.
+            if let Some(disk) = shared.disk.get() {
+                disk.ship(local.index, &mut shard);
+            }
             let _ = reply.send(dropped);
         }
         ThreadMsg::Snapshot { reply } => {

@@ -40,6 +40,18 @@ pub fn restore_entries(
                     None if shards[0].owns(h) => &mut shards[0],
                     None => return Err(format!("entry at byte {at}: a key of another shard")),
                 };
+                // The shard would drop it silently, and the next snapshot lose it for good.
+                if !crate::limits::is_valid_key(key) {
+                    return Err(format!("entry at byte {at}: a key no client can write"));
+                }
+                if shard.refuses(key, value) {
+                    let len = value.map_or(0, <[u8]>::len);
+                    return Err(format!(
+                        "entry at byte {at}: a value of {len} bytes, over what this node \
+                         accepts; raise network.max_line_bytes to what it was when the entry \
+                         was written"
+                    ));
+                }
                 shard.restore(h, key, value, version);
             }
             Entry::Flush(marker) => {
@@ -228,5 +240,19 @@ mod tests {
         assert_eq!(restore_entries(&mut two, 0..1 << 16, &out), Ok(1));
         let e = restore_entries(&mut two, 0..1 << 16, &out[..out.len() - 1]).unwrap_err();
         assert!(e.contains("entry at byte 0"), "{e}");
+    }
+
+    #[test]
+    fn a_value_over_the_limit_is_an_error_not_dropped() {
+        // Written when the node allowed 2 KiB; read back by one that allows 1 KiB.
+        let mut one = shards(1);
+        let mut out = Vec::new();
+        let v = Version { hlc: 5, origin: 1 };
+        crate::store::journal::encode_entry(&mut out, v, b"big", Some(&[7; 2048]));
+        let e = restore_entries(&mut one, 0..1 << 16, &out).unwrap_err();
+        assert!(
+            e.contains("a value of 2048 bytes") && e.contains("max_line_bytes"),
+            "{e}"
+        );
     }
 }

@@ -80,7 +80,7 @@ impl Manifest {
         let created = lines
             .next()
             .and_then(|l| l.strip_prefix("created "))
-            .filter(|t| is_timestamp(t))
+            .filter(|t| parse_timestamp(t).is_some())
             .ok_or("no `created <time>` line")?
             .to_string();
         let mut files = Vec::new();
@@ -399,19 +399,17 @@ fn read_manifest(from: &Path) -> Result<Manifest, BackupError> {
 /// checksum; the bytes copied.
 fn copy_checked(from: &Path, manifest: &Manifest, stage: &Path) -> Result<u64, BackupError> {
     let mut bytes = 0;
+    // Checked when the manifest was read.
+    let taken = parse_timestamp(&manifest.created).unwrap_or(UNIX_EPOCH);
     for f in &manifest.files {
         let path = from.join(&f.name);
         let file = File::open(&path).map_err(io_at(&path))?;
         let to = stage.join(&f.name);
-        let taken = file
-            .metadata()
-            .and_then(|m| m.modified())
-            .map_err(io_at(&path))?;
         // One byte past the listed size tells a longer file from an exact one.
         let (len, blake3) = copy(file.take(f.len + 1), &path, &to)?;
         // A node reads when it went down from its files' times (the rejoin rule after
-        // a downtime past the tombstone grace): a restored backup was last written when
-        // it was taken, not now.
+        // a downtime past the tombstone grace): a restored backup was last up when it
+        // was taken — its MANIFEST says when, whatever copies of it did to the times.
         File::options()
             .write(true)
             .open(&to)
@@ -797,6 +795,8 @@ mod tests {
                 .modified()
                 .unwrap()
         };
+        // The backup copied elsewhere, its times changed: restored files are dated when
+        // the backup was taken (its MANIFEST's `created`), not restored or copied.
         std::fs::File::options()
             .write(true)
             .open(backup.join(name))
@@ -805,11 +805,7 @@ mod tests {
             .unwrap();
         std::fs::remove_dir_all(&restored).unwrap();
         restore(&backup, &restored, &backups, &me("n1")).unwrap();
-        assert_eq!(
-            modified(&restored),
-            at(7),
-            "the time it was written, not restored"
-        );
+        assert_eq!(modified(&restored), at(60), "the time it was taken");
         // Nothing of the staging copy is left beside it.
         let mut left: Vec<_> = std::fs::read_dir(&root)
             .unwrap()

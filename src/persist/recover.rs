@@ -42,6 +42,12 @@ pub enum RecoveryError {
         missing: u64,
         found: u64,
     },
+    #[error(
+        "{dir}: log segment {seq:016x}, where snapshot {seq:016x}'s log goes on, is missing \
+         (the writer creates it before the snapshot; move the data directory aside to \
+         resynchronise from peers)"
+    )]
+    NoLogAfterSnapshot { dir: PathBuf, seq: u64 },
     #[error("{path}: {why}")]
     Apply { path: PathBuf, why: String },
 }
@@ -86,6 +92,12 @@ pub fn recover(
         .filter(|(n, _)| *n >= chosen.unwrap_or(0))
         .collect();
     check_sequence(dir, chosen.unwrap_or(1), &segments)?;
+    // The writer opens a snapshot's segment (and syncs its directory) before it begins
+    // the snapshot, so a snapshot without it lost its log, which no crash does.
+    if let (Some(seq), true) = (chosen, segments.is_empty()) {
+        let dir = dir.to_path_buf();
+        return Err(RecoveryError::NoLogAfterSnapshot { dir, seq });
+    }
     for (i, (_, path)) in segments.iter().enumerate() {
         let newest = i + 1 == segments.len();
         let mut entries = |e: &[u8]| apply(Loaded::Entries(e));
@@ -390,6 +402,14 @@ mod tests {
         segment(&gap, 4, &[b"c"]);
         let e = run(&gap).unwrap_err().to_string();
         assert!(e.contains("segment 0000000000000003 is missing"), "{e}");
+        // A snapshot whose segment is gone: the log after it is lost.
+        let lost = temp("lost");
+        snapshot(&lost, 2, b"snap");
+        let e = run(&lost).unwrap_err().to_string();
+        assert!(
+            e.contains("log segment 0000000000000002, where snapshot"),
+            "{e}"
+        );
         // Without a snapshot that reads back, the log must start at its first segment.
         let pruned = temp("pruned");
         segment(&pruned, 5, &[b"e"]);

@@ -1,6 +1,7 @@
 //! The disk writer: one thread per node that frames what the shards hand it into records,
 //! appends them to each shard's current log segment and syncs by the `fsync` policy.
-//! Shard threads never touch a file: they send bytes and go on.
+//! Shard threads never touch a file: they send bytes and go on. It also touches `ALIVE`
+//! every [`ALIVE_EVERY`], so an idle node is not taken for one that was down.
 //!
 //! Durability is reported per shard as a batch sequence number on a `watch` channel:
 //! a shard numbers the batches it hands over (1, 2, …), and [`Durable`] says up to which
@@ -13,7 +14,8 @@
 use crate::config::Fsync;
 use crate::persist::backup::FrozenFile;
 use crate::persist::files::{
-    io_at, list, segment_name, shard_dir, snapshot_name, sync_dir, PersistError, NODE_FILE,
+    io_at, list, segment_name, shard_dir, snapshot_name, sync_dir, touch_alive, PersistError,
+    ALIVE_EVERY, NODE_FILE,
 };
 use crate::persist::record::{self, RECORD_ENTRIES};
 use crate::persist::snapshot::{Header, SnapshotWriter};
@@ -53,6 +55,9 @@ pub enum ToDisk {
     /// Write and sync what is pending, and reply with what a backup copies
     /// ([`Writer::freeze`]); then go on.
     Backup(mpsc::Sender<Result<Vec<FrozenFile>, PersistError>>),
+    /// Write and sync what is pending, reply, and go on: everything handed over before
+    /// is then on disk whatever the `fsync` policy.
+    Sync(mpsc::Sender<Result<(), PersistError>>),
     /// Sync everything, report, and stop.
     Stop(mpsc::Sender<Result<(), String>>),
 }
@@ -106,6 +111,10 @@ pub fn start(dir: &Path, starts: &[ShardStart], fsync: Fsync) -> Result<Started,
     for (shard, start) in starts.iter().enumerate() {
         segments.push(Segment::open(&shard_dir(dir, shard), start.segment)?);
     }
+    // Every shard directory is durable before the first record: a start that finds one
+    // missing next to one holding data knows files were lost (files.rs).
+    sync_dir(dir)?;
+    touch_alive(dir)?;
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards)
         .map(|_| tokio::sync::watch::channel(0u64))
         .unzip();
@@ -145,6 +154,7 @@ pub fn start(dir: &Path, starts: &[ShardStart], fsync: Fsync) -> Result<Started,
         unavailable: unavailable.clone(),
         sync_failed,
         queued_bytes: queued_bytes.clone(),
+        alive_at: Instant::now(),
     };
     let handle = std::thread::Builder::new()
         .name("disk".into())
@@ -185,6 +195,8 @@ struct Writer {
     sync_failed: Arc<AtomicBool>,
     /// See [`Durable::queued_bytes`].
     queued_bytes: Arc<AtomicUsize>,
+    /// When `ALIVE` was last touched.
+    alive_at: Instant,
     /// Clones of the segments' files, which the `everysec` syncer syncs.
     handles: Arc<Mutex<Vec<Option<File>>>>,
     /// Dropped with the writer: the syncer then stops.
@@ -292,6 +304,12 @@ impl Writer {
             // `always` syncs each pass (group commit); `everysec` leaves it to its syncer;
             // every policy syncs before stopping.
             self.flush(self.fsync == Fsync::Always || stop.is_some());
+            if self.alive_at.elapsed() >= ALIVE_EVERY {
+                self.alive_at = Instant::now();
+                if let Err(e) = touch_alive(&self.dir) {
+                    tracing::warn!("cannot mark the node alive: {e}");
+                }
+            }
         }
         let result = if self.unavailable.load(Relaxed) {
             Err("the disk failed; changes since the last good write are not on disk".into())
@@ -365,6 +383,9 @@ impl Writer {
             ToDisk::Backup(reply) => {
                 let _ = reply.send(self.freeze());
             }
+            ToDisk::Sync(reply) => {
+                let _ = reply.send(self.sync_pending());
+            }
             ToDisk::Stop(reply) => return Some(reply),
         }
         None
@@ -377,13 +398,7 @@ impl Writer {
     /// lengths leave out whatever is appended later: the copy, made elsewhere while the
     /// writer goes on, is every shard's log cut at this one point.
     fn freeze(&mut self) -> Result<Vec<FrozenFile>, PersistError> {
-        self.flush(true);
-        if let Some(shard) = self.pending.iter().position(|p| !p.is_empty()) {
-            return Err(PersistError::Io {
-                path: self.segments[shard].path.clone(),
-                source: std::io::Error::other("the log cannot be written"),
-            });
-        }
+        self.sync_pending()?;
         let mut out = vec![self.frozen(&self.dir.join(NODE_FILE), None)?];
         for (shard, seg) in self.segments.iter().enumerate() {
             let from = self.kept[shard];
@@ -402,6 +417,19 @@ impl Writer {
             }
         }
         Ok(out)
+    }
+
+    /// Write and sync everything handed over so far; an error when the disk keeps some
+    /// of it back.
+    fn sync_pending(&mut self) -> Result<(), PersistError> {
+        self.flush(true);
+        match self.pending.iter().position(|p| !p.is_empty()) {
+            Some(shard) => Err(PersistError::Io {
+                path: self.segments[shard].path.clone(),
+                source: std::io::Error::other("the log cannot be written"),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// `path` opened for a backup, `len` bytes of it (`None`: all it holds now).
