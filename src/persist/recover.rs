@@ -261,12 +261,30 @@ mod tests {
     use crate::persist::files::{segment_name, shard_dir, snapshot_name};
     use crate::persist::snapshot::{Header, SnapshotWriter};
 
-    fn temp(name: &str) -> PathBuf {
+    /// Shard 0's directory of a data directory of the test's own, removed when dropped.
+    struct Temp(PathBuf);
+
+    impl std::ops::Deref for Temp {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Temp {
+        fn drop(&mut self) {
+            if let Some(data_dir) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(data_dir);
+            }
+        }
+    }
+
+    fn temp(name: &str) -> Temp {
         let dir = std::env::temp_dir().join(format!("mkv-recover-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let shard = shard_dir(&dir, 0);
         std::fs::create_dir_all(&shard).unwrap();
-        shard
+        Temp(shard)
     }
 
     fn segment(dir: &Path, n: u64, bodies: &[&[u8]]) {
