@@ -213,7 +213,10 @@ fn start_once(node_id: &str, config: &str) -> (Option<std::process::ExitStatus>,
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    (status, std::fs::read_to_string(&log).unwrap_or_default())
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_file(&path);
+    (status, text)
 }
 
 #[test]
