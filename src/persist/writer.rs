@@ -363,12 +363,12 @@ impl Writer {
                     // The snapshot holds the changes of every batch handed over before
                     // its end: their records go to disk first, or a crash could keep
                     // those changes and lose earlier ones of other keys.
-                    self.flush(true);
-                    let finished = if self.pending[shard].is_empty() {
-                        w.finish(root).map_err(|e| e.to_string())
-                    } else {
-                        w.abandon();
-                        Err("the log cannot be written".to_string())
+                    let finished = match self.sync_pending(Some(shard)) {
+                        Ok(()) => w.finish(root).map_err(|e| e.to_string()),
+                        Err(e) => {
+                            w.abandon();
+                            Err(e.to_string())
+                        }
                     };
                     match finished {
                         Ok(path) => {
@@ -384,7 +384,7 @@ impl Writer {
                 let _ = reply.send(self.freeze());
             }
             ToDisk::Sync(reply) => {
-                let _ = reply.send(self.sync_pending());
+                let _ = reply.send(self.sync_pending(None));
             }
             ToDisk::Stop(reply) => return Some(reply),
         }
@@ -398,7 +398,7 @@ impl Writer {
     /// lengths leave out whatever is appended later: the copy, made elsewhere while the
     /// writer goes on, is every shard's log cut at this one point.
     fn freeze(&mut self) -> Result<Vec<FrozenFile>, PersistError> {
-        self.sync_pending()?;
+        self.sync_pending(None)?;
         let mut out = vec![self.frozen(&self.dir.join(NODE_FILE), None)?];
         for (shard, seg) in self.segments.iter().enumerate() {
             let from = self.kept[shard];
@@ -420,13 +420,17 @@ impl Writer {
     }
 
     /// Write and sync everything handed over so far; an error when the disk keeps some
-    /// of it back.
-    fn sync_pending(&mut self) -> Result<(), PersistError> {
+    /// of it back — of shard `only`'s log, or of any shard's — unwritten or unsynced.
+    fn sync_pending(&mut self, only: Option<usize>) -> Result<(), PersistError> {
         self.flush(true);
-        match self.pending.iter().position(|p| !p.is_empty()) {
+        let sync_failed = self.sync_failed.load(Relaxed);
+        let held = (0..self.segments.len())
+            .filter(|s| only.is_none_or(|o| o == *s))
+            .find(|&s| sync_failed || self.segments[s].dirty || !self.pending[s].is_empty());
+        match held {
             Some(shard) => Err(PersistError::Io {
                 path: self.segments[shard].path.clone(),
-                source: std::io::Error::other("the log cannot be written"),
+                source: std::io::Error::other("the log cannot be written or synced"),
             }),
             None => Ok(()),
         }
@@ -468,13 +472,7 @@ impl Writer {
                 source: std::io::Error::other("a snapshot of this shard is being written"),
             });
         }
-        self.flush(true);
-        if !self.pending[shard].is_empty() {
-            return Err(PersistError::Io {
-                path: self.segments[shard].path.clone(),
-                source: std::io::Error::other("the log cannot be written"),
-            });
-        }
+        self.sync_pending(Some(shard))?;
         let seg = &self.segments[shard];
         let next = Segment::open(&seg.dir, seg.number + 1)?;
         let header = Header {
@@ -820,11 +818,20 @@ mod tests {
             if fsync == Fsync::Always {
                 assert_eq!(*durable.shards[0].borrow_and_update(), 0);
             }
+            // Nor is a snapshot begun over a log that is not synced.
+            tx.send(ToDisk::SnapshotBegin {
+                shard: 0,
+                shards: 1,
+                flushed: (0, 0),
+            })
+            .unwrap();
             let (reply, done) = mpsc::channel();
             tx.send(ToDisk::Stop(reply)).unwrap();
             assert!(done.recv().unwrap().is_err(), "{fsync:?}");
             handle.join().unwrap();
             reader.join().unwrap().unwrap();
+            let listing = list(&shard).unwrap();
+            assert_eq!(listing.segments.len(), 1, "{fsync:?}: a snapshot began");
             std::fs::remove_dir_all(&dir).unwrap();
         }
     }
