@@ -54,8 +54,8 @@ impl Disk {
     /// number of the batch that will carry them, to wait on under `fsync = always`.
     ///
     /// Why not ship now: one message (and one writer wake-up) per connection's segment
-    /// cost more than half the throughput at pipeline 16; once per pass is a few hundred
-    /// a second (BENCHMARKS.md, "Persistence").
+    /// measured about a fifth slower under `everysec` at pipeline 16 (BENCHMARKS.md,
+    /// "Persistence").
     pub fn queue(&self, index: usize, shard: &mut Shard) -> Option<u64> {
         let pending = shard.wal_len();
         if pending == 0 {
@@ -187,10 +187,18 @@ impl Disk {
     /// has written and synced everything handed over before. Blocks until the writer
     /// answers: call it off the shard threads.
     pub fn freeze(&self) -> Result<Vec<FrozenFile>, String> {
+        self.ask(ToDisk::Backup)
+    }
+
+    /// Send the writer the request `msg` makes of a reply channel, and wait for its answer.
+    fn ask<T>(
+        &self,
+        msg: impl FnOnce(mpsc::Sender<Result<T, crate::persist::files::PersistError>>) -> ToDisk,
+    ) -> Result<T, String> {
         let gone = || "the disk writer has stopped".to_string();
-        let (reply, frozen) = mpsc::channel();
-        self.tx.send(ToDisk::Backup(reply)).map_err(|_| gone())?;
-        frozen
+        let (reply, answer) = mpsc::channel();
+        self.tx.send(msg(reply)).map_err(|_| gone())?;
+        answer
             .recv()
             .map_err(|_| gone())?
             .map_err(|e| e.to_string())
@@ -240,13 +248,7 @@ impl Disk {
     /// lose the forget under `everysec` and bring the old entries back without a rejoin.
     /// Blocks: call it off the shard threads.
     pub fn rejoined(&self) -> Result<(), String> {
-        let gone = || "the disk writer has stopped".to_string();
-        let (reply, synced) = mpsc::channel();
-        self.tx.send(ToDisk::Sync(reply)).map_err(|_| gone())?;
-        synced
-            .recv()
-            .map_err(|_| gone())?
-            .map_err(|e| e.to_string())?;
+        self.ask(ToDisk::Sync)?;
         files::remove_rejoin(&self.dir).map_err(|e| e.to_string())?;
         *self.rejoin_cut_us.lock().unwrap_or_else(|e| e.into_inner()) = None;
         Ok(())

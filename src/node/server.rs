@@ -341,14 +341,11 @@ async fn recover(
         let _ = done.await;
     }
     let ms = started.elapsed().as_millis();
-    match crate::node::bootstrap::needed(&shared.config) {
-        true => shared
-            .readiness
-            .end_recovery(true, format!("recovered from disk in {ms} ms; starting")),
-        false => shared
-            .readiness
-            .end_recovery(false, format!("recovered from disk in {ms} ms")),
-    }
+    // A node with peers to learn from goes on LOADING through its bootstrap.
+    let loading = crate::node::bootstrap::needed(&shared.config);
+    let then = if loading { "; starting" } else { "" };
+    let progress = format!("recovered from disk in {ms} ms{then}");
+    shared.readiness.end_recovery(loading, progress);
     Ok(())
 }
 
